@@ -1,0 +1,1145 @@
+"""Benchmark: ipython-mcp against jupyter_client + ipykernel, in one interleaved run.
+
+Run from the repository root:
+
+    uv run --extra bench --extra test python bench/bench.py            # default, a few minutes
+    uv run --extra bench --extra test python bench/bench.py --quick    # fewer repetitions
+
+Systems measured (same machine, same Python, same run, alternating order per repetition):
+
+    ours       ipython_mcp.py started by a real MCP stdio client (the SDK's ``Client``);
+               every number is an end-to-end ``call_tool`` unless said otherwise.
+    ours-direct
+               bootstrap_kernel.py driven straight over its pipes (JSON lines), no server:
+               what our kernel costs without the MCP layer.
+    ours-Kernel
+               ipython_mcp.Kernel used in-process (the server's kernel layer, no MCP).
+    baseline   jupyter_client.AsyncKernelManager + ipykernel, driven directly with the
+               leanest loop that still waits for the whole reply (shell execute_reply and
+               iopub idle): no MCP layer, so the comparison is generous to it.
+    floor      the cheapest thing that does the same job at all: ``python -c pass``,
+               ``python -c "import IPython"``, a tiny child echoing lines over pipes, ...
+
+Ratios are baseline / ours, so bigger is better for us. Results go to
+bench/results/latest.json (raw samples, statistics, machine info, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "ipython_mcp.py"
+BOOTSTRAP = ROOT / "bootstrap_kernel.py"
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+PY = sys.executable
+
+# Every wait is bounded by one of these.
+START_TIMEOUT_S = 60.0  # a kernel (ours or ipykernel) starting, or the MCP server connecting
+CALL_TIMEOUT_S = 30.0  # one short cell
+OUTPUT_TIMEOUT_S = 120.0  # one output-heavy cell
+INTERRUPT_TIMEOUT_S = 15.0  # from interrupt to the reply
+BUSY_WAIT_S = 10.0  # until a cell is seen running
+SETTLE_S = 0.2  # a running cell is surely inside time.sleep() after this
+MEMORY_SETTLE_S = 0.5  # an idle kernel has finished its start-up work after this
+SHUTDOWN_TIMEOUT_S = 15.0
+
+WARM_CODE = "1+1"
+PRINTS_CODE = "for i in range(100000): print(i)"
+PRINTS_CHARS = sum(len(str(i)) + 1 for i in range(100000))
+BIG_CODE = "print('x'*10_000_000)"
+BIG_CHARS = 10_000_001
+SLEEP_CODE = "import time; time.sleep(30)"
+CONCURRENT = 10
+# Every process this run starts carries this variable (kernels inherit it), so the final
+# check finds what we left behind, and only that.
+RUN_MARKER = "IPYTHON_MCP_BENCH_RUN"
+# A bare MCP server with one do-nothing tool: the floor of any MCP stdio tool call.
+NOOP_SERVER = (
+    "from mcp.server.mcpserver import MCPServer\n"
+    "server = MCPServer('noop')\n"
+    "@server.tool()\n"
+    "def noop(session: str, code: str) -> str:\n"
+    "    return '2'\n"
+    "server.run()\n"
+)
+
+
+@dataclasses.dataclass
+class Reps:
+    cold: int = 7
+    warm: int = 200
+    warm_block: int = 20
+    warmup: int = 10
+    output: int = 3
+    interrupt: int = 5
+    concurrent: int = 3
+    echo: int = 1000
+
+
+QUICK = Reps(cold=3, warm=40, warm_block=10, warmup=5, output=1, interrupt=2, concurrent=1, echo=200)
+
+
+# --- statistics ---------------------------------------------------------------------
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0}
+    ordered = sorted(samples)
+    p95 = ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
+    return {
+        "n": len(ordered),
+        "median": statistics.median(ordered),
+        "p95": p95,
+        "min": ordered[0],
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+        "samples": samples,
+    }
+
+
+def rotate(items: list[Any], k: int) -> list[Any]:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+class Results:
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+        self.notes: dict[str, Any] = {}
+        self.errors: list[str] = []
+
+    def add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+    def stat(self, key: str, field: str = "median") -> float | None:
+        values = self.samples.get(key)
+        if not values:
+            return None
+        return summarize(values)[field]
+
+
+def memory_of(pid: int) -> tuple[float, float]:
+    """(RSS, USS) in bytes."""
+    info = psutil.Process(pid).memory_full_info()
+    return float(info.rss), float(info.uss)
+
+
+# --- ours: the MCP server through a real MCP client -------------------------------------
+
+
+class Ours:
+    """ipython_mcp.py behind the MCP SDK's stdio Client."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
+        result = await asyncio.wait_for(self.client.call_tool(tool, arguments, read_timeout_seconds=timeout), timeout + 5)
+        if result.is_error:
+            text = " ".join(getattr(block, "text", "") for block in result.content)
+            raise RuntimeError(f"tool {tool} failed: {text[:500]}")
+        return result
+
+    async def execute(self, session: str, code: str, timeout: float = CALL_TIMEOUT_S) -> dict[str, Any]:
+        result = await self.call("execute", {"session": session, "code": code, "timeout_s": timeout}, timeout + 10)
+        return result.structured_content
+
+    async def ok(self, session: str, code: str, timeout: float = CALL_TIMEOUT_S) -> dict[str, Any]:
+        reply = await self.execute(session, code, timeout)
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"ours: {code!r} in {session!r} gave {reply.get('status')}: {str(reply.get('error'))[:500]}")
+        return reply
+
+    async def sessions(self) -> dict[str, dict[str, Any]]:
+        result = await self.call("list_sessions", {}, CALL_TIMEOUT_S)
+        return {info["name"]: info for info in result.structured_content["sessions"]}
+
+    async def shutdown(self, session: str) -> None:
+        await self.call("shutdown", {"session": session}, SHUTDOWN_TIMEOUT_S)
+
+
+# --- ours without the server: bootstrap_kernel.py over its pipes -------------------------
+
+
+def kernel_environment() -> dict[str, str]:
+    environ = dict(os.environ)
+    environ["PYTHONUNBUFFERED"] = "1"
+    environ["PYTHONIOENCODING"] = "utf-8"
+    return environ
+
+
+class DirectKernel:
+    """bootstrap_kernel.py driven over its JSON-lines pipes, as the server does, minus the server."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.process: asyncio.subprocess.Process | None = None
+        self.ids = 0
+
+    async def start(self) -> dict[str, Any]:
+        log = open(self.log_dir / f"direct-{time.monotonic_ns()}.log", "wb")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                PY, "-u", str(BOOTSTRAP),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                start_new_session=True, env=kernel_environment(), limit=256 * 1024 * 1024,
+            )
+        finally:
+            log.close()
+        hello = await asyncio.wait_for(self._next_message(), START_TIMEOUT_S)
+        if hello.get("kind") != "hello" or hello.get("error"):
+            raise RuntimeError(f"direct kernel: bad hello {hello}")
+        return hello
+
+    async def _next_message(self) -> dict[str, Any]:
+        assert self.process and self.process.stdout
+        line = await self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("direct kernel: protocol pipe closed")
+        return json.loads(line)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process and self.process.stdin
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        await self.process.stdin.drain()
+
+    async def execute(self, code: str, timeout: float = CALL_TIMEOUT_S) -> tuple[dict[str, Any], int]:
+        """Send a cell; return (done message, characters of stream output)."""
+        self.ids += 1
+        request_id = self.ids
+        await self.send({"kind": "execute", "id": request_id, "code": code, "max_result_chars": 100_000})
+
+        async def collect() -> tuple[dict[str, Any], int]:
+            chars = 0
+            while True:
+                message = await self._next_message()
+                if message.get("kind") == "stream":
+                    chars += len(message.get("text", ""))
+                elif message.get("kind") == "done" and message.get("id") == request_id:
+                    return message, chars
+
+        return await asyncio.wait_for(collect(), timeout)
+
+    async def close(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.process.wait(), SHUTDOWN_TIMEOUT_S)
+        self.process = None
+
+
+# --- the baseline: jupyter_client + ipykernel, no MCP ------------------------------------
+
+
+class Jupyter:
+    """AsyncKernelManager + ipykernel; every kernel started is tracked and shut down."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.live: dict[Any, Any] = {}  # manager -> client
+        self.argv: list[str] | None = None
+
+    async def start(self) -> tuple[Any, Any]:
+        from jupyter_client import AsyncKernelManager
+
+        manager = AsyncKernelManager(kernel_name="python3")
+        self.live[manager] = None
+        log = open(self.log_dir / f"ipykernel-{time.monotonic_ns()}.log", "wb")
+        try:
+            await asyncio.wait_for(manager.start_kernel(stdout=log, stderr=log), START_TIMEOUT_S)
+        finally:
+            log.close()
+        if self.argv is None:
+            self.argv = list(manager.kernel_spec.argv)
+        client = manager.client()
+        self.live[manager] = client
+        client.start_channels()
+        await asyncio.wait_for(client.wait_for_ready(timeout=START_TIMEOUT_S), START_TIMEOUT_S + 5)
+        return manager, client
+
+    @staticmethod
+    def pid(manager: Any) -> int:
+        return manager.provisioner.pid
+
+    @staticmethod
+    async def execute(client: Any, code: str, timeout: float = CALL_TIMEOUT_S, msg_id: str | None = None) -> tuple[dict[str, Any], int]:
+        """Send a cell (unless msg_id names one already sent); wait for iopub idle and the shell reply.
+
+        Returns (execute_reply content, characters of stream output).
+        """
+        if msg_id is None:
+            msg_id = client.execute(code, store_history=True)
+        deadline = time.monotonic() + timeout
+        chars = 0
+        while True:
+            message = await client.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.001))
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind = message["msg_type"]
+            if kind == "stream":
+                chars += len(message["content"]["text"])
+            elif kind == "status" and message["content"]["execution_state"] == "idle":
+                break
+        while True:
+            reply = await client.get_shell_msg(timeout=max(deadline - time.monotonic(), 0.001))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply["content"], chars
+
+    async def ok(self, client: Any, code: str, timeout: float = CALL_TIMEOUT_S) -> int:
+        content, chars = await self.execute(client, code, timeout)
+        if content.get("status") != "ok":
+            raise RuntimeError(f"baseline: {code!r} gave {content.get('status')}: {content.get('ename')} {content.get('evalue')}")
+        return chars
+
+    async def stop(self, manager: Any) -> None:
+        client = self.live.pop(manager, None)
+        try:
+            if client is not None:
+                client.stop_channels()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(manager.shutdown_kernel(now=True), SHUTDOWN_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                if manager.has_kernel:
+                    os.killpg(self.pid(manager), signal.SIGKILL)
+
+    async def close_all(self) -> None:
+        for manager in list(self.live):
+            await self.stop(manager)
+
+
+# --- floors -------------------------------------------------------------------------------
+
+
+ECHO_CHILD = "import sys\nfor line in sys.stdin.buffer:\n    sys.stdout.buffer.write(line); sys.stdout.buffer.flush()\n"
+OUTPUT_CHILD = (
+    "import sys, time\n"
+    "sys.stdout.reconfigure(line_buffering=True)\n"  # as our kernel's stdout: each line reaches the pipe
+    "t = time.perf_counter()\nexec(sys.argv[1])\nsys.stdout.flush()\n"
+    "sys.stderr.write(repr(time.perf_counter() - t))\n"
+)
+SLEEP_CHILD = (
+    "import sys, time\nprint('ready', flush=True)\n"
+    "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n"
+)
+IDLE_CHILD = "import sys\n{imports}\nprint('ready', flush=True)\nsys.stdin.read()\n"
+
+
+async def spawn_until_ready(code: str) -> float:
+    """Seconds from spawning `python -c code` until it says it is ready (its exit is not timed).
+
+    The end of a cell is what a session start is compared with, so the floor stops at
+    the same point: when the child has done its work and said so, before interpreter
+    teardown (about 10 ms after importing IPython).
+    """
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        PY, "-c", f"{code}\nprint('ready', flush=True)",
+        stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout
+        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        if line.strip() != b"ready":
+            raise RuntimeError(f"python -c {code!r} failed (exit code {await process.wait()})")
+        await asyncio.wait_for(process.wait(), SHUTDOWN_TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    return elapsed
+
+
+class Child:
+    """A tiny Python child on pipes, killed on exit."""
+
+    def __init__(self, code: str, *args: str):
+        self.code, self.args = code, args
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> asyncio.subprocess.Process:
+        self.process = await asyncio.create_subprocess_exec(
+            PY, "-c", self.code, *self.args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=256 * 1024 * 1024,
+        )
+        return self.process
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.process
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.process.wait(), SHUTDOWN_TIMEOUT_S)
+
+
+async def output_floor(code: str) -> float:
+    """Seconds a plain Python process takes to write `code`'s output into a pipe we drain."""
+    async with Child(OUTPUT_CHILD, code) as process:
+        assert process.stdout and process.stderr
+
+        async def drain() -> int:
+            total = 0
+            while chunk := await process.stdout.read(1 << 20):
+                total += len(chunk)
+            return total
+
+        _, err = await asyncio.wait_for(asyncio.gather(drain(), process.stderr.read()), OUTPUT_TIMEOUT_S)
+        await asyncio.wait_for(process.wait(), SHUTDOWN_TIMEOUT_S)
+        return float(err.decode())
+
+
+async def interrupt_floor() -> float:
+    """SIGINT to a Python child in time.sleep(30) until its line comes back."""
+    async with Child(SLEEP_CHILD) as process:
+        assert process.stdout
+        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        assert line.strip() == b"ready", line
+        await asyncio.sleep(SETTLE_S)
+        started = time.perf_counter()
+        process.send_signal(signal.SIGINT)
+        line = await asyncio.wait_for(process.stdout.readline(), INTERRUPT_TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        assert line.strip() == b"interrupted", line
+        return elapsed
+
+
+async def idle_memory_floor(imports: str) -> tuple[float, float]:
+    async with Child(IDLE_CHILD.format(imports=imports)) as process:
+        assert process.stdout
+        await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        await asyncio.sleep(MEMORY_SETTLE_S)
+        return memory_of(process.pid)
+
+
+# --- machine info -----------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model,
+        "cpus_logical": psutil.cpu_count(logical=True),
+        "cpus_physical": psutil.cpu_count(logical=False),
+        "memory_total_bytes": psutil.virtual_memory().total,
+        "load_average_at_start": list(os.getloadavg()),
+        "python": sys.version.split()[0],
+        "python_executable": PY,
+        "packages": {name: version(name) for name in ("mcp", "ipython", "ipykernel", "jupyter_client", "pyzmq", "psutil", "tornado")},
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--", "ipython_mcp.py", "bootstrap_kernel.py")),
+    }
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, reps: Reps, work: Path):
+        self.reps = reps
+        self.work = work
+        self.r = Results()
+        self.jupyter = Jupyter(work)
+        self.ours: Ours | None = None
+        self.server_pid: int | None = None
+        self.direct: list[DirectKernel] = []
+        self.counter = 0
+
+    def name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    @contextlib.contextmanager
+    def unrecorded(self) -> Any:
+        """Warm-up: whatever is measured inside is thrown away."""
+        saved = self.r.samples
+        self.r.samples = {}
+        try:
+            yield
+        finally:
+            self.r.samples = saved
+
+    def log(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    async def section(self, title: str, coroutine: Any) -> None:
+        self.log(f"[bench] {title} ...")
+        started = time.perf_counter()
+        try:
+            await coroutine
+        except Exception as exc:
+            self.r.errors.append(f"{title}: {type(exc).__name__}: {exc}")
+            self.log(f"[bench] {title} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        self.log(f"[bench] {title} done in {time.perf_counter() - started:.1f} s")
+
+    async def new_direct(self) -> DirectKernel:
+        kernel = DirectKernel(self.work)
+        self.direct.append(kernel)
+        await kernel.start()
+        return kernel
+
+    async def close_direct(self, kernel: DirectKernel) -> None:
+        await kernel.close()
+        if kernel in self.direct:
+            self.direct.remove(kernel)
+
+    # -- cold start (plus idle memory of each fresh kernel)
+
+    async def cold(self) -> None:
+        assert self.ours
+        r = self.r
+
+        async def floor_pass() -> None:
+            r.add("cold.floor_python", await spawn_until_ready("pass"))
+
+        async def floor_ipython() -> None:
+            r.add("cold.floor_import_ipython", await spawn_until_ready("import IPython"))
+
+        async def floor_shell() -> None:
+            r.add("cold.floor_shell", await spawn_until_ready("from IPython.core.interactiveshell import InteractiveShell as S; S.instance().run_cell('1+1')"))
+
+        async def ours() -> None:
+            name = self.name("cold")
+            started = time.perf_counter()
+            reply = await self.ours.ok(name, WARM_CODE)
+            r.add("cold.ours", time.perf_counter() - started)
+            assert reply.get("result") == "2", reply
+            try:
+                await asyncio.sleep(MEMORY_SETTLE_S)
+                pid = (await self.ours.sessions())[name]["pid"]
+                rss, uss = memory_of(pid)
+                r.add("memory.ours_rss", rss)
+                r.add("memory.ours_uss", uss)
+                if self.server_pid is None:
+                    self.server_pid = psutil.Process(pid).ppid()
+                rss, uss = memory_of(self.server_pid)
+                r.add("memory.server_rss", rss)
+                r.add("memory.server_uss", uss)
+            finally:
+                await self.ours.shutdown(name)
+
+        async def direct() -> None:
+            kernel = DirectKernel(self.work)
+            self.direct.append(kernel)
+            try:
+                started = time.perf_counter()
+                await kernel.start()
+                r.add("cold.ours_direct_hello", time.perf_counter() - started)
+                done, _ = await kernel.execute(WARM_CODE)
+                r.add("cold.ours_direct", time.perf_counter() - started)
+                assert done.get("status") == "ok", done
+            finally:
+                await self.close_direct(kernel)
+
+        async def baseline() -> None:
+            started = time.perf_counter()
+            manager, client = await self.jupyter.start()
+            try:
+                await self.jupyter.ok(client, WARM_CODE)
+                r.add("cold.baseline", time.perf_counter() - started)
+                await asyncio.sleep(MEMORY_SETTLE_S)
+                rss, uss = memory_of(self.jupyter.pid(manager))
+                r.add("memory.baseline_rss", rss)
+                r.add("memory.baseline_uss", uss)
+            finally:
+                await self.jupyter.stop(manager)
+
+        steps = [floor_pass, floor_ipython, floor_shell, ours, direct, baseline]
+        with self.unrecorded():  # first starts write .pyc files and fill the page cache
+            for step in steps:
+                await step()
+        for rep in range(self.reps.cold):
+            for step in rotate(steps, rep):
+                await step()
+
+    # -- warm round trip and the MCP layer
+
+    async def warm(self) -> None:
+        assert self.ours
+        r = self.r
+        import_error = None
+        sys.path.insert(0, str(ROOT))
+        try:
+            import ipython_mcp
+        except Exception as exc:  # the server module changed shape: skip that one row
+            ipython_mcp = None
+            import_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            sys.path.remove(str(ROOT))
+
+        session = self.name("warm")
+        await self.ours.ok(session, WARM_CODE)
+        direct = await self.new_direct()
+        manager, client = await self.jupyter.start()
+        kernel_obj = None
+        spill_dir = self.work / "spill"
+        spill_dir.mkdir(exist_ok=True)
+        counter = iter(range(1 << 30))
+
+        def spill(stream: str) -> Path:
+            return spill_dir / f"{next(counter)}-{stream}.txt"
+
+        try:
+            if ipython_mcp is not None:
+                kernel_obj = ipython_mcp.Kernel(Path(PY), "default")
+                await asyncio.wait_for(kernel_obj.start(), START_TIMEOUT_S)
+            else:
+                r.notes["warm.ours_kernel_class_error"] = import_error
+
+            async def ours_mcp() -> None:
+                started = time.perf_counter()
+                reply = await self.ours.execute(session, WARM_CODE)
+                r.add("warm.ours", time.perf_counter() - started)
+                assert reply.get("result") == "2", reply
+
+            async def mcp_floor() -> None:
+                started = time.perf_counter()
+                await self.ours.call("list_sessions", {}, CALL_TIMEOUT_S)
+                r.add("warm.ours_list_sessions", time.perf_counter() - started)
+
+            async def ours_direct() -> None:
+                started = time.perf_counter()
+                done, _ = await direct.execute(WARM_CODE)
+                r.add("warm.ours_direct", time.perf_counter() - started)
+                assert done.get("result") == "2", done
+
+            async def ours_kernel_class() -> None:
+                started = time.perf_counter()
+                execution = await kernel_obj.start_execution(WARM_CODE, 100_000, spill)
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(execution.reply), CALL_TIMEOUT_S)
+                finally:
+                    kernel_obj.finish_execution(execution)
+                r.add("warm.ours_kernel_class", time.perf_counter() - started)
+                assert reply.get("result") == "2", reply
+
+            async def baseline() -> None:
+                started = time.perf_counter()
+                await self.jupyter.ok(client, WARM_CODE)
+                r.add("warm.baseline", time.perf_counter() - started)
+
+            from mcp import Client
+            from mcp.client.stdio import StdioServerParameters
+
+            noop_parameters = StdioServerParameters(command=PY, args=["-c", NOOP_SERVER], env={RUN_MARKER: os.environ[RUN_MARKER]})
+            async with Child(ECHO_CHILD) as echo, Client(noop_parameters, read_timeout_seconds=START_TIMEOUT_S) as noop:
+                assert echo.stdin and echo.stdout
+
+                async def noop_mcp() -> None:
+                    started = time.perf_counter()
+                    result = await asyncio.wait_for(noop.call_tool("noop", {"session": session, "code": WARM_CODE}), CALL_TIMEOUT_S)
+                    r.add("warm.floor_mcp_noop", time.perf_counter() - started)
+                    assert not result.is_error, result
+
+                async def floor_echo() -> None:
+                    started = time.perf_counter()
+                    echo.stdin.write(b"1+1\n")
+                    await echo.stdin.drain()
+                    line = await asyncio.wait_for(echo.stdout.readline(), CALL_TIMEOUT_S)
+                    r.add("warm.floor_echo", time.perf_counter() - started)
+                    assert line == b"1+1\n", line
+
+                steps = [ours_mcp, mcp_floor, noop_mcp, ours_direct, baseline, floor_echo]
+                if kernel_obj is not None:
+                    steps.insert(3, ours_kernel_class)
+                with self.unrecorded():
+                    for _ in range(self.reps.warmup):
+                        for step in steps:
+                            await step()
+                blocks = max(self.reps.warm // self.reps.warm_block, 1)
+                for block in range(blocks):
+                    for step in rotate(steps, block):
+                        for _ in range(self.reps.warm_block):
+                            await step()
+                # The echo floor gets more samples, cheaply.
+                for _ in range(max(self.reps.echo - blocks * self.reps.warm_block, 0)):
+                    await floor_echo()
+        finally:
+            if kernel_obj is not None:
+                with contextlib.suppress(Exception):
+                    await kernel_obj.kill("shutdown")
+            await self.close_direct(direct)
+            await self.jupyter.stop(manager)
+            await self.ours.shutdown(session)
+
+    # -- output throughput
+
+    async def output(self) -> None:
+        assert self.ours
+        r = self.r
+        session = self.name("out")
+        await self.ours.ok(session, WARM_CODE)
+        direct = await self.new_direct()
+        manager, client = await self.jupyter.start()
+        try:
+            for label, code, chars in (("prints", PRINTS_CODE, PRINTS_CHARS), ("big", BIG_CODE, BIG_CHARS)):
+
+                async def ours() -> None:
+                    started = time.perf_counter()
+                    reply = await self.ours.ok(session, code, OUTPUT_TIMEOUT_S)
+                    r.add(f"output.{label}.ours", time.perf_counter() - started)
+                    if not reply.get("stdout"):
+                        raise RuntimeError(f"ours: no stdout for {code!r}")
+                    r.notes[f"output.{label}.ours_reply_stdout_chars"] = len(reply["stdout"])
+                    r.notes[f"output.{label}.ours_output_files"] = bool(reply.get("output_files"))
+
+                async def ours_direct() -> None:
+                    started = time.perf_counter()
+                    done, got = await direct.execute(code, OUTPUT_TIMEOUT_S)
+                    r.add(f"output.{label}.ours_direct", time.perf_counter() - started)
+                    if done.get("status") != "ok" or got != chars:
+                        raise RuntimeError(f"direct: {code!r} gave {done.get('status')} with {got} of {chars} chars")
+
+                async def baseline() -> None:
+                    started = time.perf_counter()
+                    got = await self.jupyter.ok(client, code, OUTPUT_TIMEOUT_S)
+                    r.add(f"output.{label}.baseline", time.perf_counter() - started)
+                    if got != chars:
+                        raise RuntimeError(f"baseline: {code!r} streamed {got} of {chars} chars")
+
+                async def floor() -> None:
+                    r.add(f"output.{label}.floor", await output_floor(code))
+
+                steps = [ours, ours_direct, baseline, floor]
+                for rep in range(self.reps.output):
+                    for step in rotate(steps, rep):
+                        await step()
+        finally:
+            await self.close_direct(direct)
+            await self.jupyter.stop(manager)
+            await self.ours.shutdown(session)
+
+    # -- interrupt latency: the first interrupt of a fresh session, then a second one
+
+    async def interrupt(self) -> None:
+        assert self.ours
+        r = self.r
+
+        async def ours_once(session: str, key: str) -> None:
+            task = asyncio.create_task(self.ours.execute(session, SLEEP_CODE, timeout=60))
+            try:
+                deadline = time.monotonic() + BUSY_WAIT_S
+                while (await self.ours.sessions())[session]["status"] != "busy":
+                    if time.monotonic() > deadline or task.done():
+                        raise RuntimeError("ours: the sleeping cell never showed as busy")
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(SETTLE_S)
+                started = time.perf_counter()
+                await self.ours.call("interrupt", {"session": session}, INTERRUPT_TIMEOUT_S)
+                r.add(f"{key}_tool_call", time.perf_counter() - started)
+                reply = await asyncio.wait_for(asyncio.shield(task), INTERRUPT_TIMEOUT_S)
+                r.add(key, time.perf_counter() - started)
+                if reply.get("status") != "error" or "KeyboardInterrupt" not in str(reply.get("error")):
+                    raise RuntimeError(f"ours: interrupt gave {reply.get('status')}: {str(reply.get('error'))[:300]}")
+            finally:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+        async def ours() -> None:
+            session = self.name("intr")
+            try:
+                await self.ours.ok(session, WARM_CODE)
+                await ours_once(session, "interrupt.ours")
+                await ours_once(session, "interrupt.ours_repeat")
+            finally:
+                await self.ours.shutdown(session)
+
+        async def baseline_once(manager: Any, client: Any, key: str) -> None:
+            msg_id = client.execute(SLEEP_CODE)
+            deadline = time.monotonic() + BUSY_WAIT_S
+            while True:
+                message = await client.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.001))
+                if message["parent_header"].get("msg_id") == msg_id and message["msg_type"] == "execute_input":
+                    break
+            await asyncio.sleep(SETTLE_S)
+            started = time.perf_counter()
+            await asyncio.wait_for(manager.interrupt_kernel(), INTERRUPT_TIMEOUT_S)
+            while True:
+                reply = await client.get_shell_msg(timeout=max(started + INTERRUPT_TIMEOUT_S - time.monotonic(), 0.001))
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
+            r.add(key, time.perf_counter() - started)
+            if reply["content"].get("ename") != "KeyboardInterrupt":
+                raise RuntimeError(f"baseline: interrupt gave {reply['content'].get('status')} {reply['content'].get('ename')}")
+            # Let iopub reach idle before the next cell (not timed).
+            while True:
+                message = await client.get_iopub_msg(timeout=CALL_TIMEOUT_S)
+                if message["parent_header"].get("msg_id") == msg_id and message["msg_type"] == "status" \
+                        and message["content"]["execution_state"] == "idle":
+                    break
+
+        async def baseline() -> None:
+            manager, client = await self.jupyter.start()
+            try:
+                await self.jupyter.ok(client, WARM_CODE)
+                await baseline_once(manager, client, "interrupt.baseline")
+                await baseline_once(manager, client, "interrupt.baseline_repeat")
+            finally:
+                await self.jupyter.stop(manager)
+
+        async def floor() -> None:
+            r.add("interrupt.floor", await interrupt_floor())
+
+        steps = [ours, baseline, floor]
+        for rep in range(self.reps.interrupt):
+            for step in rotate(steps, rep):
+                await step()
+
+    # -- idle memory floors (the kernels' own numbers come from the cold section)
+
+    async def memory_floors(self) -> None:
+        for key, imports in (
+            ("python", ""),
+            ("import_ipython", "import IPython"),
+            ("shell", "from IPython.core.interactiveshell import InteractiveShell as S; S.instance().run_cell('1+1')"),
+        ):
+            rss, uss = await idle_memory_floor(imports)
+            self.r.add(f"memory.floor_{key}_rss", rss)
+            self.r.add(f"memory.floor_{key}_uss", uss)
+
+    # -- 10 sessions at once
+
+    async def concurrent(self) -> None:
+        assert self.ours
+        r = self.r
+
+        async def ours() -> None:
+            names = [self.name("conc") for _ in range(CONCURRENT)]
+            started = time.perf_counter()
+            try:
+                replies = await asyncio.gather(*(self.ours.execute(name, WARM_CODE, timeout=START_TIMEOUT_S) for name in names))
+                r.add("concurrent.ours", time.perf_counter() - started)
+                bad = [reply for reply in replies if reply.get("status") != "ok"]
+                if bad:
+                    raise RuntimeError(f"ours: {len(bad)} of {CONCURRENT} sessions failed: {str(bad[0].get('error'))[:300]}")
+            finally:
+                live = await self.ours.sessions()
+                await asyncio.gather(*(self.ours.shutdown(name) for name in names if name in live), return_exceptions=True)
+
+        async def baseline() -> None:
+            async def one() -> Any:
+                manager, client = await self.jupyter.start()
+                await self.jupyter.ok(client, WARM_CODE)
+                return manager
+
+            started = time.perf_counter()
+            try:
+                await asyncio.gather(*(one() for _ in range(CONCURRENT)))
+                r.add("concurrent.baseline", time.perf_counter() - started)
+            finally:
+                await self.jupyter.close_all()
+
+        async def floor() -> None:
+            started = time.perf_counter()
+            await asyncio.gather(*(spawn_until_ready("import IPython") for _ in range(CONCURRENT)))
+            r.add("concurrent.floor_import_ipython", time.perf_counter() - started)
+
+        steps = [ours, baseline, floor]
+        for rep in range(self.reps.concurrent):
+            for step in rotate(steps, rep):
+                await step()
+
+    async def run(self) -> None:
+        from mcp import Client
+        from mcp.client.stdio import StdioServerParameters
+
+        parameters = StdioServerParameters(
+            command=PY,
+            args=[str(SERVER), "--output-dir", str(self.work / "server-output")],
+            env={"IPYTHON_MCP_ENVS_DIR": str(self.work / "envs"), RUN_MARKER: os.environ[RUN_MARKER]},
+        )
+        try:
+            started = time.perf_counter()
+            async with Client(parameters, read_timeout_seconds=START_TIMEOUT_S) as client:
+                self.r.add("server.connect", time.perf_counter() - started)
+                self.ours = Ours(client)
+                await self.section("cold session + idle memory", self.cold())
+                await self.section("warm round trip", self.warm())
+                await self.section("output throughput", self.output())
+                await self.section("interrupt", self.interrupt())
+                await self.section("memory floors", self.memory_floors())
+                await self.section("10 concurrent sessions", self.concurrent())
+        finally:
+            for kernel in list(self.direct):
+                await self.close_direct(kernel)
+            await self.jupyter.close_all()
+        self.r.notes["baseline_kernel_argv"] = self.jupyter.argv
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms" if seconds < 0.1 else f"{seconds * 1e3:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_bytes(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MB"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def build_rows(r: Results) -> list[dict[str, Any]]:
+    """One row per metric: ours, baseline, ratio baseline/ours, floor, ours/floor."""
+    rows = []
+
+    def row(label: str, ours_key: str | None, base_key: str | None, floor_key: str | None, field: str = "median", kind: str = "time") -> None:
+        ours = r.stat(ours_key, field) if ours_key else None
+        base = r.stat(base_key, field) if base_key else None
+        floor = r.stat(floor_key, field) if floor_key else None
+        rows.append({
+            "metric": label, "kind": kind, "field": field,
+            "ours_key": ours_key, "baseline_key": base_key, "floor_key": floor_key,
+            "ours": ours, "baseline": base, "floor": floor,
+            "ratio": ratio(base, ours), "over_floor": ratio(ours, floor),
+        })
+
+    row("cold session, first 1+1 (median)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
+    row("  kernel only, direct pipes", "cold.ours_direct", "cold.baseline", "cold.floor_import_ipython")
+    row("  floor: python -c pass", "cold.floor_python", None, None)
+    row("  floor: InteractiveShell + 1+1", "cold.floor_shell", None, None)
+    row("warm 1+1 round trip (median)", "warm.ours", "warm.baseline", "warm.floor_echo")
+    row("warm 1+1 round trip (p95)", "warm.ours", "warm.baseline", "warm.floor_echo", field="p95")
+    row("  kernel only, direct pipes", "warm.ours_direct", "warm.baseline", "warm.floor_echo")
+    row("  ipython_mcp.Kernel, no MCP", "warm.ours_kernel_class", "warm.baseline", "warm.floor_echo")
+    row("  MCP call, no kernel (list_sessions)", "warm.ours_list_sessions", None, "warm.floor_echo")
+    row("  floor: bare MCP SDK server, noop tool", "warm.floor_mcp_noop", None, "warm.floor_echo")
+    row("100k short prints (median)", "output.prints.ours", "output.prints.baseline", "output.prints.floor")
+    row("  kernel only, direct pipes", "output.prints.ours_direct", "output.prints.baseline", "output.prints.floor")
+    row("one 10 MB print (median)", "output.big.ours", "output.big.baseline", "output.big.floor")
+    row("  kernel only, direct pipes", "output.big.ours_direct", "output.big.baseline", "output.big.floor")
+    row("interrupt sleep(30) -> reply (median)", "interrupt.ours", "interrupt.baseline", "interrupt.floor")
+    row("  second interrupt, same session", "interrupt.ours_repeat", "interrupt.baseline_repeat", "interrupt.floor")
+    row("  the interrupt tool call alone", "interrupt.ours_tool_call", None, None)
+    row("idle session kernel RSS (median)", "memory.ours_rss", "memory.baseline_rss", "memory.floor_import_ipython_rss", kind="bytes")
+    row("idle session kernel USS (median)", "memory.ours_uss", "memory.baseline_uss", "memory.floor_import_ipython_uss", kind="bytes")
+    row("  floor: InteractiveShell RSS", "memory.floor_shell_rss", None, None, kind="bytes")
+    row("  floor: bare python RSS", "memory.floor_python_rss", None, None, kind="bytes")
+    row("  our server process RSS", "memory.server_rss", None, None, kind="bytes")
+    row("  our server process USS", "memory.server_uss", None, None, kind="bytes")
+    row("10 sessions at once, all answered", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
+    return rows
+
+
+def evaluate_targets(r: Results) -> list[dict[str, Any]]:
+    def med(key: str) -> float | None:
+        return r.stat(key)
+
+    targets = []
+
+    def target(name: str, checks: list[tuple[str, float | None, str, float]]) -> None:
+        parts, met = [], True
+        for label, value, op, bound in checks:
+            if value is None:
+                met = False
+                parts.append(f"{label}: not measured")
+                continue
+            ok = value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
+            met = met and ok
+            parts.append(f"{label} = {value:.3g} ({op} {bound:g}: {'ok' if ok else 'MISSED'})")
+        targets.append({"target": name, "met": met, "detail": "; ".join(parts)})
+
+    target("cold session >= 4x faster, within 1.5x of import IPython", [
+        ("baseline/ours", ratio(med("cold.baseline"), med("cold.ours")), ">=", 4),
+        ("ours/floor", ratio(med("cold.ours"), med("cold.floor_import_ipython")), "<=", 1.5),
+    ])
+    warm = med("warm.ours")
+    target("warm round trip >= 10x faster, MCP end-to-end < 5 ms", [
+        ("baseline/ours", ratio(med("warm.baseline"), warm), ">=", 10),
+        ("ours ms", None if warm is None else warm * 1e3, "<", 5),
+    ])
+    target("idle session RSS <= 60% of baseline", [
+        ("ours/baseline", ratio(med("memory.ours_rss"), med("memory.baseline_rss")), "<=", 0.6),
+    ])
+    target("interrupt >= 3x faster (first and second interrupt of a session)", [
+        ("first: baseline/ours", ratio(med("interrupt.baseline"), med("interrupt.ours")), ">=", 3),
+        ("second: baseline/ours", ratio(med("interrupt.baseline_repeat"), med("interrupt.ours_repeat")), ">=", 3),
+    ])
+    target("10 concurrent sessions >= 4x faster", [
+        ("baseline/ours", ratio(med("concurrent.baseline"), med("concurrent.ours")), ">=", 4),
+    ])
+    return targets
+
+
+def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[str, Any]], targets: list[dict[str, Any]], elapsed: float) -> None:
+    packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v)
+    print(f"ipython-mcp benchmark · {info['date']} · {info['cpu_model']} ({info['cpus_logical']} CPUs) · Python {info['python']}")
+    print(f"{packages}")
+    print(f"reps: cold {reps.cold}, warm {reps.warm}, output {reps.output}, interrupt {reps.interrupt}, concurrent {reps.concurrent} · total {elapsed:.0f} s")
+    print("ratio = baseline / ours (bigger is better for us); vs floor = ours / floor (1.00x is the floor)")
+    print()
+    header = f"{'metric':<40} {'ours':>10} {'baseline':>10} {'ratio':>8} {'floor':>10} {'vs floor':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        fmt = fmt_bytes if row["kind"] == "bytes" else fmt_time
+        print(f"{row['metric']:<40} {fmt(row['ours']):>10} {fmt(row['baseline']):>10} {fmt_ratio(row['ratio']):>8} "
+              f"{fmt(row['floor']):>10} {fmt_ratio(row['over_floor']):>9}")
+    print()
+    overhead = None
+    if r.stat("warm.ours") is not None and r.stat("warm.ours_direct") is not None:
+        overhead = r.stat("warm.ours") - r.stat("warm.ours_direct")
+        print(f"MCP-layer overhead per call (median end-to-end - median direct kernel): {fmt_time(overhead)}")
+    if r.stat("warm.ours") is not None and r.stat("warm.ours_kernel_class") is not None:
+        print(f"  of which outside ipython_mcp.Kernel (MCP SDK, JSON-RPC, stdio, tool code): "
+              f"{fmt_time(r.stat('warm.ours') - r.stat('warm.ours_kernel_class'))}")
+    print()
+    print("targets:")
+    for t in targets:
+        print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['detail']}")
+    if r.errors:
+        print()
+        print("errors:")
+        for error in r.errors:
+            print(f"  {error}")
+
+
+def leftover_processes(run_id: str) -> list[psutil.Process]:
+    """Processes of this run still alive: our descendants, and anything carrying our marker."""
+    me = psutil.Process()
+    found = {child.pid: child for child in me.children(recursive=True)}
+    for process in psutil.process_iter(["pid"]):
+        if process.pid == me.pid or process.pid in found:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(RUN_MARKER) == run_id:
+                found[process.pid] = process
+    return list(found.values())
+
+
+def describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid}: {' '.join(process.cmdline())[:200]}"
+    except psutil.Error:
+        return f"{process.pid}: (gone)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a quick check, not numbers to quote)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file (default %(default)s)")
+    args = parser.parse_args(argv)
+    reps = QUICK if args.quick else Reps()
+    run_id = f"{os.getpid()}-{time.time_ns()}"
+    os.environ[RUN_MARKER] = run_id
+    # With PYTHONDONTWRITEBYTECODE set (some sandboxes and CI images do), a venv whose
+    # installer did not compile bytecode recompiles IPython in every new kernel: measure
+    # what a user sees instead, with .pyc files written once and then reused.
+    dont_write_bytecode = os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    info = machine_info()
+    info["PYTHONDONTWRITEBYTECODE_removed"] = dont_write_bytecode
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="ipython-mcp-bench-"))
+    bench = Bench(reps, work)
+    try:
+        asyncio.run(bench.run())
+    except Exception as exc:
+        bench.r.errors.append(f"run: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    info["load_average_at_end"] = list(os.getloadavg())
+    leftovers = leftover_processes(run_id)
+    deadline = time.monotonic() + 5
+    while leftovers and time.monotonic() < deadline:  # the server's kernels may still be dying
+        time.sleep(0.2)
+        leftovers = leftover_processes(run_id)
+    if leftovers:
+        bench.r.errors.append("processes left behind (now killed): " + "; ".join(describe(p) for p in leftovers))
+        for process in leftovers:  # all started by this run
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+    r = bench.r
+    rows = build_rows(r)
+    targets = evaluate_targets(r)
+    print_report(info, reps, r, rows, targets, elapsed)
+    document = {
+        "date": info["date"],
+        "machine": info,
+        "command": "uv run --extra bench --extra test python bench/bench.py" + (" --quick" if args.quick else ""),
+        "reps": dataclasses.asdict(reps),
+        "elapsed_s": elapsed,
+        "units": {"time": "seconds", "memory": "bytes"},
+        "rows": rows,
+        "targets": targets,
+        "mcp_overhead_s": (r.stat("warm.ours") - r.stat("warm.ours_direct"))
+        if r.stat("warm.ours") is not None and r.stat("warm.ours_direct") is not None else None,
+        "metrics": {key: summarize(values) for key, values in sorted(r.samples.items())},
+        "notes": r.notes,
+        "errors": r.errors,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return 1 if r.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

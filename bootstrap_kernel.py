@@ -1,0 +1,509 @@
+"""Kernel side of ipython-mcp: one IPython shell behind a JSON-lines pipe.
+
+The server runs ``<target python> bootstrap_kernel.py`` with three pipes. This file
+must stay importable by any Python >= 3.9 that has IPython, and must not import the
+server: it is the only code that runs inside the user's environment.
+
+File descriptors, after start-up:
+    0        /dev/null, so ``input()``-like reads and ``!cat`` see end of file
+    1, 2     pipes read by a relay thread in this process; every byte user code,
+             C extensions or child processes write there reaches the server as
+             ``stream`` messages
+    proto_in / proto_out
+             private duplicates of the original stdin/stdout (close-on-exec): the
+             protocol channel, which user code cannot reach by printing
+    log      duplicate of the original stderr: faulthandler dumps, start-up errors
+
+Messages (one JSON object per line, ``kind`` says which):
+    server -> kernel   execute {id, code, max_result_chars}
+                       interrupt {}            (same effect as SIGINT, for pipes
+                                                that carry no signals)
+                       shutdown {}
+    kernel -> server   hello {pid, python, python_version, ipython, error}
+                       stream {name, text}     stdout/stderr of the running cell
+                       display {data}          mime bundle shown by the cell
+                       clear {wait}            clear_output() was called
+                       done {id, status, result, error, execution_count, notes}
+
+When the protocol input reaches end of file the server is gone: the kernel kills
+its own process group (itself and anything it started) so no process outlives it.
+"""
+
+import codecs
+import fcntl
+import json
+import os
+import queue
+import re
+import select
+import signal
+import sys
+import threading
+
+PROTOCOL_VERSION = 1
+MIN_PYTHON = (3, 9)
+MIN_IPYTHON = (7, 0)
+# Largest chunk the relay reads from a cell's stdout/stderr pipe at once: big
+# enough that a 10 MB print costs a few hundred messages, small enough that one
+# message stays far below the server's line limit.
+RELAY_CHUNK_BYTES = 256 * 1024
+# Bounds the end-of-cell drain (rounds of RELAY_CHUNK_BYTES) when a background
+# process keeps writing: its later output still flows, just not inside this reply.
+DRAIN_MAX_ROUNDS = 64
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+NO_STDIN_MESSAGE = (
+    "This session has no standard input: {what} cannot be answered, because no person "
+    "is typing at this kernel. Pass the value in code instead (for example `name = 'value'`)."
+)
+
+
+class StdinNotAvailable(RuntimeError):
+    """Raised by input(), getpass() and breakpoint(): nobody can answer them."""
+
+
+def set_cloexec_nonblocking(fd, nonblocking):
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    if nonblocking:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+def take_standard_fds():
+    """Move the protocol to private fds and give user code fresh fds 0, 1 and 2."""
+    proto_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+    proto_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    log = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    readers = {}
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        set_cloexec_nonblocking(read_end, nonblocking=True)
+        readers[read_end] = name
+    return proto_in, proto_out, log, readers
+
+
+class Wire:
+    """Writes protocol messages; several threads send, so writes are serialised."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def send(self, message):
+        data = (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+        view = memoryview(data)
+        with self.lock:
+            while view:
+                view = view[os.write(self.fd, view):]
+
+
+class Relay:
+    """Forwards what lands on fds 1 and 2 to the server as ``stream`` messages."""
+
+    def __init__(self, wire, readers):
+        self.wire = wire
+        self.readers = readers
+        self.decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in readers}
+        self.lock = threading.Lock()
+
+    def pump(self, fds):
+        """Read what is in the pipes now and send it; never blocks on an empty pipe."""
+        with self.lock:
+            for fd in fds:
+                chunks = []
+                size = 0
+                while size < RELAY_CHUNK_BYTES:
+                    try:
+                        chunk = os.read(fd, RELAY_CHUNK_BYTES - size)
+                    except BlockingIOError:
+                        break
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                if chunks:
+                    text = self.decoders[fd].decode(b"".join(chunks))
+                    if text:
+                        self.wire.send({"kind": "stream", "name": self.readers[fd], "text": text})
+
+    def drain(self):
+        """Flush Python's buffers, then forward everything already written."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        # A pump stops after RELAY_CHUNK_BYTES per fd; repeat until the pipes are
+        # empty, but give up on a background writer that never stops.
+        for _ in range(DRAIN_MAX_ROUNDS):
+            ready, _, _ = select.select(list(self.readers), [], [], 0)
+            if not ready:
+                return
+            self.pump(ready)
+
+    def run(self):
+        fds = list(self.readers)
+        while True:
+            ready, _, _ = select.select(fds, [], [])
+            self.pump(ready)
+
+
+class KernelState:
+    """What the SIGINT handler, the request reader and the main loop agree on.
+
+    A SIGINT can arrive before the cell it was meant for has started (the request is
+    still in the pipe). The server therefore also sends ``interrupt {id}`` after the
+    ``execute {id}`` on the same ordered pipe: the reader either interrupts the cell
+    now running, or marks the id so the cell is refused when its turn comes.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.executing = False
+        self.current_id = None
+        self.interrupted = False  # the current cell already got its KeyboardInterrupt
+        self.last_finished_id = 0
+        self.cancelled_ids = set()
+
+    def on_sigint(self, signum, frame):
+        # Only user code is interrupted; a stray SIGINT while idle must not kill the loop.
+        __tracebackhide__ = True  # IPython leaves this frame out of the traceback
+        if self.executing:
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+    def begin(self, request_id):
+        """Start a cell; False when it was interrupted before it began."""
+        with self.lock:
+            if request_id in self.cancelled_ids:
+                self.cancelled_ids.discard(request_id)
+                return False
+            self.current_id, self.interrupted, self.executing = request_id, False, True
+            return True
+
+    def end(self, request_id):
+        with self.lock:
+            self.executing, self.current_id = False, None
+            self.last_finished_id = max(self.last_finished_id, request_id)
+
+    def interrupt(self, request_id, group_signalled):
+        with self.lock:
+            if request_id is None:
+                request_id = self.current_id
+            if request_id is None or request_id <= self.last_finished_id:
+                return  # stale: that cell is over
+            if request_id != self.current_id:
+                self.cancelled_ids.add(request_id)  # not started yet
+                return
+            if self.interrupted:
+                return  # the signal got there first
+        if group_signalled or os.getpgid(0) != os.getpid():
+            os.kill(os.getpid(), signal.SIGINT)
+        else:  # no signal came with the message (ssh, container exec): reach children too
+            os.killpg(os.getpid(), signal.SIGINT)
+
+
+def die_with_group():
+    """The server is gone: take down this kernel and everything it started."""
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def read_requests(proto_in, inbox, state):
+    stream = os.fdopen(proto_in, "rb", buffering=0, closefd=False)
+    buffered = b""
+    while True:
+        try:
+            data = stream.read(1 << 20)
+        except InterruptedError:
+            continue
+        if not data:
+            die_with_group()
+        buffered += data
+        *lines, buffered = buffered.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if message.get("kind") == "interrupt":
+                state.interrupt(message.get("id"), message.get("group_signalled", False))
+            else:
+                inbox.put(message)
+
+
+def refuse_stdin(what):
+    def refuse(*args, **kwargs):
+        __tracebackhide__ = True
+        raise StdinNotAvailable(NO_STDIN_MESSAGE.format(what=what))
+
+    return refuse
+
+
+def headless_environment():
+    """Settings that keep a kernel nobody watches from waiting on a terminal."""
+    os.environ["PAGER"] = "cat"
+    os.environ["GIT_PAGER"] = "cat"
+    os.environ["TERM"] = "dumb"
+    os.environ.setdefault("NO_COLOR", "1")
+    os.environ.setdefault("CLICOLOR", "0")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if "MPLBACKEND" not in os.environ:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib_inline") is not None:
+            os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    import builtins
+    import getpass
+
+    builtins.input = refuse_stdin("input()")
+    getpass.getpass = refuse_stdin("getpass()")
+    sys.breakpointhook = refuse_stdin("breakpoint() (the debugger)")
+
+
+def make_shell(wire, relay, capture):
+    import IPython
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets import Type
+    from traitlets.config import Config
+
+    def encode_bundle(data):
+        bundle = {}
+        for mime, value in data.items():
+            if isinstance(value, bytes):
+                import base64
+
+                value = base64.b64encode(value).decode("ascii")
+            if isinstance(value, str) or mime == "application/json":
+                bundle[mime] = value
+        return bundle
+
+    class WireDisplayPublisher(DisplayPublisher):
+        def publish(self, data, metadata=None, *args, **kwargs):
+            relay.drain()  # what was printed before the display comes first
+            wire.send({"kind": "display", "data": encode_bundle(data)})
+
+        def clear_output(self, wait=False):
+            relay.drain()
+            wire.send({"kind": "clear", "wait": bool(wait)})
+
+    class ResultDisplayHook(DisplayHook):
+        """Keeps the last expression's value for the reply instead of printing Out[n]."""
+
+        def start_displayhook(self):
+            pass
+
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            capture["result"] = encode_bundle(format_dict)
+
+        def finish_displayhook(self):
+            self._is_active = False
+
+    class HeadlessShell(InteractiveShell):
+        displayhook_class = Type(ResultDisplayHook)
+        display_pub_class = Type(WireDisplayPublisher)
+
+        def _showtraceback(self, etype, evalue, stb):
+            capture["error"] = ANSI_ESCAPE.sub("", self.InteractiveTB.stb2text(stb))
+            capture["error_name"] = getattr(etype, "__name__", str(etype))
+
+        def system(self, cmd):
+            # system_raw lets the command write straight to fds 1 and 2 (our pipes);
+            # the default goes through a pty, which mangles newlines.
+            return self.system_raw(cmd)
+
+        def ask_exit(self):
+            self.exit_now = True  # reported as ignored in the reply's notes
+
+        def ask_yes_no(self, *args, **kwargs):
+            raise StdinNotAvailable(NO_STDIN_MESSAGE.format(what="a yes/no question"))
+
+    config = Config()
+    config.HistoryManager.enabled = False  # no sqlite file shared (and locked) across sessions
+    config.InteractiveShell.colors = "nocolor" if IPython.version_info[0] >= 9 else "NoColor"
+    config.InteractiveShell.autoindent = False
+    config.InteractiveShell.autocall = 0
+    shell = HeadlessShell.instance(config=config)
+    shell.display_pub  # created by the trait above
+    return shell
+
+
+def flush_matplotlib_figures(shell):
+    """Show figures still open at the end of a cell, once each, then close them."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None or not pyplot.get_fignums():
+        return
+    from IPython.display import display
+
+    try:
+        for number in pyplot.get_fignums():
+            display(pyplot.figure(number))
+    finally:
+        pyplot.close("all")
+
+
+def truncate_middle(text, limit):
+    if limit is None or len(text) <= limit:
+        return text, 0
+    half = limit // 2
+    cut = len(text) - 2 * half
+    return text[:half] + "\n... [%d characters cut] ...\n" % cut + text[-half:], cut
+
+
+def execute(shell, relay, state, capture, request):
+    capture.clear()
+    notes = []
+    interrupted_outside_cell = False
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    result = None
+    try:
+        if state.begin(request["id"]):
+            result = shell.run_cell(request["code"], store_history=True)
+            if result.success:
+                flush_matplotlib_figures(shell)
+    except KeyboardInterrupt:
+        interrupted_outside_cell = True
+    finally:
+        state.end(request["id"])
+        # User code may have replaced the handler (SIG_IGN, its own): restore ours.
+        signal.signal(signal.SIGINT, sigint_handler)
+    relay.drain()
+    if shell.exit_now:
+        shell.exit_now = False
+        notes.append("exit() was ignored: use the shutdown tool to end a session.")
+
+    reply = {
+        "kind": "done",
+        "id": request["id"],
+        "execution_count": None if result is None else (result.execution_count or shell.execution_count - 1),
+        "result": None,
+        "error": None,
+        "notes": notes,
+    }
+    if result is None or interrupted_outside_cell:
+        reply["status"] = "error"
+        reply["error"] = "KeyboardInterrupt"
+    elif result.success:
+        reply["status"] = "ok"
+        plain = (capture.get("result") or {}).get("text/plain")
+        if plain is not None:
+            full = plain
+            plain, cut = truncate_middle(plain, request.get("max_result_chars"))
+            if cut:
+                note = "The result's repr was %d characters long; %d were cut from its middle." % (len(full), cut)
+                try:
+                    with open(request["spill_path"], "w", encoding="utf-8", errors="replace") as spill:
+                        spill.write(full)
+                    note += " Full text: %s" % request["spill_path"]
+                except (KeyError, OSError):
+                    pass
+                notes.append(note)
+            reply["result"] = plain
+        bundle = capture.get("result") or {}
+        images = {k: v for k, v in bundle.items() if k in ("image/png", "image/jpeg")}
+        if images:
+            reply["result_images"] = images
+    else:
+        reply["status"] = "error"
+        error = capture.get("error")
+        if not error:
+            exc = result.error_in_exec or result.error_before_exec
+            error = "%s: %s" % (type(exc).__name__, exc)
+        # "KeyboardInterrupt:" (no message) reads better as the bare name.
+        reply["error"] = re.sub(r"(\n|^)([\w.]+):$", r"\1\2", error.rstrip())
+    return reply
+
+
+def main():
+    proto_in, proto_out, log, readers = take_standard_fds()
+    wire = Wire(proto_out)
+    hello = {
+        "kind": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "python": sys.executable,
+        "python_version": "%d.%d.%d" % sys.version_info[:3],
+        "ipython": None,
+        "error": None,
+    }
+    try:
+        import faulthandler
+
+        faulthandler.enable(file=os.fdopen(log, "w", closefd=False))
+    except Exception:
+        pass
+    if sys.version_info[:2] < MIN_PYTHON:
+        hello["error"] = "Python %s is older than the %d.%d this kernel needs" % ((hello["python_version"],) + MIN_PYTHON)
+        wire.send(hello)
+        return 3
+    try:
+        import IPython
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        import importlib.util
+
+        hello["error"] = "%s: %s" % (type(exc).__name__, exc)
+        hello["missing"] = "ipython"
+        hello["pip"] = importlib.util.find_spec("pip") is not None
+        hello["prefix"] = sys.prefix
+        wire.send(hello)
+        return 3
+    hello["ipython"] = IPython.__version__
+    if tuple(IPython.version_info[:2]) < MIN_IPYTHON:
+        hello["error"] = "IPython %s is older than the %d.%d this kernel needs" % ((IPython.__version__,) + MIN_IPYTHON)
+        hello["missing"] = "ipython"
+        wire.send(hello)
+        return 3
+
+    sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
+    sys.stdin = open(os.devnull)
+    headless_environment()
+    relay = Relay(wire, readers)
+    state = KernelState()
+    signal.signal(signal.SIGINT, state.on_sigint)
+    capture = {}
+    try:
+        shell = make_shell(wire, relay, capture)
+    except Exception as exc:
+        hello["error"] = "IPython could not start: %s: %s" % (type(exc).__name__, exc)
+        wire.send(hello)
+        return 3
+    threading.Thread(target=relay.run, name="relay", daemon=True).start()
+    inbox = queue.Queue()
+    threading.Thread(target=read_requests, args=(proto_in, inbox, state), name="requests", daemon=True).start()
+    wire.send(hello)
+
+    while True:
+        try:
+            request = inbox.get()
+        except KeyboardInterrupt:  # only if user code left its own SIGINT handler behind
+            continue
+        kind = request.get("kind")
+        if kind == "execute":
+            try:
+                reply = execute(shell, relay, state, capture, request)
+            except KeyboardInterrupt:
+                state.end(request["id"])
+                relay.drain()
+                reply = {"kind": "done", "id": request["id"], "status": "error", "error": "KeyboardInterrupt",
+                         "result": None, "execution_count": None, "notes": []}
+            wire.send(reply)
+        elif kind == "shutdown":
+            relay.drain()
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1635 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["mcp>=2.3,<3", "ipython"]
+# ///
+"""ipython-mcp: stateful IPython sessions for AI agents, one per name, in any Python env.
+
+An MCP server (stdio) with five tools: ``execute``, ``list_sessions``, ``reset``,
+``shutdown`` and ``interrupt``. Each named session is one child process, the target
+env's Python running ``bootstrap_kernel.py`` beside this file, which embeds IPython's
+``InteractiveShell`` and speaks JSON lines over its stdin/stdout (see that file for the
+message vocabulary). No jupyter_client, no ZeroMQ.
+
+Session lifecycle::
+
+    created --(kernel says hello)--> idle <--> busy --(kernel exits)--> dead
+       |                               |                                  |
+       +-- env_error (nothing kept)    +-- reset: fresh kernel, same      +-- next execute:
+                                       |   name and env                       fresh kernel,
+                                       +-- shutdown: killed, forgotten        warning "state lost"
+
+Guarantees:
+- Every call returns: cells are bounded by ``timeout_s``; a cell that ignores SIGINT
+  is killed (and its kernel restarted) after a short grace period.
+- No orphan processes: each kernel leads its own process group, and the whole group
+  is killed on shutdown, reset, server exit (stdin EOF, SIGTERM, SIGINT, SIGHUP).
+  A kernel whose server vanished (SIGKILL) sees EOF on its protocol pipe and kills
+  its own group.
+- Nothing but JSON-RPC reaches the server's stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import INVALID_REQUEST, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+__version__ = "0.1.0"
+log = logging.getLogger("ipython_mcp")
+
+# --- Constants: every timing and size, with why ---------------------------------------
+
+BOOTSTRAP = Path(__file__).with_name("bootstrap_kernel.py")
+# A cold start imports IPython, which can take seconds in a big env on a busy disk.
+KERNEL_START_TIMEOUT_S = 60.0
+# What clients allow a tool call when MCP_TOOL_TIMEOUT is unset (Claude Code: 60 s).
+DEFAULT_TIMEOUT_S = 58.0
+# Return this long before the client's own timeout, so partial output reaches it.
+TIMEOUT_MARGIN_S = 2.0
+# After SIGINT, time for a cell to unwind (finally blocks, traceback) before we kill.
+INTERRUPT_GRACE_S = 3.0
+# After SIGKILL, time for the kernel to be reaped; it cannot ignore SIGKILL.
+KILL_REAP_TIMEOUT_S = 5.0
+# After a dead kernel's process exits, time to read what is still in its pipe.
+DEATH_DRAIN_S = 0.5
+# Largest protocol line (a display bundle with a large image, a long traceback).
+WIRE_LINE_LIMIT = 256 * 1024 * 1024
+# Output returned per call, total over stdout and stderr (head and tail are kept).
+DEFAULT_OUTPUT_LIMIT_CHARS = 100_000
+# Progress notifications: none for cells quicker than this, then at most this often.
+PROGRESS_FIRST_S = 1.0
+PROGRESS_INTERVAL_S = 0.5
+# ... and a heartbeat with the elapsed time when no new line arrived for this long.
+PROGRESS_HEARTBEAT_S = 2.0
+# Images larger than this are not sent inline (they would flood the agent's context);
+# the warning names the file that holds them.
+IMAGE_INLINE_MAX_BYTES = 2_000_000
+# A traceback longer than this (deep recursion) is cut in the middle.
+ERROR_LIMIT_CHARS = 20_000
+# An automatic `pip install ipykernel` (or conda/uv/pixi) must end within this.
+INSTALL_TIMEOUT_S = 600.0
+# Installer output kept for an env_error when the install fails.
+INSTALL_LOG_TAIL_CHARS = 3_000
+# list_envs probes each interpreter at most this long, and reuses answers this long.
+ENV_PROBE_TIMEOUT_S = 15.0
+ENV_PROBE_CACHE_S = 60.0
+# Kernel log lines kept for the death message (a segfault dump, an import error).
+KERNEL_LOG_TAIL_CHARS = 4_000
+SESSION_NAME_RULE = "1-64 characters of letters, digits, '_', '-', '.', not starting with '.'"
+SESSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+IMAGE_MIME_TYPES = ("image/png", "image/jpeg")
+
+
+# --- Exceptions that carry data ---------------------------------------------------------
+
+
+Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> notification
+
+
+class EnvError(Exception):
+    """The env cannot run a kernel; ``kind`` says why, ``hint`` says how to fix it.
+
+    kinds: ``bad_name``, ``no_interpreter``, ``missing_ipython``, ``start_failed``.
+    """
+
+    def __init__(self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed"):
+        self.env, self.python, self.reason, self.hint, self.kind = env, python, reason, hint, kind
+        self.has_pip = True
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return self.reason + (f"\n{self.hint}" if self.hint else "")
+
+
+class KernelDied(Exception):
+    """The kernel process ended while a cell ran (or before it said hello)."""
+
+    def __init__(self, how: str, log_tail: str = "", reason: str | None = None):
+        self.how, self.log_tail, self.reason = how, log_tail, reason
+        super().__init__(how)
+
+
+# --- Pure functions: env spec -> interpreter, install hints, defaults -----------------
+
+
+def check_session_name(name: str) -> None:
+    if not isinstance(name, str) or not SESSION_NAME.fullmatch(name):
+        shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:80]}…"
+        raise ToolError(f"Invalid session name {shown!r}: a session name is {SESSION_NAME_RULE}.")
+
+
+def envs_dir_default() -> Path:
+    return Path(os.environ.get("IPYTHON_MCP_ENVS_DIR") or "~/envs").expanduser()
+
+
+def python_in(folder: Path) -> Path | None:
+    """The interpreter of an env or project folder, trying the layouts users have."""
+    for relative in (
+        "bin/python",
+        "Scripts/python.exe",
+        ".venv/bin/python",
+        ".venv/Scripts/python.exe",
+        ".pixi/envs/default/bin/python",
+        ".pixi/envs/default/python.exe",
+    ):
+        candidate = folder / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def interpreter_for(env: str | None, envs_dir: Path) -> tuple[str, Path]:
+    """Map an ``env`` argument to (label shown to users, interpreter path).
+
+    None or "" -> this server's own Python; a bare name -> ``<envs_dir>/<name>/bin/python``;
+    anything with ``/`` or ``~`` -> that path (an interpreter, or an env/project folder).
+    Raises EnvError when there is no interpreter, naming what was looked for.
+    """
+    if env is None or env.strip() == "":
+        return "default", Path(sys.executable)
+    if "/" in env or "~" in env or "\\" in env:
+        if env.startswith("~") and not env.startswith(("~/", "~\\")) and env != "~":
+            raise EnvError(
+                env, None, f"Env {env!r} names another user's home folder (~user), which is not supported; give the full path instead.", kind="bad_name"
+            )
+        path = Path(env).expanduser()
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if path.is_file():
+            return env, path
+        found = python_in(path)
+        if found is not None:
+            return env, found
+        expected = path / "bin" / "python"
+        if not path.exists():
+            reason = f"No Python interpreter for env {env!r}: the folder {path} does not exist."
+        else:
+            reason = f"No Python interpreter for env {env!r}: {expected} does not exist (nor .venv/ or .pixi/envs/default/ inside it)."
+        raise EnvError(env, str(expected), reason, create_hint(path), kind="no_interpreter")
+    if env in (".", "..") or not ENV_NAME.fullmatch(env):
+        raise EnvError(
+            env,
+            None,
+            f"Invalid env name {env!r}: a bare env name is a folder name under {envs_dir} "
+            "(letters, digits, '_', '.', '+', '-'; not '.' or '..'). Give a path containing '/' for anything else.",
+            kind="bad_name",
+        )
+    folder = envs_dir / env
+    found = python_in(folder)
+    if found is None:
+        expected = folder / "bin" / "python"
+        reason = f"No Python interpreter for env {env!r}: {expected} does not exist."
+        available = sorted(p.name for p in envs_dir.iterdir() if python_in(p)) if envs_dir.is_dir() else []
+        reason += f" Envs found in {envs_dir}: {', '.join(available)}." if available else f" No envs found in {envs_dir}."
+        raise EnvError(env, str(expected), reason, create_hint(folder), kind="no_interpreter")
+    return env, found
+
+
+def create_hint(folder: Path) -> str:
+    return f"Create it with: python3 -m venv {folder} && {folder}/bin/python -m pip install ipykernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstallPlan:
+    """How to put the prerequisite into one env: a command line, where to run it."""
+
+    argv: tuple[str, ...] | None  # None: nothing we can run for the user
+    cwd: Path | None
+    text: str  # what the user reads after "Install with:"
+
+
+def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
+    """The one command that installs ipykernel (and so IPython) into the env owning ``python``."""
+    prefix = python.parent.parent
+    if (prefix / "conda-meta").is_dir():
+        if ".pixi" in prefix.parts and len(prefix.parents) >= 3:
+            project = prefix.parents[2]
+            return InstallPlan(("pixi", "add", "ipykernel"), project, f"cd {project} && pixi add ipykernel")
+        tool = "mamba" if shutil.which("mamba") else "conda"
+        argv = (tool, "install", "-y", "-p", str(prefix), "-c", "conda-forge", "ipykernel")
+        return InstallPlan(argv, None, f"{tool} install -p {prefix} -c conda-forge ipykernel")
+    if any(prefix.glob("lib/python3*/EXTERNALLY-MANAGED")) and not (prefix / "pyvenv.cfg").is_file():
+        # A system Python (Debian, Ubuntu, Homebrew) refuses pip installs (PEP 668).
+        return InstallPlan(
+            None,
+            None,
+            f"a venv, since {python} belongs to the system package manager: "
+            f"`{python} -m venv ~/envs/NAME && ~/envs/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
+            "(or install the system package, e.g. `sudo apt install python3-ipykernel`)",
+        )
+    uv = shutil.which("uv")
+    if uv and ((prefix / "pyvenv.cfg").is_file() or not has_pip):
+        argv = (uv, "pip", "install", "--python", str(python), "ipykernel")
+        return InstallPlan(argv, None, f"uv pip install --python {python} ipykernel")
+    if has_pip:
+        argv = (str(python), "-m", "pip", "install", "ipykernel")
+        return InstallPlan(argv, None, f"{python} -m pip install ipykernel")
+    return InstallPlan(
+        None,
+        None,
+        f"{python} has no pip. Either `{python} -m ensurepip` and then `{python} -m pip install ipykernel`, "
+        f"or install uv (`pip install uv`) and run `uv pip install --python {python} ipykernel`",
+    )
+
+
+def install_hint(python: Path, has_pip: bool = True) -> str:
+    return f"Install with: {install_plan(python, has_pip).text}"
+
+
+def default_timeout_s(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """``MCP_TOOL_TIMEOUT`` (ms) minus a margin, so we answer before the client gives up."""
+    raw = environ.get("MCP_TOOL_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        client_timeout_s = float(raw) / 1000
+    except ValueError:
+        log.warning("MCP_TOOL_TIMEOUT=%r is not a number of milliseconds; using %ss", raw, DEFAULT_TIMEOUT_S)
+        return DEFAULT_TIMEOUT_S
+    if not math.isfinite(client_timeout_s) or client_timeout_s <= 0:
+        return DEFAULT_TIMEOUT_S
+    return max(client_timeout_s - TIMEOUT_MARGIN_S, client_timeout_s / 2)
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+# --- Output kept per call: bounded in memory, full text spilled to a file ------------
+
+
+def collapse_redraws(text: str) -> str:
+    """Apply carriage returns the way a terminal shows them: a redrawn line keeps its last state."""
+    if "\r" not in text:
+        return text
+    lines = text.replace("\r\n", "\n").split("\n")
+    for i, line in enumerate(lines):
+        if "\r" in line:
+            lines[i] = next((part for part in reversed(line.split("\r")) if part), "")
+    return "\n".join(lines)
+
+
+class OutputBuffer:
+    """One stream of one cell: everything up to ``limit`` chars, then head + tail.
+
+    Once the limit is passed, the whole text goes to a file (so nothing is lost)
+    and memory holds only the head and a tail of the same size. Progress bars that
+    redraw with ``\r`` are collapsed to their last state as they arrive.
+    """
+
+    def __init__(self, name: str, limit: int, spill_path: Callable[[str], Path]):
+        self.name, self.limit, self._spill_path = name, max(limit, 2), spill_path
+        self.head = ""
+        self.tail = ""
+        self.total = 0  # characters kept (after redraws collapsed), in memory or in the file
+        self.file_path: Path | None = None
+        self._file: Any = None
+        self.last_line = ""
+
+    def write(self, text: str) -> None:
+        if self._file is not None:
+            self._file.write(text)  # the file keeps the raw stream
+        if "\r" in text:
+            text = self._reopen_last_line() + text
+            text = collapse_redraws(text)
+        self.total += len(text)
+        if self._file is None and self.total <= self.limit:
+            self.head += text
+        else:
+            if self._file is None:
+                self._spill()
+                self._file.write(text)
+            keep = self.limit // 2
+            if len(self.head) < keep:  # the chunk that overflowed may be the first one
+                self.head, text = self.head + text[: keep - len(self.head)], text[keep - len(self.head) :]
+            self.tail += text
+            if len(self.tail) > 2 * self.limit:  # trim now and then, not on every write
+                self.tail = self.tail[-self.limit // 2 :]
+        stripped = text.rstrip("\n")
+        if stripped:
+            self.last_line = stripped.rsplit("\n", 1)[-1][-200:]
+
+    def _reopen_last_line(self) -> str:
+        """Take the unfinished last line back out, so a redraw can replace it."""
+        buffer = "tail" if self._file is not None else "head"
+        kept = getattr(self, buffer)
+        cut = kept.rfind("\n") + 1
+        setattr(self, buffer, kept[:cut])
+        self.total -= len(kept) - cut
+        return kept[cut:]
+
+    def _spill(self) -> None:
+        self.file_path = self._spill_path(self.name)
+        self._file = open(self.file_path, "w", encoding="utf-8", errors="replace")
+        self._file.write(self.head)
+        keep = self.limit // 2
+        self.head, self.tail = self.head[:keep], self.head[keep:]
+
+    def clear(self) -> None:
+        """clear_output(): what the agent gets starts again; a spill file keeps everything."""
+        self.head, self.tail, self.total = "", "", 0
+        if self._file is not None:
+            self._file.close()
+            self._file, self.file_path = None, None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    @property
+    def cut(self) -> int:
+        return max(self.total - len(self.head) - len(self._kept_tail), 0) if self._file is not None else 0
+
+    @property
+    def _kept_tail(self) -> str:
+        return self.tail[-max(self.limit - len(self.head), 0) :] if self.limit > len(self.head) else ""
+
+    @property
+    def text(self) -> str:
+        if self._file is None:
+            return self.head
+        return f"{self.head}\n… [{self.cut} characters cut; full text in {self.file_path}] …\n{self._kept_tail}"
+
+
+# --- The wire: one cell in flight on one kernel --------------------------------------
+
+
+@dataclasses.dataclass
+class Execution:
+    """What one ``execute`` request collects until the kernel says ``done``."""
+
+    request_id: int
+    stdout: OutputBuffer
+    stderr: OutputBuffer
+    displays: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    reply: asyncio.Future[dict[str, Any]] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    last_stream: str = "stdout"
+    lines_seen: int = 0  # bumps on every stream message, so progress knows something is new
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "stream":
+            self.last_stream = "stderr" if message.get("name") == "stderr" else "stdout"
+            (self.stderr if self.last_stream == "stderr" else self.stdout).write(message.get("text", ""))
+            self.lines_seen += 1
+        elif kind == "display":
+            self.displays.append(message.get("data") or {})
+        elif kind == "clear":
+            self.stdout.clear()
+            self.stderr.clear()
+            self.displays.clear()
+        elif kind == "done" and not self.reply.done():
+            self.reply.set_result(message)
+
+    def take_output(self) -> tuple[OutputBuffer, OutputBuffer, list[dict[str, str]]]:
+        """Hand over what was collected so far and start collecting afresh (for `wait`)."""
+        taken = self.stdout, self.stderr, self.displays
+        self.stdout = OutputBuffer("stdout", self.stdout.limit, self.stdout._spill_path)
+        self.stderr = OutputBuffer("stderr", self.stderr.limit, self.stderr._spill_path)
+        self.displays = []
+        return taken
+
+    @property
+    def last_line(self) -> str:
+        return self.stderr.last_line if self.last_stream == "stderr" else self.stdout.last_line
+
+    def fail(self, error: BaseException) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(error)
+            self.reply.exception()  # mark retrieved: nobody may be waiting any more
+
+
+# --- Kernel: one child process, knows nothing of MCP ---------------------------------
+
+
+class Kernel:
+    """The target env's Python running bootstrap_kernel.py, in its own process group."""
+
+    def __init__(self, python: Path, env_label: str):
+        self.python, self.env_label = python, env_label
+        self.process: asyncio.subprocess.Process | None = None
+        self.hello: dict[str, Any] = {}
+        self.current: Execution | None = None
+        self.exited = asyncio.Event()
+        self.stop_reason: str | None = None  # "reset" / "shutdown" / "killed": we ended it on purpose
+        self._ids = itertools.count(1)
+        self._log_tail = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._hello_future: asyncio.Future[dict[str, Any]] | None = None
+        self._reader_done = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and not self.exited.is_set()
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def _child_environment(self) -> dict[str, str]:
+        environ = dict(os.environ)
+        # `!pip install x` and `!python` in a cell should mean the session's env, not ours.
+        bin_dir = str(self.python.parent)
+        environ["PATH"] = bin_dir + os.pathsep + environ.get("PATH", "")
+        prefix = self.python.parent.parent
+        for variable in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME"):
+            environ.pop(variable, None)
+        if (prefix / "pyvenv.cfg").is_file():
+            environ["VIRTUAL_ENV"] = str(prefix)
+        elif (prefix / "conda-meta").is_dir():
+            environ["CONDA_PREFIX"] = str(prefix)
+        environ["PYTHONUNBUFFERED"] = "1"
+        environ["PYTHONIOENCODING"] = "utf-8"
+        return environ
+
+    async def start(self) -> dict[str, Any]:
+        """Spawn and wait for the kernel's hello. Raises EnvError or KernelDied."""
+        if not self.python.is_file():
+            raise EnvError(self.env_label, str(self.python), f"No Python interpreter at {self.python}.", kind="no_interpreter")
+        if not os.access(self.python, os.X_OK):
+            raise EnvError(self.env_label, str(self.python), f"{self.python} is not executable.", kind="no_interpreter")
+        loop = asyncio.get_running_loop()
+        self._hello_future = loop.create_future()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                str(self.python),
+                "-u",
+                str(BOOTSTRAP),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # own process group: interrupt and kill reach its children
+                env=self._child_environment(),
+                limit=WIRE_LINE_LIMIT,
+            )
+        except OSError as exc:
+            raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+        self._tasks = [
+            asyncio.create_task(self._read_protocol(), name=f"kernel-{self.pid}-protocol"),
+            asyncio.create_task(self._read_log(), name=f"kernel-{self.pid}-log"),
+            asyncio.create_task(self._watch_exit(), name=f"kernel-{self.pid}-exit"),
+        ]
+        try:
+            with anyio.fail_after(KERNEL_START_TIMEOUT_S):
+                hello = await asyncio.shield(self._hello_future)
+        except TimeoutError:
+            await self.kill("killed")
+            raise EnvError(
+                self.env_label,
+                str(self.python),
+                f"The kernel in env {self.env_label!r} (python: {self.python}) did not start within {KERNEL_START_TIMEOUT_S:.0f} s.",
+            ) from None
+        except KernelDied as died:
+            await self.kill("killed")
+            raise EnvError(
+                self.env_label,
+                str(self.python),
+                f"The kernel in env {self.env_label!r} (python: {self.python}) exited before it was ready ({died.how})."
+                + (f"\nIts stderr ended with:\n{died.log_tail}" if died.log_tail else "")
+                + "\nThe bootstrap needs Python 3.9 or newer with IPython 7 or newer.",
+            ) from None
+        except BaseException:
+            await self.kill("killed")
+            raise
+        self.hello = hello
+        if hello.get("missing") == "ipython":
+            await self.kill("killed")
+            has_pip = bool(hello.get("pip", True))
+            error = EnvError(
+                self.env_label,
+                str(self.python),
+                f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')}).",
+                install_hint(self.python, has_pip),
+                kind="missing_ipython",
+            )
+            error.has_pip = has_pip
+            raise error
+        if hello.get("error"):
+            await self.kill("killed")
+            raise EnvError(
+                self.env_label, str(self.python), f"The kernel in env {self.env_label!r} (python: {self.python}) cannot start: {hello['error']}."
+            )
+        return hello
+
+    async def _read_protocol(self) -> None:
+        assert self.process and self.process.stdout
+        stdout = self.process.stdout
+        try:
+            while True:
+                try:
+                    line = await stdout.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    log.error("kernel %s sent a line over %d bytes; dropped", self.pid, WIRE_LINE_LIMIT)
+                    continue
+                if not line:
+                    return
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    log.warning("kernel %s sent a line that is not JSON: %.200r", self.pid, line)
+                    continue
+                self._dispatch(message)
+        finally:
+            self._reader_done.set()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("kind") == "hello":
+            if self._hello_future and not self._hello_future.done():
+                self._hello_future.set_result(message)
+            return
+        current = self.current
+        if current is None:
+            # Output of a background thread or process between cells belongs to no call.
+            log.debug("kernel %s: %s between cells dropped", self.pid, message.get("kind"))
+            return
+        if message.get("kind") == "done" and message.get("id") != current.request_id:
+            return
+        current.on_message(message)
+
+    async def _read_log(self) -> None:
+        assert self.process and self.process.stderr
+        while chunk := await self.process.stderr.read(65536):
+            text = chunk.decode("utf-8", "replace")
+            self._log_tail = (self._log_tail + text)[-KERNEL_LOG_TAIL_CHARS:]
+            for line in text.splitlines():
+                log.info("kernel %s: %s", self.pid, line)
+
+    async def _watch_exit(self) -> None:
+        assert self.process
+        returncode = await self.process.wait()
+        # A forked grandchild may hold the pipe open: read what is there, briefly.
+        with anyio.move_on_after(DEATH_DRAIN_S):
+            await self._reader_done.wait()
+        self._kill_group()  # whatever the kernel left behind goes with it
+        died = KernelDied(describe_exit(returncode), self._log_tail.strip(), self.stop_reason)
+        if self._hello_future and not self._hello_future.done():
+            self._hello_future.set_exception(died)
+            self._hello_future.exception()
+        if self.current is not None:
+            self.current.fail(died)
+        self.exited.set()
+        log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, died.how)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.process and self.process.stdin
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        try:
+            await self.process.stdin.drain()
+        except (ConnectionError, BrokenPipeError):
+            pass  # the exit watcher reports the death
+
+    async def start_execution(self, code: str, output_limit: int, spill_path: Callable[[str], Path]) -> Execution:
+        request_id = next(self._ids)
+        per_stream = max(output_limit // 2, 2)
+        execution = Execution(
+            request_id,
+            OutputBuffer("stdout", per_stream, spill_path),
+            OutputBuffer("stderr", per_stream, spill_path),
+        )
+        if not self.alive:
+            execution.fail(KernelDied("it had already exited"))
+            return execution
+        self.current = execution
+        await self._send(
+            {
+                "kind": "execute",
+                "id": request_id,
+                "code": code,
+                "max_result_chars": output_limit,
+                "spill_path": str(spill_path("result")),
+            }
+        )
+        return execution
+
+    def finish_execution(self, execution: Execution) -> None:
+        execution.stdout.close()
+        execution.stderr.close()
+        if self.current is execution:
+            self.current = None
+
+    def interrupt(self, via: Literal["signal", "message"] = "signal") -> None:
+        """SIGINT to the kernel's process group (a `!sleep` child stops too), then the
+        ``interrupt`` message for the same cell.
+
+        The message follows the cell's ``execute`` on the ordered pipe, so it also stops
+        a cell whose SIGINT arrived before it started. ``via="message"`` sends only the
+        message, as over a transport that carries no signals.
+        """
+        if not self.alive or self.current is None:
+            return
+        signalled = False
+        if via == "signal":
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGINT)
+                signalled = True
+        message = {"kind": "interrupt", "id": self.current.request_id, "group_signalled": signalled}
+        asyncio.get_running_loop().create_task(self._send(message))
+
+    def _kill_group(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    async def kill(self, reason: str) -> None:
+        """Kill the kernel and its process group, and wait until it is reaped."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.process is None:
+            return
+        self._kill_group()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+            await self.exited.wait()
+        for task in self._tasks:
+            task.cancel()
+        if self.process.stdin:
+            self.process.stdin.close()
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (signal handler, interpreter exit)."""
+        self._kill_group()
+
+
+# --- Envs: installing the prerequisite, and finding what is there ----------------------
+
+
+async def install_ipykernel(error: EnvError, progress: Progress | None) -> None:
+    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
+    python = Path(error.python or "")
+    plan = install_plan(python, error.has_pip)
+    if plan.argv is None:
+        raise EnvError(error.env, error.python, error.reason + " Automatic install is not possible.", f"Install with: {plan.text}", kind="missing_ipython")
+    log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
+    started = time.monotonic()
+    tail = ""
+    process = await asyncio.create_subprocess_exec(
+        *plan.argv, cwd=plan.cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        with anyio.fail_after(INSTALL_TIMEOUT_S):
+            last_sent = 0.0
+            while line := await process.stdout.readline():
+                text = line.decode("utf-8", "replace").rstrip()
+                tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
+                now = time.monotonic()
+                if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
+                    last_sent = now
+                    with contextlib.suppress(Exception):
+                        await progress(now - started, f"installing ipykernel: {text[:200]}")
+            returncode = await process.wait()
+    except TimeoutError:
+        returncode = None
+    finally:
+        if process.returncode is None:  # timed out or the call was cancelled
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+                await process.wait()
+    if returncode != 0:
+        how = f"did not finish within {INSTALL_TIMEOUT_S:.0f} s" if returncode is None else f"failed ({describe_exit(returncode)})"
+        raise EnvError(
+            error.env,
+            error.python,
+            f"Installing ipykernel into env {error.env!r} (python: {python}) with `{plan.text}` {how}. Its output ended with:\n{tail.strip()}",
+            kind="missing_ipython",
+        )
+
+
+ENV_PROBE = (
+    "import json, sys\n"
+    "try:\n    from importlib.metadata import version; v = version('ipython')\n"
+    "except Exception:\n    v = None\n"
+    "print(json.dumps({'python_version': '%d.%d.%d' % sys.version_info[:3], 'ipython': v}))"
+)
+
+
+class EnvInfo(BaseModel):
+    name: str = Field(description="What to pass as `env` ('default' means: omit env).")
+    python: str
+    python_version: str | None
+    ipython_version: str | None
+    usable: bool = Field(description="True when a session can start there now.")
+    problem: str | None = Field(description="Why not, and the command that fixes it.")
+
+
+class EnvList(BaseModel):
+    envs_dir: str
+    envs: list[EnvInfo]
+
+
+class EnvCatalog:
+    """Probes interpreters (in parallel, cached) for list_envs."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+
+    async def probe(self, python: Path) -> dict[str, Any]:
+        cached = self._cache.get(python)
+        if cached and time.monotonic() - cached[0] < ENV_PROBE_CACHE_S:
+            return cached[1]
+        answer: dict[str, Any] = {"python_version": None, "ipython": None, "error": None}
+        try:
+            process = await asyncio.create_subprocess_exec(
+                str(python), "-c", ENV_PROBE, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as exc:
+            answer["error"] = f"cannot run {python}: {exc}"
+            return answer
+        try:
+            with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
+                out, err = await process.communicate()
+            answer.update(json.loads(out.decode().strip().splitlines()[-1]))
+        except TimeoutError:
+            answer["error"] = f"{python} did not answer within {ENV_PROBE_TIMEOUT_S:.0f} s"
+        except (ValueError, IndexError):
+            answer["error"] = f"{python} could not run a probe: {err.decode('utf-8', 'replace').strip()[-300:]}"
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        self._cache[python] = (time.monotonic(), answer)
+        return answer
+
+    async def list(self, envs_dir: Path) -> EnvList:
+        candidates: list[tuple[str, Path]] = [("default", Path(sys.executable))]
+        if envs_dir.is_dir():
+            for folder in sorted(envs_dir.iterdir()):
+                python = python_in(folder) if folder.is_dir() else None
+                if python is not None:
+                    candidates.append((folder.name, python))
+        answers: list[dict[str, Any]] = [{} for _ in candidates]
+
+        async def probe_one(i: int, python: Path) -> None:
+            answers[i] = await self.probe(python)
+
+        async with anyio.create_task_group() as group:
+            for i, (_, python) in enumerate(candidates):
+                group.start_soon(probe_one, i, python)
+        envs = []
+        for (name, python), answer in zip(candidates, answers):
+            problem = answer.get("error")
+            if problem is None and not answer.get("ipython"):
+                problem = f"IPython is not installed. {install_hint(python)}"
+            envs.append(
+                EnvInfo(
+                    name=name, python=str(python), python_version=answer.get("python_version"),
+                    ipython_version=answer.get("ipython"), usable=problem is None, problem=problem,
+                )
+            )
+        return EnvList(envs_dir=str(envs_dir), envs=envs)
+
+
+# --- Sessions: names -> kernels, locks, lifecycle --------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    envs_dir: Path = dataclasses.field(default_factory=envs_dir_default)
+    output_dir: Path = dataclasses.field(default_factory=lambda: Path(tempfile.gettempdir()) / f"ipython-mcp-{os.getuid()}")
+    output_limit: int = DEFAULT_OUTPUT_LIMIT_CHARS
+    default_timeout_s: float = dataclasses.field(default_factory=default_timeout_s)
+    auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
+
+
+@dataclasses.dataclass
+class Session:
+    name: str
+    env_label: str
+    python: Path
+    kernel: Kernel | None = None
+    created: float = dataclasses.field(default_factory=time.monotonic)
+    exec_count: int = 0
+    run_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one cell at a time
+    kernel_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one (re)start at a time
+    lost_state: str | None = None  # why the next call runs in a fresh kernel
+    start_error: EnvError | None = None  # the first start failed: answer waiting calls alike
+    notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
+    background: Execution | None = None  # a cell left running by on_timeout="continue"
+    wait_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one `wait` at a time
+
+    @property
+    def status(self) -> str:
+        if self.kernel is None:
+            return "starting"
+        if not self.kernel.alive:
+            return "dead"
+        return "busy" if self.kernel.busy else "idle"
+
+
+class ExecuteImage(BaseModel):
+    index: int = Field(description="Position among the images of this call (0-based).")
+    mime_type: str
+    bytes: int = Field(description="Size of the decoded image.")
+    path: str = Field(description="File holding the image, for clients that cannot show images.")
+
+
+class ExecuteResult(BaseModel):
+    """What one ``execute`` call returns (also as a readable text block)."""
+
+    status: Literal["ok", "error", "timeout", "env_error", "running", "busy"] = Field(
+        description="ok: ran cleanly. error: the cell raised, was interrupted, or its kernel died "
+        "(see `error`). timeout: ran past timeout_s and was interrupted; partial output kept, "
+        "session alive. env_error: the env cannot run a kernel (see `error` for the fix). "
+        "running: on_timeout='continue' and the cell still runs; call `wait` for more output and "
+        "its final result. busy: a cell left running earlier still runs; nothing was executed."
+    )
+    session: str
+    stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")
+    stderr: str = Field(description="Everything written to stderr (fd 2), including child processes.")
+    result: str | None = Field(description="text/plain repr of the cell's last expression, or null.")
+    error: str | None = Field(description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
+    execution_count: int | None = Field(description="IPython's prompt number of this cell (In [n]).")
+    warning: str | None = Field(description="Something the agent should know: env ignored, state lost, output cut, ...")
+    duration_s: float
+    display: list[str] = Field(default_factory=list, description="Text form of each display() output, in order.")
+    images: list[ExecuteImage] = Field(default_factory=list, description="Images shown by the cell, sent as image content.")
+    output_files: dict[str, str] = Field(default_factory=dict, description="Stream name -> file with its full text, when cut.")
+
+
+class SessionInfo(BaseModel):
+    name: str
+    env: str = Field(description="The env as given ('default' for the server's own Python).")
+    python: str
+    python_version: str | None
+    ipython_version: str | None
+    status: Literal["starting", "idle", "busy", "dead"]
+    pid: int | None
+    uptime_s: float
+    exec_count: int = Field(description="Cells executed by this session's current kernel.")
+    busy_s: float | None = Field(description="How long the running cell has run, when busy.")
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class SessionManager:
+    """Owns every session and kernel; created and closed by the server lifespan."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self.envs = EnvCatalog()
+        self._spill_counter = itertools.count(1)
+
+    # -- lifecycle
+
+    async def _open(self, name: str, env: str | None, progress: Progress | None = None) -> tuple[Session, list[str]]:
+        """The session called ``name``, created (with its kernel) if new."""
+        warnings: list[str] = []
+        session = self.sessions.get(name)
+        if session is None:
+            label, python = interpreter_for(env, self.config.envs_dir)  # EnvError: nothing created
+            session = self.sessions[name] = Session(name, label, python)
+            try:
+                await self._ensure_kernel(session, progress)
+            except BaseException as exc:
+                # A second first call waiting on this session gets the same answer.
+                session.start_error = exc if isinstance(exc, EnvError) else EnvError(label, str(python), "The session was not created.")
+                if self.sessions.get(name) is session:
+                    del self.sessions[name]
+                raise
+            return session, warnings
+        if env is not None and env.strip() and env != session.env_label and not self._same_interpreter(env, session):
+            warnings.append(
+                f"Session {name!r} already runs in env {session.env_label!r} ({session.python}); "
+                f"env {env!r} was ignored. Use a new session name, or shutdown this one first, to change env."
+            )
+        await self._ensure_kernel(session, progress)
+        return session, warnings
+
+    def _same_interpreter(self, env: str, session: Session) -> bool:
+        try:
+            return interpreter_for(env, self.config.envs_dir)[1] == session.python
+        except EnvError:
+            return False
+
+    async def _ensure_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
+        async with session.kernel_lock:
+            if session.start_error is not None:
+                raise session.start_error
+            if self.sessions.get(session.name) is not session:
+                raise ToolError(f"Session {session.name!r} was shut down while this call waited for it.")
+            if session.kernel is not None and session.kernel.alive:
+                return session.kernel
+            old = session.kernel
+            if old is not None and session.lost_state is None:
+                session.lost_state = (
+                    f"The previous kernel of session {session.name!r} died ({describe_exit(old.process.returncode or 0) if old.process else 'unknown'}); "
+                    "this call ran in a fresh kernel, so variables and imports from before are gone."
+                )
+            session.kernel = await self._start_kernel(session, progress)
+            session.exec_count = 0
+            return session.kernel
+
+    async def _start_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
+        """A ready kernel in the session's env, installing ipykernel first if allowed and needed."""
+        kernel = Kernel(session.python, session.env_label)
+        try:
+            await kernel.start()
+            return kernel
+        except EnvError as missing:
+            # Never install into the server's own env, and never unless asked to.
+            if missing.kind != "missing_ipython" or not self.config.auto_install or session.python == Path(sys.executable):
+                raise
+            await install_ipykernel(missing, progress)
+        kernel = Kernel(session.python, session.env_label)
+        await kernel.start()
+        session.notices.append(
+            f"ipykernel was installed into env {session.env_label!r} ({session.python}) because auto_install_ipykernel is on."
+        )
+        return kernel
+
+    async def restart(self, session: Session, reason: str) -> None:
+        async with session.kernel_lock:
+            old = session.kernel
+            session.background = None  # a cell left running dies with its kernel
+            if old is not None:
+                await old.kill(reason)
+            session.kernel = await self._start_kernel(session)
+            session.exec_count = 0
+            session.created = time.monotonic()
+
+    async def shutdown(self, name: str) -> Session:
+        session = self.get(name)
+        del self.sessions[name]
+        if session.kernel is not None:
+            await session.kernel.kill("shutdown")
+        return session
+
+    async def close_all(self) -> None:
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        kernels = [s.kernel for s in sessions if s.kernel is not None]
+        for kernel in kernels:
+            kernel.kill_now()
+        async with anyio.create_task_group() as group:
+            for kernel in kernels:
+                group.start_soon(kernel.kill, "shutdown")
+
+    def kill_all_now(self) -> None:
+        for session in self.sessions.values():
+            if session.kernel is not None:
+                session.kernel.kill_now()
+
+    def get(self, name: str) -> Session:
+        check_session_name(name)
+        session = self.sessions.get(name)
+        if session is None:
+            live = ", ".join(sorted(self.sessions)) or "none"
+            raise ToolError(f"No session named {name!r}. Live sessions: {live}.")
+        return session
+
+    # -- running cells
+
+    def _session_dir(self, session: str) -> Path:
+        folder = self.config.output_dir / session
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _spill_path(self, session: str) -> Callable[[str], Path]:
+        def path(stream: str) -> Path:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            return self._session_dir(session) / f"{stamp}-{os.getpid()}-{next(self._spill_counter)}-{stream}.txt"
+
+        return path
+
+    async def execute(
+        self,
+        name: str,
+        code: str,
+        env: str | None,
+        timeout_s: float | None,
+        progress: Progress | None = None,
+        on_timeout: Literal["interrupt", "continue"] = "interrupt",
+    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+        """Run one cell; returns the result and the images to send inline as (mime, base64)."""
+        check_session_name(name)
+        timeout_s = self._checked_timeout(timeout_s)
+        if on_timeout not in ("interrupt", "continue"):
+            raise ToolError(f"on_timeout must be 'interrupt' or 'continue', not {on_timeout!r}.")
+        if "\x00" in code:
+            raise ToolError("The code contains a NUL character (\\x00), which Python source cannot hold; remove it.")
+        started = time.monotonic()
+        try:
+            session, warnings = await self._open(name, env, progress)
+            if session.background is not None and not session.background.reply.done():
+                return self._busy_result(session, started), []
+            async with session.run_lock:
+                if session.background is not None:  # finished on its own since; nobody fetched the end
+                    warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
+                    self._release_background(session)
+                kernel = await self._ensure_kernel(session, progress)
+                if session.lost_state:
+                    warnings.append(session.lost_state)
+                    session.lost_state = None
+                warnings.extend(session.notices)
+                session.notices.clear()
+                execution = await kernel.start_execution(code, self.config.output_limit, self._spill_path(session.name))
+                return await self._follow(session, kernel, execution, timeout_s, on_timeout, warnings, started, progress)
+        except EnvError as exc:
+            result = ExecuteResult(
+                status="env_error", session=name, stdout="", stderr="", result=None, error=exc.message,
+                execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
+            )
+            return result, []
+
+    async def wait(
+        self, name: str, timeout_s: float | None, progress: Progress | None = None
+    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+        """Output since the last call of a cell left running, and its end once it ends."""
+        session = self.get(name)
+        timeout_s = self._checked_timeout(timeout_s)
+        started = time.monotonic()
+        async with session.wait_lock:
+            execution = session.background
+            if execution is None or session.kernel is None:
+                raise ToolError(f"Session {name!r} has no cell running on (started with on_timeout='continue'); nothing to wait for.")
+            return await self._follow(session, session.kernel, execution, timeout_s, "continue", [], started, progress)
+
+    def _checked_timeout(self, timeout_s: float | None) -> float:
+        if timeout_s is None:
+            return self.config.default_timeout_s
+        if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise ToolError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}.")
+        return float(timeout_s)
+
+    def _busy_result(self, session: Session, started: float) -> ExecuteResult:
+        running_for = time.monotonic() - session.background.started if session.background else 0.0
+        return ExecuteResult(
+            status="busy", session=session.name, stdout="", stderr="", result=None,
+            error=(
+                f"Session {session.name!r} is still running a cell left running earlier ({running_for:.0f} s so far); "
+                "this code was not run. Call wait to follow that cell, interrupt to stop it, or use another session."
+            ),
+            execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
+        )
+
+    def _release_background(self, session: Session) -> None:
+        execution, session.background = session.background, None
+        if execution is not None and session.kernel is not None:
+            session.kernel.finish_execution(execution)
+
+    async def _follow(
+        self,
+        session: Session,
+        kernel: Kernel,
+        execution: Execution,
+        timeout_s: float,
+        on_timeout: str,
+        warnings: list[str],
+        started: float,
+        progress: Progress | None,
+    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+        """Wait for a cell's end for up to timeout_s, then interrupt it or leave it running."""
+        ticker = asyncio.create_task(self._report_progress(execution, progress)) if progress else None
+        status: str | None = None
+        reply: dict[str, Any] | None = None
+        error: str | None = None
+        running_on = False
+        try:
+            try:
+                with anyio.fail_after(timeout_s):
+                    reply = await asyncio.shield(execution.reply)
+            except TimeoutError:
+                if on_timeout == "continue":
+                    running_on = True
+                    session.background = execution
+                    return self._running_result(session, execution, warnings, started)
+                status = "timeout"
+                reply = await self._interrupt_or_kill(session, kernel, execution, warnings)
+                if reply is None:
+                    error = f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed and restarted."
+                else:
+                    error = f"The cell ran past timeout_s={timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
+            except anyio.get_cancelled_exc_class():
+                # The client cancelled the call: stop the cell, keep the session. A cell
+                # followed by `wait` keeps running: only that wait was cancelled.
+                if session.background is not execution:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(KernelDied):
+                        await self._interrupt_or_kill(session, kernel, execution, warnings)
+                else:
+                    running_on = True
+                raise
+        except KernelDied as died:
+            status, reply = "error", None
+            error = self._death_message(session, died)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            if not running_on:
+                if session.background is execution:
+                    session.background = None
+                kernel.finish_execution(execution)
+        return self._final_result(session, execution, status, reply, error, warnings, started)
+
+    def _running_result(
+        self, session: Session, execution: Execution, warnings: list[str], started: float
+    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+        """Output so far of a cell that runs on; the next `wait` starts after it."""
+        stdout, stderr, bundles = execution.take_output()
+        warnings.append(
+            f"The cell is still running ({time.monotonic() - execution.started:.0f} s so far). "
+            f"Call wait(session={session.name!r}) for its further output and final result, or interrupt to stop it."
+        )
+        output_files = self._note_cuts((stdout, stderr), warnings)
+        display_texts, image_infos, inline_images = self._sort_displays(session.name, bundles, warnings)
+        result = ExecuteResult(
+            status="running", session=session.name, stdout=stdout.text, stderr=stderr.text, result=None,
+            error=None, execution_count=None, warning=" ".join(warnings),
+            duration_s=round(time.monotonic() - started, 3), display=display_texts, images=image_infos,
+            output_files=output_files,
+        )
+        return result, inline_images
+
+    def _note_cuts(self, buffers: tuple[OutputBuffer, ...], warnings: list[str]) -> dict[str, str]:
+        output_files: dict[str, str] = {}
+        for buffer in buffers:
+            buffer.close()
+            if buffer.cut:
+                output_files[buffer.name] = str(buffer.file_path)
+                warnings.append(
+                    f"{buffer.name} was {buffer.total} characters; {buffer.cut} were cut from the middle of this "
+                    f"reply (limit {self.config.output_limit} per call). Full text: {buffer.file_path}"
+                )
+        return output_files
+
+    def _final_result(
+        self,
+        session: Session,
+        execution: Execution,
+        status: str | None,
+        reply: dict[str, Any] | None,
+        error: str | None,
+        warnings: list[str],
+        started: float,
+    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+        if reply is not None:
+            session.exec_count += 1
+            if status is None:
+                status = reply.get("status", "error")
+                error = reply.get("error")
+            warnings.extend(reply.get("notes") or [])
+        if error and len(error) > ERROR_LIMIT_CHARS:
+            half = ERROR_LIMIT_CHARS // 2
+            error = f"{error[:half]}\n… [{len(error) - 2 * half} characters of traceback cut] …\n{error[-half:]}"
+        output_files = self._note_cuts((execution.stdout, execution.stderr), warnings)
+        bundles = list(execution.displays)
+        if reply and reply.get("result_images"):
+            bundles.append(reply["result_images"])
+        display_texts, image_infos, inline_images = self._sort_displays(session.name, bundles, warnings)
+        result = ExecuteResult(
+            status=status,  # type: ignore[arg-type]
+            session=session.name,
+            stdout=execution.stdout.text,
+            stderr=execution.stderr.text,
+            result=reply.get("result") if reply and status == "ok" else None,
+            error=error if status != "ok" else None,
+            execution_count=reply.get("execution_count") if reply else None,
+            warning=" ".join(warnings) or None,
+            duration_s=round(time.monotonic() - started, 3),
+            display=display_texts,
+            images=image_infos,
+            output_files=output_files,
+        )
+        return result, inline_images
+
+    def _sort_displays(
+        self, session: str, bundles: list[dict[str, str]], warnings: list[str]
+    ) -> tuple[list[str], list[ExecuteImage], list[tuple[str, str]]]:
+        """Split display bundles into text forms and images; every image is also saved to a file."""
+        texts: list[str] = []
+        infos: list[ExecuteImage] = []
+        inline: list[tuple[str, str]] = []
+        for bundle in bundles:
+            mime = next((m for m in IMAGE_MIME_TYPES if m in bundle), None)
+            if mime is None:
+                text = bundle.get("text/markdown") or bundle.get("text/plain") or bundle.get("text/html")
+                if text:
+                    texts.append(text)
+                continue
+            try:
+                data = base64.b64decode(bundle[mime])
+            except (binascii.Error, ValueError):
+                warnings.append(f"An {mime} image was not valid base64 and was dropped.")
+                continue
+            suffix = ".png" if mime == "image/png" else ".jpg"
+            path = self._spill_path(session)(f"image{len(infos)}").with_suffix(suffix)
+            path.write_bytes(data)
+            infos.append(ExecuteImage(index=len(infos), mime_type=mime, bytes=len(data), path=str(path)))
+            if len(data) > IMAGE_INLINE_MAX_BYTES:
+                warnings.append(
+                    f"Image {len(infos) - 1} is {len(data)} bytes, over the {IMAGE_INLINE_MAX_BYTES} sent inline; "
+                    f"it is saved at {path}. Save figures smaller (lower dpi/size) to see them inline."
+                )
+            else:
+                inline.append((mime, bundle[mime]))
+        return texts, infos, inline
+
+    async def _report_progress(self, execution: Execution, progress: Progress) -> None:
+        """Progress for long cells only, at a bounded rate: new output, or a heartbeat."""
+        await anyio.sleep(PROGRESS_FIRST_S)
+        seen, last_sent = -1, 0.0
+        while True:
+            now = time.monotonic()
+            if execution.lines_seen != seen or now - last_sent >= PROGRESS_HEARTBEAT_S:
+                seen, last_sent = execution.lines_seen, now
+                elapsed = now - execution.started
+                line = execution.last_line
+                try:
+                    await progress(elapsed, f"running {elapsed:.1f} s" + (f": {line}" if line else ""))
+                except Exception:  # a client that went away must not break the cell
+                    log.debug("progress notification failed", exc_info=True)
+                    return
+            await anyio.sleep(PROGRESS_INTERVAL_S)
+
+    async def _interrupt_or_kill(
+        self, session: Session, kernel: Kernel, execution: Execution, warnings: list[str]
+    ) -> dict[str, Any] | None:
+        """SIGINT, then kill and restart if the cell ignores it. Returns the reply, if any."""
+        kernel.interrupt()
+        try:
+            with anyio.fail_after(INTERRUPT_GRACE_S):
+                return await asyncio.shield(execution.reply)
+        except TimeoutError:
+            pass
+        except KernelDied:
+            raise
+        warnings.append(
+            f"The cell did not stop within {INTERRUPT_GRACE_S:g} s of an interrupt, so its kernel was killed and "
+            "restarted: variables and imports from before are gone."
+        )
+        await kernel.kill("killed")
+        try:
+            await self.restart(session, "killed")
+        except EnvError as exc:
+            warnings.append(f"The restart failed: {exc.message}")
+        return None
+
+    def _death_message(self, session: Session, died: KernelDied) -> str:
+        if died.reason == "reset":
+            return "The session was reset while this cell was running; it was stopped and its state is gone."
+        if died.reason == "shutdown":
+            return "The session was shut down while this cell was running; it was stopped."
+        message = (
+            f"The kernel died while running this cell ({died.how}). Session {session.name!r} is now dead; "
+            "the next execute starts a fresh kernel in the same env, without the old state."
+        )
+        if died.log_tail:
+            message += f"\nKernel stderr:\n{died.log_tail}"
+        return message
+
+    def describe(self) -> list[SessionInfo]:
+        now = time.monotonic()
+        infos = []
+        for session in sorted(self.sessions.values(), key=lambda s: s.name):
+            kernel = session.kernel
+            busy_s = None
+            if kernel is not None and kernel.alive and kernel.current is not None:
+                busy_s = round(now - kernel.current.started, 3)
+            infos.append(
+                SessionInfo(
+                    name=session.name,
+                    env=session.env_label,
+                    python=str(session.python),
+                    python_version=kernel.hello.get("python_version") if kernel else None,
+                    ipython_version=kernel.hello.get("ipython") if kernel else None,
+                    status=session.status,  # type: ignore[arg-type]
+                    pid=kernel.pid if kernel and kernel.alive else None,
+                    uptime_s=round(now - session.created, 3),
+                    exec_count=session.exec_count,
+                    busy_s=busy_s,
+                )
+            )
+        return infos
+
+
+# --- MCP tools: thin translations between the manager and MCP results ---------------
+
+
+def render_execute(result: ExecuteResult) -> str:
+    """The readable text block: status first, then only the sections that have content."""
+    head = f"status: {result.status}"
+    if result.execution_count is not None:
+        head += f" · In [{result.execution_count}]"
+    head += f" · {result.duration_s:.3g} s · session {result.session!r}"
+    parts = [head]
+    if result.stdout:
+        parts.append(f"--- stdout ---\n{result.stdout.rstrip()}")
+    if result.stderr:
+        parts.append(f"--- stderr ---\n{result.stderr.rstrip()}")
+    for text in result.display:
+        parts.append(f"--- display ---\n{text.rstrip()}")
+    if result.images:
+        parts.append("--- images ---\n" + "\n".join(f"[{i.index}] {i.mime_type}, {i.bytes} bytes" for i in result.images))
+    if result.result is not None:
+        parts.append(f"--- result ---\n{result.result}")
+    if result.error:
+        parts.append(f"--- error ---\n{result.error}")
+    if result.warning:
+        parts.append(f"--- warning ---\n{result.warning}")
+    return "\n".join(parts)
+
+
+def render_sessions(infos: list[SessionInfo]) -> str:
+    if not infos:
+        return "No live sessions. `execute` with a new session name starts one."
+    lines = []
+    for i in infos:
+        line = f"{i.name}: {i.status}, env {i.env} ({i.python}, Python {i.python_version}, IPython {i.ipython_version}), "
+        line += f"pid {i.pid}, up {i.uptime_s:.0f} s, {i.exec_count} cells"
+        if i.busy_s is not None:
+            line += f", busy for {i.busy_s:.1f} s"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+INSTRUCTIONS = """Stateful IPython sessions. `execute(session, code)` runs code in a named session that keeps
+variables, imports and the working directory between calls (created on first use; `env` picks the
+Python env: a name under ~/envs, a path, or the server's own Python by default). Use one session
+per task, iterate in small cells, and use `interrupt`, `reset`, `shutdown`, `list_sessions` to
+manage them. Nobody can type into a session: input() fails, so pass values in code."""
+
+
+def build_server(config: Config | None = None) -> MCPServer:
+    config = config or Config()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer):
+        manager = SessionManager(config)
+        _live_managers.add(manager)
+        try:
+            yield manager
+        finally:
+            _live_managers.discard(manager)
+            with anyio.CancelScope(shield=True):
+                await manager.close_all()
+
+    server = MCPServer("ipython-mcp", instructions=INSTRUCTIONS, version=__version__, lifespan=lifespan)
+
+    def manager_of(ctx: Context) -> SessionManager:
+        return ctx.request_context.lifespan_context
+
+    def progress_to(ctx: Context) -> Progress:
+        async def progress(elapsed: float, message: str) -> None:
+            await ctx.report_progress(elapsed, None, message)
+
+        return progress
+
+    def execute_result(result: ExecuteResult, images: list[tuple[str, str]]) -> CallToolResult:
+        content: list[TextContent | ImageContent] = [TextContent(type="text", text=render_execute(result))]
+        content += [ImageContent(type="image", data=data, mime_type=mime) for mime, data in images]
+        return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
+
+    @server.tool(annotations=ToolAnnotations(title="Run code in an IPython session", open_world_hint=True))
+    async def execute(
+        session: Annotated[str, Field(description=f"Session name: {SESSION_NAME_RULE}. Created on first use.")],
+        code: Annotated[str, Field(description="Python/IPython code (magics and !shell commands work).")],
+        ctx: Context,
+        env: Annotated[
+            str | None,
+            Field(description="Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name>, or a path (env folder, project folder with .venv, or interpreter)."),
+        ] = None,
+        timeout_s: Annotated[
+            float | None,
+            Field(description="Seconds before the cell is interrupted (partial output is returned, state kept). Default: MCP_TOOL_TIMEOUT minus 2 s, or 58 s."),
+        ] = None,
+        on_timeout: Annotated[
+            Literal["interrupt", "continue"],
+            Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue' it in the background and return status 'running' (follow it with `wait`)."),
+        ] = "interrupt",
+    ) -> Annotated[CallToolResult, ExecuteResult]:
+        """Run code in a stateful IPython session and return its output, result, error and images."""
+        result, images = await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
+        return execute_result(result, images)
+
+    @server.tool(annotations=ToolAnnotations(title="Wait for a cell left running", read_only_hint=True))
+    async def wait(
+        session: str,
+        ctx: Context,
+        timeout_s: Annotated[float | None, Field(description="Seconds to wait for the cell to end (default as for execute).")] = None,
+    ) -> Annotated[CallToolResult, ExecuteResult]:
+        """Follow a cell started with on_timeout='continue': output since the last call, and its final result once it ends."""
+        result, images = await manager_of(ctx).wait(session, timeout_s, progress_to(ctx))
+        return execute_result(result, images)
+
+    @server.tool(annotations=ToolAnnotations(title="List IPython sessions", read_only_hint=True))
+    async def list_sessions(ctx: Context) -> Annotated[CallToolResult, SessionList]:
+        """List live sessions: name, env, python, status (starting/idle/busy/dead), uptime, cells run."""
+        infos = manager_of(ctx).describe()
+        return CallToolResult(
+            content=[TextContent(type="text", text=render_sessions(infos))],
+            structured_content=SessionList(sessions=infos).model_dump(mode="json"),
+        )
+
+    @server.tool(annotations=ToolAnnotations(title="List Python envs", read_only_hint=True))
+    async def list_envs(ctx: Context) -> Annotated[CallToolResult, EnvList]:
+        """Python envs a session can use (pass the name as `env`): the server's own and each under the envs folder, with versions and whether IPython is there."""
+        manager = manager_of(ctx)
+        listing = await manager.envs.list(manager.config.envs_dir)
+        lines = [f"Envs folder: {listing.envs_dir}"]
+        for env in listing.envs:
+            state = f"IPython {env.ipython_version}" if env.usable else f"not usable: {env.problem}"
+            lines.append(f"{env.name}: Python {env.python_version} ({env.python}), {state}")
+        return CallToolResult(
+            content=[TextContent(type="text", text="\n".join(lines))], structured_content=listing.model_dump(mode="json")
+        )
+
+    @server.tool(annotations=ToolAnnotations(title="Restart a session's kernel", destructive_hint=True))
+    async def reset(session: str, ctx: Context) -> str:
+        """Restart the session's kernel: all state is wiped; the name and env are kept."""
+        manager = manager_of(ctx)
+        entry = manager.get(session)
+        try:
+            await manager.restart(entry, "reset")
+        except EnvError as exc:
+            raise ToolError(f"Session {session!r} could not restart: {exc.message}") from exc
+        return f"Session {session!r} was reset: a fresh kernel in env {entry.env_label!r} ({entry.python}) is ready."
+
+    @server.tool(annotations=ToolAnnotations(title="Shut down a session", destructive_hint=True))
+    async def shutdown(session: str, ctx: Context) -> str:
+        """Kill the session's kernel (and everything it started) and forget the session."""
+        await manager_of(ctx).shutdown(session)
+        return f"Session {session!r} was shut down."
+
+    @server.tool(annotations=ToolAnnotations(title="Interrupt a running cell"))
+    async def interrupt(session: str, ctx: Context) -> str:
+        """Interrupt the cell running in a session (like Ctrl-C); the session keeps its state."""
+        entry = manager_of(ctx).get(session)
+        kernel = entry.kernel
+        if kernel is None or not kernel.alive:
+            return f"Session {session!r} has no running kernel ({entry.status}); nothing to interrupt."
+        if not kernel.busy:
+            return f"Session {session!r} was idle; nothing to interrupt."
+        kernel.interrupt()
+        return f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
+
+    return server
+
+
+# Managers alive in this process, so a signal handler can kill their kernels at once.
+_live_managers: set[SessionManager] = set()
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on stdin/stdout.
+It is meant to be started by an MCP client, not used by hand. To connect one:
+  Claude Code:  claude mcp add ipython -- uv run {path}
+  Any client:   {{"mcpServers": {{"ipython": {{"command": "uv", "args": ["run", "{path}"]}}}}}}
+  Inspector:    npx @modelcontextprotocol/inspector --cli uv run {path} --method tools/list
+Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
+
+
+class AnswerParseErrors:
+    """The stdio read side, answering lines that are not JSON-RPC with -32700 / -32600.
+
+    The SDK drops such lines silently; a client (or a person typing) deserves to know.
+    """
+
+    def __init__(self, inner: Any, write_stream: Any):
+        self._inner, self._write = inner, write_stream
+
+    async def receive(self) -> Any:
+        while True:
+            item = await self._inner.receive()
+            if not isinstance(item, Exception):
+                return item
+            errors = item.errors() if isinstance(item, ValidationError) else []
+            if errors and errors[0].get("type") != "json_invalid":
+                error = ErrorData(code=INVALID_REQUEST, message="Invalid Request: JSON, but not a JSON-RPC 2.0 message")
+            else:
+                error = ErrorData(code=PARSE_ERROR, message="Parse error: a line on stdin was not valid JSON")
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await self._write.send(SessionMessage(JSONRPCError(jsonrpc="2.0", id=None, error=error)))
+
+    def __aiter__(self) -> AnswerParseErrors:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> AnswerParseErrors:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    def __getattr__(self, name: str) -> Any:  # last_context and friends
+        return getattr(self._inner, name)
+
+
+async def serve(config: Config) -> None:
+    server = build_server(config)
+    async with anyio.create_task_group() as group:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    with anyio.CancelScope(shield=True):
+                        for manager in list(_live_managers):
+                            await manager.close_all()
+                    # The SDK's stdin reader thread may block in read() until stdin closes;
+                    # every kernel is gone, so leave now instead of waiting for it.
+                    logging.shutdown()
+                    os._exit(0)
+
+        group.start_soon(stop_on_signal)
+        lowlevel = server._lowlevel_server  # the SDK has no public hook for the read side
+        async with stdio_server() as (read_stream, write_stream):
+            await lowlevel.run(AnswerParseErrors(read_stream, write_stream), write_stream, lowlevel.create_initialization_options())
+        group.cancel_scope.cancel()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ipython-mcp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs-dir", type=Path, default=None, help="folder of named envs (default: $IPYTHON_MCP_ENVS_DIR or ~/envs)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="where full text of cut output is saved")
+    parser.add_argument("--output-limit", type=int, default=DEFAULT_OUTPUT_LIMIT_CHARS, help="characters of output returned per call (default %(default)s)")
+    parser.add_argument(
+        "--auto-install-ipykernel",
+        action="store_true",
+        default=None,
+        help="install ipykernel into a target env that lacks IPython (or set IPYTHON_MCP_AUTO_INSTALL=1)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("IPYTHON_MCP_LOG_LEVEL", "WARNING"), help="stderr log level (default WARNING)")
+    parser.add_argument("--version", action="version", version=f"ipython-mcp {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = Config()
+    if args.envs_dir is not None:
+        config.envs_dir = args.envs_dir.expanduser()
+    if args.output_dir is not None:
+        config.output_dir = args.output_dir.expanduser()
+    config.output_limit = max(args.output_limit, 100)
+    if args.auto_install_ipykernel:
+        config.auto_install = True
+    if sys.stdin.isatty():
+        print(HUMAN_GREETING.format(version=__version__, path=Path(__file__).resolve()), file=sys.stderr)
+    try:
+        anyio.run(serve, config)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for manager in list(_live_managers):
+            manager.kill_all_now()
+    # A stdin reader thread may still block in read(); nothing is left to clean up.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,983 @@
+"""Tests for ipython-mcp, through real MCP clients and real kernels (no mocks).
+
+Most tests talk to an in-memory server (``Client(build_server(config))``): each test gets
+its own server, so its sessions and kernels are its own and it ends with them killed.
+The process-level guarantees (the wire, stdin EOF, SIGTERM, SIGKILL, a person starting the
+server in a terminal) are tested with the server as a real child process: through the SDK's
+stdio client, through raw pipes speaking JSON-RPC by hand, and through a pty with pexpect.
+
+Every test is bounded with ``anyio.fail_after`` (or pexpect's own timeout) and waits for
+output or events, never for a fixed time: a cell that must be running before the test acts
+touches a marker file first, and the test waits for that file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pexpect
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+import ipython_mcp
+
+SERVER = Path(ipython_mcp.__file__).resolve()
+ANSI_ESCAPE = re.compile(r"\x1b\[")
+SESSION_NAME_RULE = "1-64 characters"
+# Generous bounds for one test on a noisy 2-core machine; a kernel starts in well under 1 s.
+QUICK_S = 20
+SLOW_S = 40
+# How often a test polls for something it waits on (a marker file, a process going away).
+POLL_S = 0.02
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- Helpers: calling tools and reading results ----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def connect(tmp_path: Path, **config: Any) -> AsyncIterator[Client]:
+    """An in-memory MCP client on a fresh server whose kernels die with it."""
+    config.setdefault("envs_dir", tmp_path / "no-envs-here")
+    config.setdefault("output_dir", tmp_path / "output")
+    config.setdefault("default_timeout_s", 30.0)
+    async with Client(ipython_mcp.build_server(ipython_mcp.Config(**config))) as client:
+        yield client
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[Client]:
+    async with connect(tmp_path) as client:
+        yield client
+
+
+def text_of(result: Any) -> str:
+    return "\n".join(block.text for block in result.content if block.type == "text")
+
+
+async def run(client: Client, session: str, code: str, **arguments: Any) -> dict[str, Any]:
+    """``execute`` and return its structured result (the call itself must not be a tool error)."""
+    result = await client.call_tool("execute", {"session": session, "code": code, **arguments})
+    assert not result.is_error, text_of(result)
+    assert result.content[0].type == "text", "every result carries a readable text block"
+    return result.structured_content
+
+
+async def sessions(client: Client) -> dict[str, dict[str, Any]]:
+    result = await client.call_tool("list_sessions", {})
+    assert not result.is_error, text_of(result)
+    return {info["name"]: info for info in result.structured_content["sessions"]}
+
+
+async def wait_for_file(path: Path) -> None:
+    """Wait (bounded by the test's fail_after) for a cell to touch its marker file."""
+    while not path.exists():
+        await anyio.sleep(POLL_S)
+
+
+def touch(marker: Path) -> str:
+    """A line of cell code that signals, by creating ``marker``, that the cell is running."""
+    return f"open({str(marker)!r}, 'w').close()"
+
+
+def process_running(pid: int) -> bool:
+    """True while ``pid`` is a live process; a zombie waiting for its reaper counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+async def wait_until_gone(pid: int) -> None:
+    """Poll (bounded by the test's fail_after) until ``pid`` is no longer running."""
+    while process_running(pid):
+        await anyio.sleep(POLL_S)
+
+
+async def wait_until_status(client: Client, session: str, status: str) -> dict[str, Any]:
+    while True:
+        info = (await sessions(client)).get(session)
+        if info is not None and info["status"] == status:
+            return info
+        await anyio.sleep(POLL_S)
+
+
+# --- Envs: one venv with IPython, one without, made once per test run -----------------
+
+
+@pytest.fixture(scope="session")
+def envs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<base>/envs`` holding ``good`` (IPython installed with uv) and ``bare`` (no IPython).
+
+    ``<base>`` also serves as a HOME for the '~' test.
+    """
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is needed to build the test venv with IPython")
+    folder = tmp_path_factory.mktemp("home") / "envs"
+    good = folder / "good"
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(good)], check=True, timeout=120)
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(good / "bin" / "python"), "ipython"], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder / "bare")], check=True, timeout=120)
+    return folder
+
+
+@pytest.fixture
+async def env_client(tmp_path: Path, envs_dir: Path) -> AsyncIterator[Client]:
+    async with connect(tmp_path, envs_dir=envs_dir) as client:
+        yield client
+
+
+# --- Pure functions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"MCP_TOOL_TIMEOUT": "10000"}, 8.0),
+        ({"MCP_TOOL_TIMEOUT": "60000"}, 58.0),
+        ({"MCP_TOOL_TIMEOUT": "4000"}, 2.0),
+        ({}, 58.0),
+        ({"MCP_TOOL_TIMEOUT": ""}, 58.0),
+        ({"MCP_TOOL_TIMEOUT": "soon"}, 58.0),
+        ({"MCP_TOOL_TIMEOUT": "0"}, 58.0),
+        ({"MCP_TOOL_TIMEOUT": "-5000"}, 58.0),
+    ],
+)
+def test_default_timeout_is_client_timeout_minus_two_seconds_or_58(environ: dict[str, str], expected: float) -> None:
+    assert ipython_mcp.default_timeout_s(environ) == expected
+
+
+def test_a_short_client_timeout_still_leaves_the_cell_a_positive_timeout() -> None:
+    assert 0 < ipython_mcp.default_timeout_s({"MCP_TOOL_TIMEOUT": "1000"}) < 1
+
+
+# --- execute: every status, with every field -----------------------------------------
+
+
+async def test_ok_cell_returns_stdout_stderr_and_result(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "import sys\nprint('out')\nprint('err', file=sys.stderr)\n6 * 7")
+    assert out["status"] == "ok"
+    assert out["stdout"] == "out\n"
+    assert out["stderr"] == "err\n"
+    assert out["result"] == "42"
+    assert out["error"] is None
+    assert out["execution_count"] == 1
+    assert out["warning"] is None
+
+
+async def test_cell_without_final_expression_has_null_result(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "x = 1")
+    assert (out["status"], out["result"], out["stdout"], out["error"]) == ("ok", None, "", None)
+
+
+async def test_error_is_plain_text_traceback_ending_with_exception(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "print('before')\n1 / 0")
+    assert out["status"] == "error"
+    assert out["stdout"] == "before\n"
+    assert out["result"] is None
+    assert out["execution_count"] == 1
+    assert out["warning"] is None
+    assert not ANSI_ESCAPE.search(out["error"])
+    assert out["error"].endswith("ZeroDivisionError: division by zero")
+    assert "1 / 0" in out["error"]
+
+
+async def test_syntax_error_is_an_error_status(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "def (")
+    assert out["status"] == "error"
+    assert "SyntaxError" in out["error"]
+    assert not ANSI_ESCAPE.search(out["error"])
+
+
+async def test_execution_count_counts_like_ipython_prompt_errors_included(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        counts = [(await run(client, "s", code))["execution_count"] for code in ("a = 1", "1 / 0", "a", "b = a + 1")]
+        info = (await sessions(client))["s"]
+    assert counts == [1, 2, 3, 4]
+    assert info["exec_count"] == 4
+
+
+async def test_state_is_kept_between_calls(client: Client, tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", f"import os\nnumbers = [1, 2, 3]\ndef double(x):\n    return 2 * x\nos.chdir({str(tmp_path)!r})")
+        out = await run(client, "s", "import os\n(double(sum(numbers)), os.getcwd())")
+    assert out["result"] == repr((12, str(tmp_path)))
+
+
+async def test_sessions_are_independent(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "one", "x = 'one'")
+        out = await run(client, "two", "x")
+    assert out["status"] == "error"
+    assert out["error"].endswith("NameError: name 'x' is not defined")
+
+
+async def test_timeout_returns_partial_output_and_keeps_state(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "kept = 'still here'")
+        started = time.monotonic()
+        out = await run(client, "s", "print('before', flush=True)\nimport time\ntime.sleep(30)", timeout_s=1)
+        elapsed = time.monotonic() - started
+        after = await run(client, "s", "kept")
+    assert out["status"] == "timeout"
+    assert out["stdout"] == "before\n"
+    assert out["result"] is None
+    assert "timeout" in out["error"]
+    assert elapsed < 10
+    assert after["status"] == "ok"
+    assert after["result"] == "'still here'"
+    assert after["warning"] is None
+
+
+async def test_nonpositive_timeout_is_a_tool_error(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        result = await client.call_tool("execute", {"session": "s", "code": "1", "timeout_s": 0})
+    assert result.is_error
+    assert "timeout_s" in text_of(result)
+
+
+async def test_text_block_mirrors_structured_result(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        result = await client.call_tool("execute", {"session": "s", "code": "print('hello')\n'the result'"})
+    text = text_of(result)
+    assert "status: ok" in text
+    assert "hello" in text
+    assert "'the result'" in text
+
+
+async def test_execute_declares_an_output_schema_with_the_contract_fields(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert set(tools) >= {"execute", "list_sessions", "reset", "shutdown", "interrupt"}
+    properties = tools["execute"].output_schema["properties"]
+    assert set(properties) >= {"status", "stdout", "stderr", "result", "error", "execution_count", "warning"}
+
+
+# --- Output: file descriptors, bytes, size ------------------------------------------------
+
+
+async def test_fd_level_output_of_children_and_shell_commands_is_captured(client: Client) -> None:
+    code = (
+        "import os, subprocess, sys\n"
+        "os.write(1, b'fd1\\n')\n"
+        "os.system('echo sys')\n"
+        "subprocess.run(['echo', 'sub'])\n"
+        "os.write(2, b'fd2\\n')\n"
+        "subprocess.run('echo suberr >&2', shell=True)\n"
+        "!echo bang\n"
+    )
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", code)
+    assert out["status"] == "ok", out["error"]
+    assert out["stdout"] == "fd1\nsys\nsub\nbang\n"
+    assert out["stderr"] == "fd2\nsuberr\n"
+
+
+async def test_non_utf8_bytes_come_back_replaced(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "import os\nos.write(1, b'\\xff\\xfe ok\\n')")
+    assert out["status"] == "ok"
+    assert out["stdout"] == "\ufffd\ufffd ok\n"
+
+
+async def test_input_fails_at_once_saying_there_is_no_stdin(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "name = input('Your name? ')", timeout_s=15)
+        after = await run(client, "s", "1 + 1")
+    assert out["status"] == "error"
+    assert "no standard input" in out["error"]
+    assert after["result"] == "2"
+
+
+async def test_huge_output_is_cut_with_a_warning_naming_the_full_text_file(client: Client) -> None:
+    with anyio.fail_after(SLOW_S):
+        out = await run(client, "s", "print('x' * 3_000_000)")
+    assert out["status"] == "ok"
+    assert len(out["stdout"]) < 200_000
+    assert out["stdout"].startswith("xxx")
+    full_text = Path(out["output_files"]["stdout"])
+    assert str(full_text) in out["warning"]
+    assert "stdout" in out["warning"]
+    assert full_text.read_text() == "x" * 3_000_000 + "\n"
+
+
+async def test_huge_result_repr_is_cut_with_a_note(client: Client) -> None:
+    with anyio.fail_after(SLOW_S):
+        out = await run(client, "s", "'y' * 1_000_000")
+    assert out["status"] == "ok"
+    assert len(out["result"]) < 200_000
+    assert out["warning"] and "cut" in out["warning"]
+
+
+# --- Bad input: session names, NUL bytes -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "x" * 10_000, "a/b", "../etc", "a\nb", "tab\there", "bell\x07", ".hidden", "x" * 65])
+async def test_invalid_session_name_is_a_tool_error_stating_the_rule(client: Client, name: str) -> None:
+    with anyio.fail_after(QUICK_S):
+        result = await client.call_tool("execute", {"session": name, "code": "1"})
+        live = await sessions(client)
+    assert result.is_error
+    assert SESSION_NAME_RULE in text_of(result)
+    assert len(text_of(result)) < 1_000, "a long name is not echoed back whole"
+    assert live == {}
+
+
+async def test_longest_valid_session_name_is_accepted(client: Client) -> None:
+    name = "a" + "b.-_9" * 12 + "xyz"  # 64 characters
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, name, "1")
+    assert out["status"] == "ok"
+
+
+async def test_code_with_nul_byte_gets_a_clear_error(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        result = await client.call_tool("execute", {"session": "s", "code": "x = 1\x00"})
+    assert result.is_error
+    assert "NUL" in text_of(result)
+
+
+# --- interrupt, cancellation, concurrency ---------------------------------------------------
+
+
+async def test_interrupt_stops_a_running_cell_and_keeps_state(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    outcome: dict[str, Any] = {}
+
+    async def long_cell() -> None:
+        code = f"kept = 41\nprint('partial', flush=True)\n{touch(marker)}\nimport time\ntime.sleep(30)"
+        outcome.update(await run(client, "s", code))
+
+    with anyio.fail_after(QUICK_S):
+        async with anyio.create_task_group() as group:
+            group.start_soon(long_cell)
+            await wait_for_file(marker)
+            assert (await sessions(client))["s"]["status"] == "busy"
+            answer = await client.call_tool("interrupt", {"session": "s"})
+        after = await run(client, "s", "kept + 1")
+    assert not answer.is_error
+    assert outcome["status"] == "error"
+    assert outcome["error"].endswith("KeyboardInterrupt")
+    assert outcome["stdout"] == "partial\n"
+    assert after["result"] == "42"
+
+
+async def test_interrupt_stops_a_shell_command_too(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    outcome: dict[str, Any] = {}
+
+    async def shell_cell() -> None:
+        outcome.update(await run(client, "s", f"kept = 7\n!touch {marker} && sleep 100\nnever = 1"))
+
+    with anyio.fail_after(QUICK_S):
+        async with anyio.create_task_group() as group:
+            group.start_soon(shell_cell)
+            await wait_for_file(marker)
+            await client.call_tool("interrupt", {"session": "s"})
+        after = await run(client, "s", "kept")
+    assert outcome["status"] in ("ok", "error")  # IPython reports a killed `!cmd` without raising
+    assert after["result"] == "7"
+
+
+async def test_interrupt_of_an_idle_session_says_it_was_idle(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "x = 1")
+        answer = await client.call_tool("interrupt", {"session": "s"})
+        after = await run(client, "s", "x")
+    assert not answer.is_error
+    assert "idle" in text_of(answer)
+    assert after["result"] == "1"
+
+
+async def test_interrupt_sent_before_the_kernel_starts_the_cell_still_stops_it(client: Client) -> None:
+    outcome: dict[str, Any] = {}
+
+    async def long_cell() -> None:
+        outcome.update(await run(client, "s", "import time\ntime.sleep(8)", timeout_s=15))
+
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "warm = 1")
+        async with anyio.create_task_group() as group:
+            group.start_soon(long_cell)
+            # The first interrupt that finds the session busy: the request may still be in the pipe.
+            while "Sent" not in text_of(await client.call_tool("interrupt", {"session": "s"})):
+                pass
+    assert outcome["status"] == "error"
+    assert outcome["error"].endswith("KeyboardInterrupt")
+    assert outcome["duration_s"] < 5
+
+
+async def test_cancelled_call_interrupts_the_cell_and_keeps_state(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    with anyio.fail_after(QUICK_S):
+        async with anyio.create_task_group() as group:
+
+            async def long_cell() -> None:
+                await run(client, "s", f"kept = 'yes'\n{touch(marker)}\nimport time\ntime.sleep(30)")
+
+            group.start_soon(long_cell)
+            await wait_for_file(marker)
+            group.cancel_scope.cancel()
+        after = await run(client, "s", "kept")
+    assert after["status"] == "ok"
+    assert after["result"] == "'yes'"
+
+
+async def test_cell_that_ignores_sigint_is_killed_and_the_session_works_after(client: Client) -> None:
+    code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('stubborn', flush=True)\ntime.sleep(60)"
+    with anyio.fail_after(SLOW_S):
+        await run(client, "s", "lost = 1")
+        started = time.monotonic()
+        out = await run(client, "s", code, timeout_s=1)
+        elapsed = time.monotonic() - started
+        after = await run(client, "s", "'lost' in dir()")
+    assert out["status"] == "timeout"
+    assert elapsed < 8
+    assert out["stdout"] == "stubborn\n"
+    assert re.search(r"killed|restarted", out["warning"])
+    assert after["status"] == "ok"
+    assert after["result"] == "False"
+    assert after["execution_count"] == 1
+
+
+async def test_parallel_sessions_really_run_in_parallel(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "left", "import time")
+        await run(client, "right", "import time")
+        started = time.monotonic()
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, client, "left", "time.sleep(1.5)")
+            group.start_soon(run, client, "right", "time.sleep(1.5)")
+        elapsed = time.monotonic() - started
+    assert elapsed < 2.7
+
+
+async def test_two_calls_on_one_session_run_one_after_another(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "first-running"
+    results: dict[str, dict[str, Any]] = {}
+
+    async def call(key: str, code: str) -> None:
+        results[key] = await run(client, "s", code)
+
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "import time\nlog = []")
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, "first", f"log.append('first start')\n{touch(marker)}\ntime.sleep(0.5)\nlog.append('first end')")
+            await wait_for_file(marker)
+            group.start_soon(call, "second", "log.append('second')\nlist(log)")
+    assert results["second"]["result"] == repr(["first start", "first end", "second"])
+    assert results["second"]["execution_count"] == results["first"]["execution_count"] + 1
+
+
+async def test_two_first_calls_to_a_new_session_create_one_kernel(client: Client) -> None:
+    pids: list[str] = []
+
+    async def first_call() -> None:
+        pids.append((await run(client, "fresh", "import os\nos.getpid()"))["result"])
+
+    with anyio.fail_after(QUICK_S):
+        async with anyio.create_task_group() as group:
+            group.start_soon(first_call)
+            group.start_soon(first_call)
+        live = await sessions(client)
+    assert len(pids) == 2
+    assert pids[0] == pids[1]
+    assert list(live) == ["fresh"]
+    assert str(live["fresh"]["pid"]) == pids[0]
+
+
+# --- list_sessions, reset, shutdown, unknown sessions ------------------------------------------
+
+
+async def test_list_sessions_shows_every_field(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        assert await sessions(client) == {}
+        pid = (await run(client, "s", "import os\nos.getpid()"))["result"]
+        await run(client, "s", "1")
+        info = (await sessions(client))["s"]
+    assert info["name"] == "s"
+    assert info["env"] == "default"
+    assert info["python"] == sys.executable
+    assert info["status"] == "idle"
+    assert info["exec_count"] == 2
+    assert info["uptime_s"] >= 0
+    assert str(info["pid"]) == pid
+    assert info["python_version"] == "%d.%d.%d" % sys.version_info[:3]
+
+
+async def test_list_sessions_shows_busy_while_a_cell_runs(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    with anyio.fail_after(QUICK_S):
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, client, "s", f"{touch(marker)}\nimport time\ntime.sleep(30)")
+            await wait_for_file(marker)
+            info = (await sessions(client))["s"]
+            await client.call_tool("interrupt", {"session": "s"})
+    assert info["status"] == "busy"
+    assert info["busy_s"] is not None
+
+
+async def test_reset_wipes_state_and_keeps_env(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        old_pid = (await run(client, "s", "import os\nx = 1\nos.getpid()"))["result"]
+        before = (await sessions(client))["s"]
+        answer = await client.call_tool("reset", {"session": "s"})
+        out = await run(client, "s", "import os\nos.getpid()")
+        gone = await run(client, "s", "x")
+        after = (await sessions(client))["s"]
+    assert not answer.is_error
+    assert out["result"] != old_pid
+    assert out["execution_count"] == 1
+    assert gone["error"].endswith("NameError: name 'x' is not defined")
+    assert (after["env"], after["python"]) == (before["env"], before["python"])
+    assert not process_running(int(old_pid))
+
+
+async def test_shutdown_forgets_the_session_and_ends_its_kernel(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "x = 1")
+        await run(client, "other", "y = 2")
+        pid = (await sessions(client))["s"]["pid"]
+        answer = await client.call_tool("shutdown", {"session": "s"})
+        live = await sessions(client)
+        with pytest.raises(ProcessLookupError):  # killed and reaped, not a zombie
+            os.kill(pid, 0)
+        again = await run(client, "s", "'x' in dir()")
+    assert not answer.is_error
+    assert list(live) == ["other"]
+    assert again["result"] == "False"
+    assert again["warning"] is None
+
+
+async def test_shutdown_ends_the_shell_commands_a_cell_started(client: Client, tmp_path: Path) -> None:
+    pid_file = tmp_path / "sleep.pid"
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", f"import subprocess\np = subprocess.Popen(['sleep', '100'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))")
+        child = int(pid_file.read_text())
+        assert process_running(child)
+        await client.call_tool("shutdown", {"session": "s"})
+        await wait_until_gone(child)
+
+
+@pytest.mark.parametrize("tool", ["reset", "shutdown", "interrupt"])
+async def test_unknown_session_is_a_tool_error_naming_live_sessions(client: Client, tool: str) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "alive-one", "1")
+        await run(client, "alive-two", "2")
+        result = await client.call_tool(tool, {"session": "nope"})
+    assert result.is_error
+    text = text_of(result)
+    assert "nope" in text
+    assert "alive-one" in text and "alive-two" in text
+
+
+# --- A kernel that dies ---------------------------------------------------------------------------
+
+
+async def test_kernel_exit_is_reported_and_next_call_starts_fresh_with_a_warning(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "x = 1")
+        died = await run(client, "s", "import os\nos._exit(1)")
+        info = (await sessions(client))["s"]
+        after = await run(client, "s", "'x' in dir()")
+        later = await run(client, "s", "2")
+    assert died["status"] == "error"
+    assert "exit code 1" in died["error"]
+    assert info["status"] == "dead"
+    assert after["status"] == "ok"
+    assert after["result"] == "False"
+    assert after["execution_count"] == 1
+    assert re.search(r"lost|gone", after["warning"])
+    assert later["warning"] is None, "the state-lost warning is given once"
+
+
+async def test_kernel_killed_by_a_signal_names_the_signal(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        died = await run(client, "s", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+        info = (await sessions(client))["s"]
+        after = await run(client, "s", "1 + 1")
+    assert died["status"] == "error"
+    assert "signal SIGKILL" in died["error"]
+    assert info["status"] == "dead"
+    assert after["result"] == "2"
+    assert after["warning"]
+
+
+async def test_exit_in_a_cell_is_ignored_with_a_note(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "x = 1")
+        out = await run(client, "s", "exit()")
+        after = await run(client, "s", "x")
+    assert out["warning"] and "shutdown" in out["warning"]
+    assert after["result"] == "1"
+
+
+# --- Images ---------------------------------------------------------------------------------------
+
+
+async def test_matplotlib_uses_the_inline_backend_by_default(client: Client) -> None:
+    with anyio.fail_after(SLOW_S):
+        out = await run(client, "s", "import matplotlib\nmatplotlib.get_backend()")
+    assert out["result"] == repr("module://matplotlib_inline.backend_inline")
+
+
+async def test_matplotlib_figure_comes_back_as_png_image_content(client: Client) -> None:
+    with anyio.fail_after(SLOW_S):
+        result = await client.call_tool(
+            "execute", {"session": "s", "code": "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"}
+        )
+    out = result.structured_content
+    assert out["status"] == "ok", out["error"]
+    images = [block for block in result.content if block.type == "image"]
+    assert len(images) == 1
+    assert images[0].mime_type == "image/png"
+    png = base64.b64decode(images[0].data)
+    assert png.startswith(b"\x89PNG")
+    [info] = out["images"]
+    assert (info["index"], info["mime_type"], info["bytes"]) == (0, "image/png", len(png))
+
+
+async def test_last_expression_with_png_repr_comes_back_as_an_image(client: Client) -> None:
+    code = (
+        "import io, matplotlib.pyplot as plt\n"
+        "from IPython.display import Image\n"
+        "fig = plt.figure(); buffer = io.BytesIO(); fig.savefig(buffer, format='png'); plt.close(fig)\n"
+        "Image(buffer.getvalue())"
+    )
+    with anyio.fail_after(SLOW_S):
+        result = await client.call_tool("execute", {"session": "s", "code": code})
+    images = [block for block in result.content if block.type == "image"]
+    assert [image.mime_type for image in images] == ["image/png"]
+    assert base64.b64decode(images[0].data).startswith(b"\x89PNG")
+
+
+# --- envs: default, bare names, paths, '~', changes, unusable ones ---------------------------------
+
+
+@pytest.mark.parametrize("env", [None, ""])
+async def test_default_env_is_the_servers_own_python(client: Client, env: str | None) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(client, "s", "import sys\nsys.executable", **({} if env is None else {"env": env}))
+        info = (await sessions(client))["s"]
+    assert out["result"] == repr(sys.executable)
+    assert (info["env"], info["python"]) == ("default", sys.executable)
+
+
+async def test_bare_env_name_runs_in_that_env_under_the_envs_dir(env_client: Client, envs_dir: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "import sys\nsys.prefix", env="good")
+        info = (await sessions(env_client))["s"]
+    assert out["status"] == "ok", out["error"]
+    assert out["result"] == repr(str(envs_dir / "good"))
+    assert (info["env"], info["python"]) == ("good", str(envs_dir / "good" / "bin" / "python"))
+
+
+async def test_env_path_with_a_slash_runs_in_that_env(env_client: Client, envs_dir: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "import sys\nsys.prefix", env=str(envs_dir / "good"))
+    assert out["status"] == "ok", out["error"]
+    assert out["result"] == repr(str(envs_dir / "good"))
+
+
+async def test_env_path_with_a_tilde_expands_home(env_client: Client, envs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(envs_dir.parent))
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "import sys\nsys.prefix", env="~/envs/good")
+        info = (await sessions(env_client))["s"]
+    assert out["status"] == "ok", out["error"]
+    assert out["result"] == repr(str(envs_dir / "good"))
+    assert (info["env"], info["python"]) == ("~/envs/good", str(envs_dir / "good" / "bin" / "python"))
+
+
+async def test_other_env_on_existing_session_warns_and_runs_in_original_env(env_client: Client, envs_dir: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(env_client, "s", "x = 1")
+        out = await run(env_client, "s", "import sys\n(x, sys.executable)", env="good")
+        same = await run(env_client, "s", "2", env="")
+        info = (await sessions(env_client))["s"]
+    assert out["status"] == "ok"
+    assert out["result"] == repr((1, sys.executable))
+    assert "good" in out["warning"]
+    assert "default" in out["warning"]
+    assert same["warning"] is None, "asking for the default again is no change"
+    assert info["env"] == "default"
+
+
+async def test_env_without_ipython_is_env_error_with_an_install_hint(env_client: Client, envs_dir: Path) -> None:
+    python = envs_dir / "bare" / "bin" / "python"
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "1", env="bare")
+        live = await sessions(env_client)
+    assert out["status"] == "env_error"
+    assert (out["stdout"], out["stderr"], out["result"], out["execution_count"]) == ("", "", None, None)
+    assert "'bare'" in out["error"]
+    assert str(python) in out["error"]
+    assert f"uv pip install --python {python} ipykernel" in out["error"] or f"{python} -m pip install ipykernel" in out["error"]
+    assert live == {}, "a session that could not start is not kept"
+
+
+async def test_missing_env_name_is_env_error_naming_the_interpreter(env_client: Client, envs_dir: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "1", env="missing")
+        live = await sessions(env_client)
+    assert out["status"] == "env_error"
+    assert "'missing'" in out["error"]
+    assert str(envs_dir / "missing" / "bin" / "python") in out["error"]
+    assert live == {}
+
+
+async def test_missing_env_path_is_env_error(env_client: Client, tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "1", env=str(tmp_path / "nowhere"))
+    assert out["status"] == "env_error"
+    assert str(tmp_path / "nowhere") in out["error"]
+
+
+@pytest.mark.parametrize("env", ["..", ".", "../../etc", "~root", "good/../..", " ../"])
+async def test_env_that_escapes_the_envs_dir_is_env_error(env_client: Client, envs_dir: Path, env: str) -> None:
+    with anyio.fail_after(QUICK_S):
+        out = await run(env_client, "s", "import sys\nsys.executable", env=env)
+        live = await sessions(env_client)
+    assert out["status"] == "env_error"
+    assert out["result"] is None
+    assert repr(env) in out["error"]
+    assert live == {}
+
+
+async def test_env_error_then_a_good_env_under_the_same_name_works(env_client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        failed = await run(env_client, "s", "1", env="bare")
+        out = await run(env_client, "s", "1", env="good")
+    assert failed["status"] == "env_error"
+    assert out["status"] == "ok"
+
+
+# --- Over stdio: the SDK's stdio client -------------------------------------------------------------
+
+
+def stdio_parameters(**env: str) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=[str(SERVER)], env=env)
+
+
+async def test_stdio_client_runs_cells_and_stdin_eof_leaves_no_kernel(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(tmp_path))) as client:
+            out = await run(client, "a", "import os\nx = 1\nos.getppid()")
+            await run(client, "b", "import subprocess\np = subprocess.Popen(['sleep', '100'])")
+            state = await run(client, "a", "x + 1")
+            live = await sessions(client)
+            grandchild = int((await run(client, "b", "p.pid"))["result"])
+        server_pid = int(out["result"])
+        pids = [info["pid"] for info in live.values()]
+        await wait_until_gone(server_pid)
+        for pid in [*pids, grandchild]:
+            await wait_until_gone(pid)
+    assert state["result"] == "2"
+    assert len(pids) == 2
+
+
+async def test_mcp_tool_timeout_sets_the_default_cell_timeout(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with Client(stdio_parameters(MCP_TOOL_TIMEOUT="4000")) as client:
+            await run(client, "s", "import time\nkept = 1")
+            started = time.monotonic()
+            out = await run(client, "s", "print('napping', flush=True)\ntime.sleep(30)")
+            elapsed = time.monotonic() - started
+            after = await run(client, "s", "kept")
+    assert out["status"] == "timeout"
+    assert out["stdout"] == "napping\n"
+    assert 1.5 <= elapsed < 6
+    assert after["result"] == "1"
+
+
+# --- Over stdio: raw JSON-RPC lines on pipes ----------------------------------------------------------
+
+
+class RawServer:
+    """The server as a child process on pipes, spoken to in JSON-RPC lines written by hand."""
+
+    def __init__(self, process: anyio.abc.Process):
+        self.process = process
+        self.stdout = BufferedByteReceiveStream(process.stdout)
+        self.ids = iter(range(1, 1_000_000))
+
+    async def send_line(self, line: bytes) -> None:
+        await self.process.stdin.send(line + b"\n")
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_line(json.dumps(message).encode())
+
+    async def receive(self) -> dict[str, Any]:
+        return json.loads(await self.stdout.receive_until(b"\n", 64 * 1024 * 1024))
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        request_id = next(self.ids)
+        await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}})
+        while True:
+            message = await self.receive()
+            if message.get("id") == request_id:
+                return message
+
+    async def execute(self, session: str, code: str) -> dict[str, Any]:
+        answer = await self.request("tools/call", {"name": "execute", "arguments": {"session": session, "code": code}})
+        return answer["result"]["structuredContent"]
+
+    async def initialize(self) -> None:
+        answer = await self.request(
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw-test", "version": "0"}},
+        )
+        assert answer["result"]["serverInfo"]["name"] == "ipython-mcp"
+        await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+
+@contextlib.asynccontextmanager
+async def raw_server(tmp_path: Path) -> AsyncIterator[RawServer]:
+    """Start the server with pipes, initialize it, and make sure it is gone afterwards."""
+    with open(tmp_path / "server-stderr.txt", "wb") as stderr:
+        process = await anyio.open_process(
+            [sys.executable, str(SERVER), "--envs-dir", str(tmp_path)], stderr=stderr, env=dict(os.environ)
+        )
+    try:
+        server = RawServer(process)
+        await server.initialize()
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await process.wait()
+
+
+async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with raw_server(tmp_path) as server:
+            await server.execute("s", "x = 1")
+            for line in [b"this is not json", b"{\"jsonrpc\": \"2.0\", \"id\": 77", b"[1, 2", b"{}", b"\xff\xfe", b"null",
+                         b'{"jsonrpc": "2.0", "id": 78}', b'{"jsonrpc": "2.0", "id": 79, "method": 5}']:
+                await server.send_line(line)
+            unknown = await server.request("no/such/method")
+            after = await server.execute("s", "x + 1")
+            assert server.process.returncode is None
+    assert unknown["error"]["code"] == -32601
+    assert after["result"] == "2"
+
+
+@pytest.mark.xfail(reason="a line that is not JSON gets no JSON-RPC parse error (-32700) answer: it is dropped silently", strict=False)
+async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with raw_server(tmp_path) as server:
+            await server.send_line(b"this is not json")
+            await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
+            first = await server.receive()
+    assert first.get("id") is None
+    assert first["error"]["code"] == -32700
+
+
+async def test_stdin_eof_makes_the_server_exit_and_take_its_kernels(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with raw_server(tmp_path) as server:
+            kernels = [int((await server.execute(name, "import os\nos.getpid()"))["result"]) for name in ("a", "b")]
+            await server.process.stdin.aclose()
+            assert await server.process.wait() == 0
+            for pid in kernels:
+                await wait_until_gone(pid)
+
+
+async def test_sigterm_to_the_server_kills_its_busy_kernel(tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    with anyio.fail_after(SLOW_S):
+        async with raw_server(tmp_path) as server:
+            kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
+            async with anyio.create_task_group() as group:
+                group.start_soon(server.execute, "s", f"{touch(marker)}\nimport time\ntime.sleep(60)")
+                await wait_for_file(marker)
+                server.process.send_signal(signal.SIGTERM)
+                await wait_until_gone(kernel)
+                group.cancel_scope.cancel()
+
+
+@pytest.mark.xfail(
+    reason="on SIGTERM the server kills its kernels but does not exit while its stdin stays open: "
+    "the stdio reader thread blocks the cancelled task group until stdin has data or EOF",
+    strict=False,
+)
+async def test_sigterm_makes_the_server_exit_even_with_stdin_open(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with raw_server(tmp_path) as server:
+            await server.execute("s", "1")
+            server.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(5):
+                returncode = await server.process.wait()
+    assert returncode in (0, -signal.SIGTERM)
+
+
+async def test_sigkill_of_the_server_makes_the_kernel_exit_by_itself(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with raw_server(tmp_path) as server:
+            kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
+            server.process.kill()
+            await server.process.wait()
+            await wait_until_gone(kernel)
+
+
+# --- A person starting the server in a terminal -----------------------------------------------------------
+
+
+def test_server_in_a_terminal_greets_on_stderr_and_keeps_stdout_json_rpc(tmp_path: Path) -> None:
+    stderr_file = tmp_path / "stderr.txt"
+    # stdin and stdout on the pty (echo off), stderr to a file: what each stream carries stays apart.
+    command = f"exec {sys.executable} {SERVER} 2>{stderr_file}"
+    child = pexpect.spawn("/bin/sh", ["-c", command], echo=False, timeout=QUICK_S, encoding="utf-8")
+    try:
+        request = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "tty", "version": "0"}},
+        }
+        child.sendline(json.dumps(request))
+        child.expect(r"\{.*\}\r?\n")
+        lines = [line for line in (child.before + child.after).splitlines() if line.strip()]
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        lines += [line for line in child.before.splitlines() if line.strip()]
+    finally:
+        child.close(force=True)
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in lines), lines
+    assert json.loads(lines[0])["result"]["serverInfo"]["name"] == "ipython-mcp"
+    greeting = stderr_file.read_text()
+    assert "MCP client" in greeting
+    assert "claude mcp add" in greeting
