@@ -111,28 +111,31 @@ class Relay:
         self.decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in readers}
         self.lock = threading.Lock()
 
-    def pump(self, fds):
-        """Read what is in the pipes now and send it; never blocks on an empty pipe."""
-        with self.lock:
-            for fd in fds:
-                chunks = []
-                size = 0
-                while size < RELAY_CHUNK_BYTES:
-                    try:
-                        chunk = os.read(fd, RELAY_CHUNK_BYTES - size)
-                    except BlockingIOError:
-                        break
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    size += len(chunk)
-                if chunks:
-                    text = self.decoders[fd].decode(b"".join(chunks))
-                    if text:
-                        self.wire.send({"kind": "stream", "name": self.readers[fd], "text": text})
+    def _pump(self, fds):
+        """Read what is in the pipes now and send it (caller holds the lock)."""
+        for fd in fds:
+            chunks = []
+            size = 0
+            while size < RELAY_CHUNK_BYTES:
+                try:
+                    chunk = os.read(fd, RELAY_CHUNK_BYTES - size)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if chunks:
+                text = self.decoders[fd].decode(b"".join(chunks))
+                if text:
+                    self.wire.send({"kind": "stream", "name": self.readers[fd], "text": text})
 
     def drain(self):
-        """Flush Python's buffers, then forward everything already written."""
+        """Flush Python's buffers, then forward everything already written.
+
+        Taking the lock first matters: the relay thread may have read a chunk and
+        not yet sent it, and that chunk must go out before the caller's next message.
+        """
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -141,16 +144,18 @@ class Relay:
         # A pump stops after RELAY_CHUNK_BYTES per fd; repeat until the pipes are
         # empty, but give up on a background writer that never stops.
         for _ in range(DRAIN_MAX_ROUNDS):
-            ready, _, _ = select.select(list(self.readers), [], [], 0)
-            if not ready:
-                return
-            self.pump(ready)
+            with self.lock:
+                ready, _, _ = select.select(list(self.readers), [], [], 0)
+                if not ready:
+                    return
+                self._pump(ready)
 
     def run(self):
         fds = list(self.readers)
         while True:
             ready, _, _ = select.select(fds, [], [])
-            self.pump(ready)
+            with self.lock:
+                self._pump(ready)  # non-blocking: drain() may have emptied them meanwhile
 
 
 class KernelState:
@@ -202,10 +207,12 @@ class KernelState:
                 return
             if self.interrupted:
                 return  # the signal got there first
-        if group_signalled or os.getpgid(0) != os.getpid():
-            os.kill(os.getpid(), signal.SIGINT)
-        else:  # no signal came with the message (ssh, container exec): reach children too
-            os.killpg(os.getpid(), signal.SIGINT)
+            # Signal while holding the lock: the cell cannot end (and the next begin)
+            # between the check above and the signal.
+            if group_signalled or os.getpgid(0) != os.getpid():
+                os.kill(os.getpid(), signal.SIGINT)
+            else:  # no signal came with the message (ssh, container exec): reach children too
+                os.killpg(os.getpid(), signal.SIGINT)
 
 
 def die_with_group():
@@ -268,7 +275,7 @@ def headless_environment():
     sys.breakpointhook = refuse_stdin("breakpoint() (the debugger)")
 
 
-def make_shell(wire, relay, capture):
+def make_shell(wire, relay, state, capture):
     import IPython
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
@@ -322,7 +329,10 @@ def make_shell(wire, relay, capture):
         def system(self, cmd):
             # system_raw lets the command write straight to fds 1 and 2 (our pipes);
             # the default goes through a pty, which mangles newlines.
-            return self.system_raw(cmd)
+            self.system_raw(cmd)
+            if self.user_ns.get("_exit_code") == -signal.SIGINT and state.interrupted:
+                # system_raw swallows the KeyboardInterrupt; the cell must stop here.
+                raise KeyboardInterrupt
 
         def ask_exit(self):
             self.exit_now = True  # reported as ignored in the reply's notes
@@ -338,6 +348,22 @@ def make_shell(wire, relay, capture):
     shell = HeadlessShell.instance(config=config)
     shell.display_pub  # created by the trait above
     return shell
+
+
+def flush_before_exit(relay):
+    """Make ``os._exit()`` in a cell forward what the cell printed before the process goes."""
+    real_exit = os._exit
+    kernel_pid = os.getpid()
+
+    def exit_after_drain(code):
+        if os.getpid() == kernel_pid:  # not in a forked child: the relay is not there
+            try:
+                relay.drain()
+            except Exception:
+                pass
+        real_exit(code)
+
+    os._exit = exit_after_drain
 
 
 def flush_matplotlib_figures(shell):
@@ -475,12 +501,13 @@ def main():
     signal.signal(signal.SIGINT, state.on_sigint)
     capture = {}
     try:
-        shell = make_shell(wire, relay, capture)
+        shell = make_shell(wire, relay, state, capture)
     except Exception as exc:
         hello["error"] = "IPython could not start: %s: %s" % (type(exc).__name__, exc)
         wire.send(hello)
         return 3
     threading.Thread(target=relay.run, name="relay", daemon=True).start()
+    flush_before_exit(relay)
     inbox = queue.Queue()
     threading.Thread(target=read_requests, args=(proto_in, inbox, state), name="requests", daemon=True).start()
     wire.send(hello)

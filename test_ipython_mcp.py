@@ -39,7 +39,7 @@ import ipython_mcp
 
 SERVER = Path(ipython_mcp.__file__).resolve()
 ANSI_ESCAPE = re.compile(r"\x1b\[")
-SESSION_NAME_RULE = "1-64 characters"
+SESSION_NAME_RULE = re.compile(r"1.64 characters")  # the rule as the error states it
 # Generous bounds for one test on a noisy 2-core machine; a kernel starts in well under 1 s.
 QUICK_S = 20
 SLOW_S = 40
@@ -54,7 +54,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# --- Helpers: calling tools and reading results ----------------------------------------
+# --- Helpers: calling tools and reading results ---------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +88,7 @@ async def run(client: Client, session: str, code: str, **arguments: Any) -> dict
 async def sessions(client: Client) -> dict[str, dict[str, Any]]:
     result = await client.call_tool("list_sessions", {})
     assert not result.is_error, text_of(result)
+    assert result.content[0].type == "text"
     return {info["name"]: info for info in result.structured_content["sessions"]}
 
 
@@ -121,22 +122,14 @@ async def wait_until_gone(pid: int) -> None:
         await anyio.sleep(POLL_S)
 
 
-async def wait_until_status(client: Client, session: str, status: str) -> dict[str, Any]:
-    while True:
-        info = (await sessions(client)).get(session)
-        if info is not None and info["status"] == status:
-            return info
-        await anyio.sleep(POLL_S)
-
-
-# --- Envs: one venv with IPython, one without, made once per test run -----------------
+# --- Envs: one venv with IPython, one without, made once per test run -----------------------------
 
 
 @pytest.fixture(scope="session")
 def envs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``<base>/envs`` holding ``good`` (IPython installed with uv) and ``bare`` (no IPython).
 
-    ``<base>`` also serves as a HOME for the '~' test.
+    ``<base>`` also serves as a HOME for the '~' test. uv's cache makes the install quick.
     """
     uv = os.environ.get("UV") or shutil.which("uv")
     if uv is None:
@@ -144,8 +137,13 @@ def envs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("home") / "envs"
     good = folder / "good"
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(good)], check=True, timeout=120)
-    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(good / "bin" / "python"), "ipython"], check=True, timeout=300)
+    install = [uv, "pip", "install", "--quiet", "--python", str(good / "bin" / "python"), "ipython"]
+    subprocess.run(install, check=True, timeout=300)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder / "bare")], check=True, timeout=120)
+    # Decoys: working interpreters where '..' and '.' would lead if they were taken as folders.
+    for decoy in (folder.parent / "bin", folder / "bin"):
+        decoy.mkdir()
+        (decoy / "python").symlink_to(good / "bin" / "python")
     return folder
 
 
@@ -155,7 +153,7 @@ async def env_client(tmp_path: Path, envs_dir: Path) -> AsyncIterator[Client]:
         yield client
 
 
-# --- Pure functions -----------------------------------------------------------------
+# --- Pure functions -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -179,7 +177,7 @@ def test_a_short_client_timeout_still_leaves_the_cell_a_positive_timeout() -> No
     assert 0 < ipython_mcp.default_timeout_s({"MCP_TOOL_TIMEOUT": "1000"}) < 1
 
 
-# --- execute: every status, with every field -----------------------------------------
+# --- execute: every status, with every field ------------------------------------------------------
 
 
 async def test_ok_cell_returns_stdout_stderr_and_result(client: Client) -> None:
@@ -252,13 +250,22 @@ async def test_timeout_returns_partial_output_and_keeps_state(client: Client) ->
         elapsed = time.monotonic() - started
         after = await run(client, "s", "kept")
     assert out["status"] == "timeout"
-    assert out["stdout"] == "before\n"
-    assert out["result"] is None
-    assert "timeout" in out["error"]
+    assert (out["stdout"], out["stderr"], out["result"], out["warning"]) == ("before\n", "", None, None)
+    assert "timeout_s=1" in out["error"]
+    assert out["execution_count"] == 2, "an interrupted cell counts like any other"
     assert elapsed < 10
     assert after["status"] == "ok"
     assert after["result"] == "'still here'"
     assert after["warning"] is None
+
+
+async def test_exit_in_a_cell_is_ignored_with_a_note(client: Client) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(client, "s", "x = 1")
+        out = await run(client, "s", "exit()")
+        after = await run(client, "s", "x")
+    assert out["warning"] and "shutdown" in out["warning"]
+    assert after["result"] == "1"
 
 
 async def test_nonpositive_timeout_is_a_tool_error(client: Client) -> None:
@@ -285,7 +292,7 @@ async def test_execute_declares_an_output_schema_with_the_contract_fields(client
     assert set(properties) >= {"status", "stdout", "stderr", "result", "error", "execution_count", "warning"}
 
 
-# --- Output: file descriptors, bytes, size ------------------------------------------------
+# --- Output: file descriptors, bytes, size --------------------------------------------------------
 
 
 async def test_fd_level_output_of_children_and_shell_commands_is_captured(client: Client) -> None:
@@ -317,7 +324,9 @@ async def test_input_fails_at_once_saying_there_is_no_stdin(client: Client) -> N
         out = await run(client, "s", "name = input('Your name? ')", timeout_s=15)
         after = await run(client, "s", "1 + 1")
     assert out["status"] == "error"
+    assert out["duration_s"] < 5
     assert "no standard input" in out["error"]
+    assert "in code" in out["error"]
     assert after["result"] == "2"
 
 
@@ -341,7 +350,7 @@ async def test_huge_result_repr_is_cut_with_a_note(client: Client) -> None:
     assert out["warning"] and "cut" in out["warning"]
 
 
-# --- Bad input: session names, NUL bytes -------------------------------------------------
+# --- Bad input: session names, NUL bytes ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["", "x" * 10_000, "a/b", "../etc", "a\nb", "tab\there", "bell\x07", ".hidden", "x" * 65])
@@ -350,7 +359,7 @@ async def test_invalid_session_name_is_a_tool_error_stating_the_rule(client: Cli
         result = await client.call_tool("execute", {"session": name, "code": "1"})
         live = await sessions(client)
     assert result.is_error
-    assert SESSION_NAME_RULE in text_of(result)
+    assert SESSION_NAME_RULE.search(text_of(result))
     assert len(text_of(result)) < 1_000, "a long name is not echoed back whole"
     assert live == {}
 
@@ -369,7 +378,7 @@ async def test_code_with_nul_byte_gets_a_clear_error(client: Client) -> None:
     assert "NUL" in text_of(result)
 
 
-# --- interrupt, cancellation, concurrency ---------------------------------------------------
+# --- interrupt, cancellation, concurrency ---------------------------------------------------------
 
 
 async def test_interrupt_stops_a_running_cell_and_keeps_state(client: Client, tmp_path: Path) -> None:
@@ -394,21 +403,39 @@ async def test_interrupt_stops_a_running_cell_and_keeps_state(client: Client, tm
     assert after["result"] == "42"
 
 
-async def test_interrupt_stops_a_shell_command_too(client: Client, tmp_path: Path) -> None:
-    marker = tmp_path / "running"
+async def run_shell_cell_and_interrupt(client: Client, marker: Path) -> dict[str, Any]:
+    """Run a cell whose `!sleep 100` is running when the interrupt comes, then a line after it."""
     outcome: dict[str, Any] = {}
 
     async def shell_cell() -> None:
-        outcome.update(await run(client, "s", f"kept = 7\n!touch {marker} && sleep 100\nnever = 1"))
+        outcome.update(await run(client, "s", f"kept = 7\n!touch {marker} && sleep 100\nafter = 'ran'"))
 
-    with anyio.fail_after(QUICK_S):
-        async with anyio.create_task_group() as group:
-            group.start_soon(shell_cell)
-            await wait_for_file(marker)
-            await client.call_tool("interrupt", {"session": "s"})
+    async with anyio.create_task_group() as group:
+        group.start_soon(shell_cell)
+        await wait_for_file(marker)
+        await client.call_tool("interrupt", {"session": "s"})
+    return outcome
+
+
+async def test_interrupt_stops_a_shell_command_too(client: Client, tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):  # `sleep 100` would outlast this bound
+        await run_shell_cell_and_interrupt(client, tmp_path / "running")
         after = await run(client, "s", "kept")
-    assert outcome["status"] in ("ok", "error")  # IPython reports a killed `!cmd` without raising
     assert after["result"] == "7"
+
+
+@pytest.mark.xfail(
+    reason="IPython's system_raw catches the KeyboardInterrupt of an interrupted `!cmd`, so the cell goes on "
+    "with its next line and ends with status ok",
+    strict=False,
+)
+async def test_interrupted_shell_command_ends_the_cell_with_keyboard_interrupt(client: Client, tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        outcome = await run_shell_cell_and_interrupt(client, tmp_path / "running")
+        rest = await run(client, "s", "'after' in dir()")
+    assert outcome["status"] == "error"
+    assert outcome["error"].endswith("KeyboardInterrupt")
+    assert rest["result"] == "False", "the line after the interrupted command did not run"
 
 
 async def test_interrupt_of_an_idle_session_says_it_was_idle(client: Client) -> None:
@@ -494,7 +521,8 @@ async def test_two_calls_on_one_session_run_one_after_another(client: Client, tm
     with anyio.fail_after(QUICK_S):
         await run(client, "s", "import time\nlog = []")
         async with anyio.create_task_group() as group:
-            group.start_soon(call, "first", f"log.append('first start')\n{touch(marker)}\ntime.sleep(0.5)\nlog.append('first end')")
+            first = f"log.append('first start')\n{touch(marker)}\ntime.sleep(0.5)\nlog.append('first end')"
+            group.start_soon(call, "first", first)
             await wait_for_file(marker)
             group.start_soon(call, "second", "log.append('second')\nlist(log)")
     assert results["second"]["result"] == repr(["first start", "first end", "second"])
@@ -518,7 +546,7 @@ async def test_two_first_calls_to_a_new_session_create_one_kernel(client: Client
     assert str(live["fresh"]["pid"]) == pids[0]
 
 
-# --- list_sessions, reset, shutdown, unknown sessions ------------------------------------------
+# --- list_sessions, reset, shutdown, unknown sessions ---------------------------------------------
 
 
 async def test_list_sessions_shows_every_field(client: Client) -> None:
@@ -534,7 +562,7 @@ async def test_list_sessions_shows_every_field(client: Client) -> None:
     assert info["exec_count"] == 2
     assert info["uptime_s"] >= 0
     assert str(info["pid"]) == pid
-    assert info["python_version"] == "%d.%d.%d" % sys.version_info[:3]
+    assert info["python_version"] == "{}.{}.{}".format(*sys.version_info[:3])
 
 
 async def test_list_sessions_shows_busy_while_a_cell_runs(client: Client, tmp_path: Path) -> None:
@@ -584,11 +612,31 @@ async def test_shutdown_forgets_the_session_and_ends_its_kernel(client: Client) 
 async def test_shutdown_ends_the_shell_commands_a_cell_started(client: Client, tmp_path: Path) -> None:
     pid_file = tmp_path / "sleep.pid"
     with anyio.fail_after(QUICK_S):
-        await run(client, "s", f"import subprocess\np = subprocess.Popen(['sleep', '100'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))")
+        code = f"import subprocess\np = subprocess.Popen(['sleep', '100'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))"
+        await run(client, "s", code)
         child = int(pid_file.read_text())
         assert process_running(child)
         await client.call_tool("shutdown", {"session": "s"})
         await wait_until_gone(child)
+
+
+async def test_shutdown_during_a_cell_ends_that_call_with_a_clear_error(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    outcome: dict[str, Any] = {}
+
+    async def long_cell() -> None:
+        outcome.update(await run(client, "s", f"{touch(marker)}\nimport time\ntime.sleep(30)"))
+
+    with anyio.fail_after(QUICK_S):
+        async with anyio.create_task_group() as group:
+            group.start_soon(long_cell)
+            await wait_for_file(marker)
+            answer = await client.call_tool("shutdown", {"session": "s"})
+        live = await sessions(client)
+    assert not answer.is_error
+    assert outcome["status"] == "error"
+    assert "shut down" in outcome["error"]
+    assert live == {}
 
 
 @pytest.mark.parametrize("tool", ["reset", "shutdown", "interrupt"])
@@ -613,7 +661,7 @@ async def test_kernel_exit_is_reported_and_next_call_starts_fresh_with_a_warning
         info = (await sessions(client))["s"]
         after = await run(client, "s", "'x' in dir()")
         later = await run(client, "s", "2")
-    assert died["status"] == "error"
+    assert (died["status"], died["result"]) == ("error", None)
     assert "exit code 1" in died["error"]
     assert info["status"] == "dead"
     assert after["status"] == "ok"
@@ -627,21 +675,25 @@ async def test_kernel_killed_by_a_signal_names_the_signal(client: Client) -> Non
     with anyio.fail_after(QUICK_S):
         died = await run(client, "s", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
         info = (await sessions(client))["s"]
+        interrupt_dead = await client.call_tool("interrupt", {"session": "s"})
         after = await run(client, "s", "1 + 1")
     assert died["status"] == "error"
     assert "signal SIGKILL" in died["error"]
     assert info["status"] == "dead"
+    assert not interrupt_dead.is_error and "dead" in text_of(interrupt_dead)
     assert after["result"] == "2"
-    assert after["warning"]
+    assert re.search(r"lost|gone", after["warning"])
 
 
-async def test_exit_in_a_cell_is_ignored_with_a_note(client: Client) -> None:
+@pytest.mark.xfail(
+    reason="output still in the kernel's fd pipes when it dies is lost: the relay thread forwarding it dies with it",
+    strict=False,
+)
+async def test_output_written_just_before_the_kernel_dies_is_kept(client: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        await run(client, "s", "x = 1")
-        out = await run(client, "s", "exit()")
-        after = await run(client, "s", "x")
-    assert out["warning"] and "shutdown" in out["warning"]
-    assert after["result"] == "1"
+        died = await run(client, "s", "import os\nos.write(1, b'last words\\n')\nos.write(2, b'dying\\n')\nos._exit(3)")
+    assert "exit code 3" in died["error"]
+    assert (died["stdout"], died["stderr"]) == ("last words\n", "dying\n")
 
 
 # --- Images ---------------------------------------------------------------------------------------
@@ -683,7 +735,7 @@ async def test_last_expression_with_png_repr_comes_back_as_an_image(client: Clie
     assert base64.b64decode(images[0].data).startswith(b"\x89PNG")
 
 
-# --- envs: default, bare names, paths, '~', changes, unusable ones ---------------------------------
+# --- envs: default, bare names, paths, '~', changes, unusable ones --------------------------------
 
 
 @pytest.mark.parametrize("env", [None, ""])
@@ -721,6 +773,30 @@ async def test_env_path_with_a_tilde_expands_home(env_client: Client, envs_dir: 
     assert (info["env"], info["python"]) == ("~/envs/good", str(envs_dir / "good" / "bin" / "python"))
 
 
+async def test_env_path_to_an_interpreter_or_a_project_with_dot_venv_works(
+    env_client: Client, envs_dir: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".venv").symlink_to(envs_dir / "good")
+    with anyio.fail_after(QUICK_S):
+        by_interpreter = await run(env_client, "a", "import sys\nsys.prefix", env=str(envs_dir / "good" / "bin" / "python"))
+        by_project = await run(env_client, "b", "import sys\nsys.prefix", env=str(project))
+    assert by_interpreter["result"] == repr(str(envs_dir / "good"))
+    assert by_project["status"] == "ok", by_project["error"]
+
+
+async def test_reset_keeps_the_sessions_named_env(env_client: Client, envs_dir: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        await run(env_client, "s", "x = 1", env="good")
+        answer = await env_client.call_tool("reset", {"session": "s"})
+        out = await run(env_client, "s", "import sys\n('x' in dir(), sys.prefix)")
+        info = (await sessions(env_client))["s"]
+    assert not answer.is_error
+    assert out["result"] == repr((False, str(envs_dir / "good")))
+    assert info["env"] == "good"
+
+
 async def test_other_env_on_existing_session_warns_and_runs_in_original_env(env_client: Client, envs_dir: Path) -> None:
     with anyio.fail_after(QUICK_S):
         await run(env_client, "s", "x = 1")
@@ -741,7 +817,7 @@ async def test_env_without_ipython_is_env_error_with_an_install_hint(env_client:
         out = await run(env_client, "s", "1", env="bare")
         live = await sessions(env_client)
     assert out["status"] == "env_error"
-    assert (out["stdout"], out["stderr"], out["result"], out["execution_count"]) == ("", "", None, None)
+    assert (out["stdout"], out["stderr"], out["result"], out["execution_count"], out["warning"]) == ("", "", None, None, None)
     assert "'bare'" in out["error"]
     assert str(python) in out["error"]
     assert f"uv pip install --python {python} ipykernel" in out["error"] or f"{python} -m pip install ipykernel" in out["error"]
@@ -765,14 +841,17 @@ async def test_missing_env_path_is_env_error(env_client: Client, tmp_path: Path)
     assert str(tmp_path / "nowhere") in out["error"]
 
 
-@pytest.mark.parametrize("env", ["..", ".", "../../etc", "~root", "good/../..", " ../"])
-async def test_env_that_escapes_the_envs_dir_is_env_error(env_client: Client, envs_dir: Path, env: str) -> None:
+@pytest.mark.parametrize("env", ["..", ".", "../../etc", "~root"])
+async def test_env_that_is_not_a_plain_name_is_env_error_never_a_path_outside_envs_dir(
+    env_client: Client, envs_dir: Path, env: str
+) -> None:
     with anyio.fail_after(QUICK_S):
         out = await run(env_client, "s", "import sys\nsys.executable", env=env)
         live = await sessions(env_client)
-    assert out["status"] == "env_error"
+    assert out["status"] == "env_error", "a decoy interpreter sits where '..' or '.' would lead"
     assert out["result"] is None
     assert repr(env) in out["error"]
+    assert str(envs_dir.parent / "bin" / "python") not in out["error"]
     assert live == {}
 
 
@@ -784,14 +863,14 @@ async def test_env_error_then_a_good_env_under_the_same_name_works(env_client: C
     assert out["status"] == "ok"
 
 
-# --- Over stdio: the SDK's stdio client -------------------------------------------------------------
+# --- Over stdio: the SDK's stdio client -----------------------------------------------------------
 
 
 def stdio_parameters(**env: str) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=[str(SERVER)], env=env)
 
 
-async def test_stdio_client_runs_cells_and_stdin_eof_leaves_no_kernel(tmp_path: Path) -> None:
+async def test_stdio_client_runs_cells_and_leaves_no_process_behind_when_it_exits(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
         async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(tmp_path))) as client:
             out = await run(client, "a", "import os\nx = 1\nos.getppid()")
@@ -822,7 +901,18 @@ async def test_mcp_tool_timeout_sets_the_default_cell_timeout(tmp_path: Path) ->
     assert after["result"] == "1"
 
 
-# --- Over stdio: raw JSON-RPC lines on pipes ----------------------------------------------------------
+async def test_stdio_server_takes_named_envs_from_ipython_mcp_envs_dir(envs_dir: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(envs_dir))) as client:
+            good = await run(client, "a", "import sys\nsys.prefix", env="good")
+            bare = await run(client, "b", "1", env="bare")
+    assert good["result"] == repr(str(envs_dir / "good"))
+    assert bare["status"] == "env_error"
+    assert str(envs_dir / "bare" / "bin" / "python") in bare["error"]
+    assert "pip install" in bare["error"] and "ipykernel" in bare["error"]
+
+
+# --- Over stdio: raw JSON-RPC lines on pipes ------------------------------------------------------
 
 
 class RawServer:
@@ -850,8 +940,9 @@ class RawServer:
             if message.get("id") == request_id:
                 return message
 
-    async def execute(self, session: str, code: str) -> dict[str, Any]:
-        answer = await self.request("tools/call", {"name": "execute", "arguments": {"session": session, "code": code}})
+    async def execute(self, session: str, code: str, **arguments: Any) -> dict[str, Any]:
+        arguments.update(session=session, code=code)
+        answer = await self.request("tools/call", {"name": "execute", "arguments": arguments})
         return answer["result"]["structuredContent"]
 
     async def initialize(self) -> None:
@@ -864,12 +955,11 @@ class RawServer:
 
 
 @contextlib.asynccontextmanager
-async def raw_server(tmp_path: Path) -> AsyncIterator[RawServer]:
+async def raw_server(tmp_path: Path, envs_dir: Path | None = None) -> AsyncIterator[RawServer]:
     """Start the server with pipes, initialize it, and make sure it is gone afterwards."""
-    with open(tmp_path / "server-stderr.txt", "wb") as stderr:
-        process = await anyio.open_process(
-            [sys.executable, str(SERVER), "--envs-dir", str(tmp_path)], stderr=stderr, env=dict(os.environ)
-        )
+    command = [sys.executable, str(SERVER), "--envs-dir", str(envs_dir or tmp_path)]
+    with open(tmp_path / "server-stderr.txt", "wb") as stderr:  # noqa: ASYNC230 (a local file, opened once)
+        process = await anyio.open_process(command, stderr=stderr, env=dict(os.environ))
     try:
         server = RawServer(process)
         await server.initialize()
@@ -885,8 +975,16 @@ async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -
     with anyio.fail_after(SLOW_S):
         async with raw_server(tmp_path) as server:
             await server.execute("s", "x = 1")
-            for line in [b"this is not json", b"{\"jsonrpc\": \"2.0\", \"id\": 77", b"[1, 2", b"{}", b"\xff\xfe", b"null",
-                         b'{"jsonrpc": "2.0", "id": 78}', b'{"jsonrpc": "2.0", "id": 79, "method": 5}']:
+            for line in [
+                b"this is not json",
+                b'{"jsonrpc": "2.0", "id": 77',
+                b"[1, 2",
+                b"{}",
+                b"\xff\xfe",
+                b"null",
+                b'{"jsonrpc": "2.0", "id": 78}',
+                b'{"jsonrpc": "2.0", "id": 79, "method": 5}',
+            ]:
                 await server.send_line(line)
             unknown = await server.request("no/such/method")
             after = await server.execute("s", "x + 1")
@@ -895,7 +993,6 @@ async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -
     assert after["result"] == "2"
 
 
-@pytest.mark.xfail(reason="a line that is not JSON gets no JSON-RPC parse error (-32700) answer: it is dropped silently", strict=False)
 async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path) -> None:
     with anyio.fail_after(QUICK_S):
         async with raw_server(tmp_path) as server:
@@ -906,12 +1003,34 @@ async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path)
     assert first["error"]["code"] == -32700
 
 
+async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path, envs_dir: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with raw_server(tmp_path, envs_dir) as server:
+            out = await server.execute("s", "import sys\nsys.prefix", env="good")
+    assert out["result"] == repr(str(envs_dir / "good"))
+
+
+async def test_cancelled_notification_interrupts_the_cell_and_keeps_state(tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    with anyio.fail_after(QUICK_S):
+        async with raw_server(tmp_path) as server:
+            await server.execute("s", "kept = 5")
+            code = f"{touch(marker)}\nimport time\ntime.sleep(30)"
+            call = {"name": "execute", "arguments": {"session": "s", "code": code}}
+            await server.send({"jsonrpc": "2.0", "id": 900, "method": "tools/call", "params": call})
+            await wait_for_file(marker)
+            await server.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 900}})
+            after = await server.execute("s", "kept")  # waits behind the cell unless it was stopped
+    assert after["result"] == "5"
+
+
 async def test_stdin_eof_makes_the_server_exit_and_take_its_kernels(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
         async with raw_server(tmp_path) as server:
             kernels = [int((await server.execute(name, "import os\nos.getpid()"))["result"]) for name in ("a", "b")]
             await server.process.stdin.aclose()
-            assert await server.process.wait() == 0
+            with anyio.fail_after(5):
+                assert await server.process.wait() == 0
             for pid in kernels:
                 await wait_until_gone(pid)
 
@@ -921,19 +1040,19 @@ async def test_sigterm_to_the_server_kills_its_busy_kernel(tmp_path: Path) -> No
     with anyio.fail_after(SLOW_S):
         async with raw_server(tmp_path) as server:
             kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
+
+            async def long_cell() -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.IncompleteRead):  # the server may be gone first
+                    await server.execute("s", f"{touch(marker)}\nimport time\ntime.sleep(60)")
+
             async with anyio.create_task_group() as group:
-                group.start_soon(server.execute, "s", f"{touch(marker)}\nimport time\ntime.sleep(60)")
+                group.start_soon(long_cell)
                 await wait_for_file(marker)
                 server.process.send_signal(signal.SIGTERM)
                 await wait_until_gone(kernel)
                 group.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    reason="on SIGTERM the server kills its kernels but does not exit while its stdin stays open: "
-    "the stdio reader thread blocks the cancelled task group until stdin has data or EOF",
-    strict=False,
-)
 async def test_sigterm_makes_the_server_exit_even_with_stdin_open(tmp_path: Path) -> None:
     with anyio.fail_after(QUICK_S):
         async with raw_server(tmp_path) as server:
@@ -953,7 +1072,7 @@ async def test_sigkill_of_the_server_makes_the_kernel_exit_by_itself(tmp_path: P
             await wait_until_gone(kernel)
 
 
-# --- A person starting the server in a terminal -----------------------------------------------------------
+# --- A person starting the server in a terminal ---------------------------------------------------
 
 
 def test_server_in_a_terminal_greets_on_stderr_and_keeps_stdout_json_rpc(tmp_path: Path) -> None:

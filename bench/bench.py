@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -130,6 +131,7 @@ class Results:
         self.samples: dict[str, list[float]] = {}
         self.notes: dict[str, Any] = {}
         self.errors: list[str] = []
+        self.incomplete: list[str] = []  # replies missing some of their output
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -200,15 +202,12 @@ class DirectKernel:
         self.ids = 0
 
     async def start(self) -> dict[str, Any]:
-        log = open(self.log_dir / f"direct-{time.monotonic_ns()}.log", "wb")
-        try:
+        with open(self.log_dir / f"direct-{time.monotonic_ns()}.log", "wb") as log:  # noqa: ASYNC230
             self.process = await asyncio.create_subprocess_exec(
                 PY, "-u", str(BOOTSTRAP),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 start_new_session=True, env=kernel_environment(), limit=256 * 1024 * 1024,
             )
-        finally:
-            log.close()
         hello = await asyncio.wait_for(self._next_message(), START_TIMEOUT_S)
         if hello.get("kind") != "hello" or hello.get("error"):
             raise RuntimeError(f"direct kernel: bad hello {hello}")
@@ -269,11 +268,8 @@ class Jupyter:
 
         manager = AsyncKernelManager(kernel_name="python3")
         self.live[manager] = None
-        log = open(self.log_dir / f"ipykernel-{time.monotonic_ns()}.log", "wb")
-        try:
+        with open(self.log_dir / f"ipykernel-{time.monotonic_ns()}.log", "wb") as log:  # noqa: ASYNC230
             await asyncio.wait_for(manager.start_kernel(stdout=log, stderr=log), START_TIMEOUT_S)
-        finally:
-            log.close()
         if self.argv is None:
             self.argv = list(manager.kernel_spec.argv)
         client = manager.client()
@@ -350,6 +346,14 @@ SLEEP_CHILD = (
 IDLE_CHILD = "import sys\n{imports}\nprint('ready', flush=True)\nsys.stdin.read()\n"
 
 
+async def read_until_ready(stream: asyncio.StreamReader) -> bool:
+    """Skip what a child prints before its 'ready' line (IPython's Out[1]: 2, say)."""
+    while line := await stream.readline():
+        if line.strip() == b"ready":
+            return True
+    return False
+
+
 async def spawn_until_ready(code: str) -> float:
     """Seconds from spawning `python -c code` until it says it is ready (its exit is not timed).
 
@@ -364,9 +368,9 @@ async def spawn_until_ready(code: str) -> float:
     )
     try:
         assert process.stdout
-        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        ready = await asyncio.wait_for(read_until_ready(process.stdout), START_TIMEOUT_S)
         elapsed = time.perf_counter() - started
-        if line.strip() != b"ready":
+        if not ready:
             raise RuntimeError(f"python -c {code!r} failed (exit code {await process.wait()})")
         await asyncio.wait_for(process.wait(), SHUTDOWN_TIMEOUT_S)
     finally:
@@ -392,7 +396,7 @@ class Child:
         )
         return self.process
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.process
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
@@ -434,7 +438,8 @@ async def interrupt_floor() -> float:
 async def idle_memory_floor(imports: str) -> tuple[float, float]:
     async with Child(IDLE_CHILD.format(imports=imports)) as process:
         assert process.stdout
-        await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        if not await asyncio.wait_for(read_until_ready(process.stdout), START_TIMEOUT_S):
+            raise RuntimeError(f"memory floor child ({imports!r}) failed")
         await asyncio.sleep(MEMORY_SETTLE_S)
         return memory_of(process.pid)
 
@@ -458,13 +463,13 @@ def machine_info() -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+            out = subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": cpu_model,
@@ -476,7 +481,10 @@ def machine_info() -> dict[str, Any]:
         "python_executable": PY,
         "packages": {name: version(name) for name in ("mcp", "ipython", "ipykernel", "jupyter_client", "pyzmq", "psutil", "tornado")},
         "git_commit": git("rev-parse", "HEAD"),
+        # The files measured, as they were (the work tree may differ from the commit).
+        "sources_sha256": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in (SERVER, BOOTSTRAP)},
         "git_dirty": bool(git("status", "--porcelain", "--", "ipython_mcp.py", "bootstrap_kernel.py")),
+        "source_dir": str(SERVER.parent),
     }
 
 
@@ -516,7 +524,7 @@ class Bench:
         started = time.perf_counter()
         try:
             await coroutine
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (reported; the other sections still run)
             self.r.errors.append(f"{title}: {type(exc).__name__}: {exc}")
             self.log(f"[bench] {title} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         self.log(f"[bench] {title} done in {time.perf_counter() - started:.1f} s")
@@ -607,14 +615,14 @@ class Bench:
         assert self.ours
         r = self.r
         import_error = None
-        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, str(SERVER.parent))
         try:
             import ipython_mcp
-        except Exception as exc:  # the server module changed shape: skip that one row
+        except Exception as exc:  # noqa: BLE001 (the server module changed shape: skip that one row)
             ipython_mcp = None
             import_error = f"{type(exc).__name__}: {exc}"
         finally:
-            sys.path.remove(str(ROOT))
+            sys.path.remove(str(SERVER.parent))
 
         session = self.name("warm")
         await self.ours.ok(session, WARM_CODE)
@@ -715,48 +723,60 @@ class Bench:
 
     async def output(self) -> None:
         assert self.ours
-        r = self.r
         session = self.name("out")
         await self.ours.ok(session, WARM_CODE)
         direct = await self.new_direct()
         manager, client = await self.jupyter.start()
         try:
             for label, code, chars in (("prints", PRINTS_CODE, PRINTS_CHARS), ("big", BIG_CODE, BIG_CHARS)):
-
-                async def ours() -> None:
-                    started = time.perf_counter()
-                    reply = await self.ours.ok(session, code, OUTPUT_TIMEOUT_S)
-                    r.add(f"output.{label}.ours", time.perf_counter() - started)
-                    if not reply.get("stdout"):
-                        raise RuntimeError(f"ours: no stdout for {code!r}")
-                    r.notes[f"output.{label}.ours_reply_stdout_chars"] = len(reply["stdout"])
-                    r.notes[f"output.{label}.ours_output_files"] = bool(reply.get("output_files"))
-
-                async def ours_direct() -> None:
-                    started = time.perf_counter()
-                    done, got = await direct.execute(code, OUTPUT_TIMEOUT_S)
-                    r.add(f"output.{label}.ours_direct", time.perf_counter() - started)
-                    if done.get("status") != "ok" or got != chars:
-                        raise RuntimeError(f"direct: {code!r} gave {done.get('status')} with {got} of {chars} chars")
-
-                async def baseline() -> None:
-                    started = time.perf_counter()
-                    got = await self.jupyter.ok(client, code, OUTPUT_TIMEOUT_S)
-                    r.add(f"output.{label}.baseline", time.perf_counter() - started)
-                    if got != chars:
-                        raise RuntimeError(f"baseline: {code!r} streamed {got} of {chars} chars")
-
-                async def floor() -> None:
-                    r.add(f"output.{label}.floor", await output_floor(code))
-
-                steps = [ours, ours_direct, baseline, floor]
-                for rep in range(self.reps.output):
-                    for step in rotate(steps, rep):
-                        await step()
+                await self.output_case(label, code, chars, session, direct, client)
         finally:
             await self.close_direct(direct)
             await self.jupyter.stop(manager)
             await self.ours.shutdown(session)
+
+    async def output_case(self, label: str, code: str, chars: int, session: str, direct: DirectKernel, client: Any) -> None:
+        assert self.ours
+        r = self.r
+
+        def check(system: str, got: int) -> None:
+            """Count replies that came back without all the output (timed all the same)."""
+            key = f"output.{label}.{system}_incomplete"
+            r.notes.setdefault(key, 0)
+            if got != chars:
+                r.notes[key] += 1
+                r.incomplete.append(f"{system}: {code!r} returned {got} of {chars} characters")
+
+        async def ours() -> None:
+            assert self.ours
+            started = time.perf_counter()
+            reply = await self.ours.ok(session, code, OUTPUT_TIMEOUT_S)
+            r.add(f"output.{label}.ours", time.perf_counter() - started)
+            full = (reply.get("output_files") or {}).get("stdout")
+            check("ours", Path(full).stat().st_size if full else len(reply.get("stdout") or ""))
+            r.notes[f"output.{label}.ours_reply_stdout_chars"] = len(reply.get("stdout") or "")
+
+        async def ours_direct() -> None:
+            started = time.perf_counter()
+            done, got = await direct.execute(code, OUTPUT_TIMEOUT_S)
+            r.add(f"output.{label}.ours_direct", time.perf_counter() - started)
+            if done.get("status") != "ok":
+                raise RuntimeError(f"direct: {code!r} gave {done.get('status')}: {done.get('error')}")
+            check("ours_direct", got)
+
+        async def baseline() -> None:
+            started = time.perf_counter()
+            got = await self.jupyter.ok(client, code, OUTPUT_TIMEOUT_S)
+            r.add(f"output.{label}.baseline", time.perf_counter() - started)
+            check("baseline", got)
+
+        async def floor() -> None:
+            r.add(f"output.{label}.floor", await output_floor(code))
+
+        steps = [ours, ours_direct, baseline, floor]
+        for rep in range(self.reps.output):
+            for step in rotate(steps, rep):
+                await step()
 
     # -- interrupt latency: the first interrupt of a fresh session, then a second one
 
@@ -1052,6 +1072,11 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
     print("targets:")
     for t in targets:
         print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['detail']}")
+    if r.incomplete:
+        print()
+        print("replies that lost output (timed anyway; a correctness problem, not a speed one):")
+        for line in r.incomplete:
+            print(f"  {line}")
     if r.errors:
         print()
         print("errors:")
@@ -1083,7 +1108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a quick check, not numbers to quote)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file (default %(default)s)")
+    parser.add_argument(
+        "--source", type=Path, default=None,
+        help="folder holding the ipython_mcp.py and bootstrap_kernel.py to measure (default: the repository's); "
+        "for trying a change on a copy",
+    )
     args = parser.parse_args(argv)
+    global SERVER, BOOTSTRAP
+    if args.source is not None:
+        SERVER, BOOTSTRAP = args.source.resolve() / SERVER.name, args.source.resolve() / BOOTSTRAP.name
+        if not (SERVER.is_file() and BOOTSTRAP.is_file()):
+            parser.error(f"{args.source} must hold {SERVER.name} and {BOOTSTRAP.name}")
     reps = QUICK if args.quick else Reps()
     run_id = f"{os.getpid()}-{time.time_ns()}"
     os.environ[RUN_MARKER] = run_id
@@ -1098,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(reps, work)
     try:
         asyncio.run(bench.run())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (reported, and the results so far are still written)
         bench.r.errors.append(f"run: {type(exc).__name__}: {exc}")
         traceback.print_exc()
     finally:
@@ -1123,7 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "date": info["date"],
         "machine": info,
-        "command": "uv run --extra bench --extra test python bench/bench.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["uv run --extra bench --extra test python bench/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "reps": dataclasses.asdict(reps),
         "elapsed_s": elapsed,
         "units": {"time": "seconds", "memory": "bytes"},
@@ -1133,6 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.stat("warm.ours") is not None and r.stat("warm.ours_direct") is not None else None,
         "metrics": {key: summarize(values) for key, values in sorted(r.samples.items())},
         "notes": r.notes,
+        "incomplete_output": r.incomplete,
         "errors": r.errors,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
