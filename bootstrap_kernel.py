@@ -297,7 +297,9 @@ def make_shell(wire, relay, state, capture):
     class WireDisplayPublisher(DisplayPublisher):
         def publish(self, data, metadata=None, *args, **kwargs):
             relay.drain()  # what was printed before the display comes first
-            wire.send({"kind": "display", "data": encode_bundle(data)})
+            bundle = encode_bundle(data)
+            shrink_images(bundle, capture.get("image_budget"), capture.setdefault("notes", []))
+            wire.send({"kind": "display", "data": bundle})
 
         def clear_output(self, wait=False):
             relay.drain()
@@ -350,6 +352,47 @@ def make_shell(wire, relay, state, capture):
     return shell
 
 
+def shrink_images(bundle, budget, notes):
+    """Downscale (with Pillow, when the env has it) images over the byte/pixel budget."""
+    if not budget:
+        return
+    max_bytes, max_side = budget
+    for mime in ("image/png", "image/jpeg"):
+        if mime not in bundle:
+            continue
+        import base64
+
+        raw = base64.b64decode(bundle[mime])
+        try:
+            import io
+
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(raw))
+            width, height = image.size
+        except Exception:
+            return  # no Pillow or not decodable: the server reports the size
+        if len(raw) <= max_bytes and max(width, height) <= max_side:
+            continue
+        scale = min(1.0, max_side / max(width, height), (max_bytes / len(raw)) ** 0.5)
+        for _ in range(6):
+            size = (max(1, int(width * scale)), max(1, int(height * scale)))
+            out = io.BytesIO()
+            small = image.resize(size)
+            if mime == "image/png":
+                small.save(out, "PNG", optimize=True)
+            else:
+                small.convert("RGB").save(out, "JPEG", quality=85)
+            if out.tell() <= max_bytes:
+                break
+            scale *= 0.7
+        bundle[mime] = base64.b64encode(out.getvalue()).decode("ascii")
+        notes.append(
+            "An image of %dx%d (%d bytes) was downscaled to %dx%d (%d bytes) to fit the image budget."
+            % (width, height, len(raw), size[0], size[1], out.tell())
+        )
+
+
 def flush_before_exit(relay):
     """Make ``os._exit()`` in a cell forward what the cell printed before the process goes."""
     real_exit = os._exit
@@ -390,7 +433,9 @@ def truncate_middle(text, limit):
 
 def execute(shell, relay, state, capture, request):
     capture.clear()
-    notes = []
+    notes = capture["notes"] = []
+    if request.get("image_budget"):
+        capture["image_budget"] = tuple(request["image_budget"])
     interrupted_outside_cell = False
     sigint_handler = signal.getsignal(signal.SIGINT)
     result = None

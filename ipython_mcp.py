@@ -87,9 +87,14 @@ PROGRESS_FIRST_S = 1.0
 PROGRESS_INTERVAL_S = 0.5
 # ... and a heartbeat with the elapsed time when no new line arrived for this long.
 PROGRESS_HEARTBEAT_S = 2.0
-# Images larger than this are not sent inline (they would flood the agent's context);
-# the warning names the file that holds them.
-IMAGE_INLINE_MAX_BYTES = 2_000_000
+# Images are downscaled in the kernel (with Pillow, which matplotlib brings) to fit
+# these, so one figure cannot flood the agent's context; 1568 px is the longest side
+# vision models use without downscaling themselves.
+IMAGE_MAX_BYTES = 1_000_000
+IMAGE_MAX_SIDE_PX = 1568
+# Images still larger than this (no Pillow in the env) are not sent inline; the
+# warning names the file that holds them.
+IMAGE_INLINE_MAX_BYTES = 4_000_000
 # A traceback longer than this (deep recursion) is cut in the middle.
 ERROR_LIMIT_CHARS = 20_000
 # An automatic `pip install ipykernel` (or conda/uv/pixi) must end within this.
@@ -291,6 +296,26 @@ def describe_exit(returncode: int) -> str:
 # --- Output kept per call: bounded in memory, full text spilled to a file ------------
 
 
+DEFAULT_REPR = re.compile(r"<[\w.]+ object( at 0x[0-9a-fA-F]+)?>")
+
+
+def display_text(bundle: dict[str, str]) -> str:
+    """The best text form of a display bundle: markdown, then plain, then HTML.
+
+    A plain form that is only the default ``<X object>`` repr says nothing, so HTML
+    (or LaTeX, JSON) wins over it.
+    """
+    plain = bundle.get("text/plain")
+    if isinstance(plain, str) and DEFAULT_REPR.fullmatch(plain.strip()):
+        plain = None
+    for text in (bundle.get("text/markdown"), plain, bundle.get("text/html"), bundle.get("text/latex")):
+        if isinstance(text, str) and text:
+            return text
+    if "application/json" in bundle:
+        return json.dumps(bundle["application/json"])
+    return bundle.get("text/plain") or ""
+
+
 def collapse_redraws(text: str) -> str:
     """Apply carriage returns the way a terminal shows them: a redrawn line keeps its last state."""
     if "\r" not in text:
@@ -310,7 +335,7 @@ class OutputBuffer:
     redraw with ``\r`` are collapsed to their last state as they arrive.
     """
 
-    def __init__(self, name: str, limit: int, spill_path: Callable[[str], Path]):
+    def __init__(self, name: str, limit: int, spill_path: Callable[[str], Path] | None):
         self.name, self.limit, self._spill_path = name, max(limit, 2), spill_path
         self.head = ""
         self.tail = ""
@@ -352,11 +377,19 @@ class OutputBuffer:
         return kept[cut:]
 
     def _spill(self) -> None:
-        self.file_path = self._spill_path(self.name)
-        self._file = open(self.file_path, "w", encoding="utf-8", errors="replace")
-        self._file.write(self.head)
+        if self._spill_path is None:  # a view of other streams: their files keep the text
+            self._file = contextlib.nullcontext()
+            self._file.write = self._file.close = lambda *args: None  # type: ignore[attr-defined]
+        else:
+            self.file_path = self._spill_path(self.name)
+            self._file = open(self.file_path, "w", encoding="utf-8", errors="replace")
+            self._file.write(self.head)
         keep = self.limit // 2
         self.head, self.tail = self.head[:keep], self.head[keep:]
+
+    @property
+    def ends_line(self) -> bool:
+        return (self.tail if self._file is not None else self.head).endswith("\n")
 
     def clear(self) -> None:
         """clear_output(): what the agent gets starts again; a spill file keeps everything."""
@@ -381,7 +414,8 @@ class OutputBuffer:
     def text(self) -> str:
         if self._file is None:
             return self.head
-        return f"{self.head}\n… [{self.cut} characters cut; full text in {self.file_path}] …\n{self._kept_tail}"
+        where = f"; full text in {self.file_path}" if self.file_path else ""
+        return f"{self.head}\n… [{self.cut} characters cut{where}] …\n{self._kept_tail}"
 
 
 # --- The wire: one cell in flight on one kernel --------------------------------------
@@ -395,6 +429,8 @@ class Execution:
     stdout: OutputBuffer
     stderr: OutputBuffer
     displays: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    # stdout and display() text interleaved as the cell produced them, for the text block
+    transcript: OutputBuffer | None = None
     reply: asyncio.Future[dict[str, Any]] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = dataclasses.field(default_factory=time.monotonic)
     last_stream: str = "stdout"
@@ -404,16 +440,44 @@ class Execution:
         kind = message.get("kind")
         if kind == "stream":
             self.last_stream = "stderr" if message.get("name") == "stderr" else "stdout"
-            (self.stderr if self.last_stream == "stderr" else self.stdout).write(message.get("text", ""))
+            text = message.get("text", "")
+            if self.last_stream == "stderr":
+                self.stderr.write(text)
+            else:
+                self.stdout.write(text)
+                self._transcribe(text)
             self.lines_seen += 1
         elif kind == "display":
-            self.displays.append(message.get("data") or {})
+            bundle = message.get("data") or {}
+            self.displays.append(bundle)
+            self._transcribe(self._display_line(bundle), display=True)
         elif kind == "clear":
             self.stdout.clear()
             self.stderr.clear()
             self.displays.clear()
+            if self.transcript is not None:
+                self.transcript.clear()
         elif kind == "done" and not self.reply.done():
             self.reply.set_result(message)
+
+    def __post_init__(self) -> None:
+        self.transcript = OutputBuffer("output", self.stdout.limit, None)
+        self._images_seen = 0
+
+    def _transcribe(self, text: str, display: bool = False) -> None:
+        if self.transcript is None or not text:
+            return
+        if display and self.transcript.total and not self.transcript.ends_line:
+            text = "\n" + text
+        self.transcript.write(text)
+
+    def _display_line(self, bundle: dict[str, str]) -> str:
+        if any(mime in bundle for mime in IMAGE_MIME_TYPES):
+            mime = next(m for m in IMAGE_MIME_TYPES if m in bundle)
+            self._images_seen += 1
+            return f"[image {self._images_seen - 1}: {mime}]\n"
+        text = display_text(bundle)
+        return f"{text.rstrip()}\n" if text else ""
 
     def take_output(self) -> tuple[OutputBuffer, OutputBuffer, list[dict[str, str]]]:
         """Hand over what was collected so far and start collecting afresh (for `wait`)."""
@@ -421,6 +485,8 @@ class Execution:
         self.stdout = OutputBuffer("stdout", self.stdout.limit, self.stdout._spill_path)
         self.stderr = OutputBuffer("stderr", self.stderr.limit, self.stderr._spill_path)
         self.displays = []
+        self.transcript = OutputBuffer("output", self.stdout.limit, None)
+        self._images_seen = 0
         return taken
 
     @property
@@ -634,6 +700,7 @@ class Kernel:
                 "id": request_id,
                 "code": code,
                 "max_result_chars": output_limit,
+                "image_budget": [IMAGE_MAX_BYTES, IMAGE_MAX_SIDE_PX],
                 "spill_path": str(spill_path("result")),
             }
         )
@@ -887,6 +954,15 @@ class ExecuteResult(BaseModel):
     output_files: dict[str, str] = Field(default_factory=dict, description="Stream name -> file with its full text, when cut.")
 
 
+@dataclasses.dataclass
+class CellOutcome:
+    """An ExecuteResult plus what only the MCP content needs."""
+
+    result: ExecuteResult
+    images: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (mime, base64), inline
+    transcript: str = ""  # stdout and display text in the order the cell produced them
+
+
 class SessionInfo(BaseModel):
     name: str
     env: str = Field(description="The env as given ('default' for the server's own Python).")
@@ -1043,7 +1119,7 @@ class SessionManager:
         timeout_s: float | None,
         progress: Progress | None = None,
         on_timeout: Literal["interrupt", "continue"] = "interrupt",
-    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+    ) -> CellOutcome:
         """Run one cell; returns the result and the images to send inline as (mime, base64)."""
         check_session_name(name)
         timeout_s = self._checked_timeout(timeout_s)
@@ -1055,7 +1131,7 @@ class SessionManager:
         try:
             session, warnings = await self._open(name, env, progress)
             if session.background is not None and not session.background.reply.done():
-                return self._busy_result(session, started), []
+                return CellOutcome(self._busy_result(session, started))
             async with session.run_lock:
                 if session.background is not None:  # finished on its own since; nobody fetched the end
                     warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
@@ -1073,11 +1149,11 @@ class SessionManager:
                 status="env_error", session=name, stdout="", stderr="", result=None, error=exc.message,
                 execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
             )
-            return result, []
+            return CellOutcome(result)
 
     async def wait(
         self, name: str, timeout_s: float | None, progress: Progress | None = None
-    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+    ) -> CellOutcome:
         """Output since the last call of a cell left running, and its end once it ends."""
         session = self.get(name)
         timeout_s = self._checked_timeout(timeout_s)
@@ -1121,7 +1197,7 @@ class SessionManager:
         warnings: list[str],
         started: float,
         progress: Progress | None,
-    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+    ) -> CellOutcome:
         """Wait for a cell's end for up to timeout_s, then interrupt it or leave it running."""
         ticker = asyncio.create_task(self._report_progress(execution, progress)) if progress else None
         status: str | None = None
@@ -1166,8 +1242,9 @@ class SessionManager:
 
     def _running_result(
         self, session: Session, execution: Execution, warnings: list[str], started: float
-    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+    ) -> CellOutcome:
         """Output so far of a cell that runs on; the next `wait` starts after it."""
+        transcript = execution.transcript
         stdout, stderr, bundles = execution.take_output()
         warnings.append(
             f"The cell is still running ({time.monotonic() - execution.started:.0f} s so far). "
@@ -1181,7 +1258,7 @@ class SessionManager:
             duration_s=round(time.monotonic() - started, 3), display=display_texts, images=image_infos,
             output_files=output_files,
         )
-        return result, inline_images
+        return CellOutcome(result, inline_images, transcript.text)
 
     def _note_cuts(self, buffers: tuple[OutputBuffer, ...], warnings: list[str]) -> dict[str, str]:
         output_files: dict[str, str] = {}
@@ -1204,7 +1281,7 @@ class SessionManager:
         error: str | None,
         warnings: list[str],
         started: float,
-    ) -> tuple[ExecuteResult, list[tuple[str, str]]]:
+    ) -> CellOutcome:
         if reply is not None:
             session.exec_count += 1
             if status is None:
@@ -1233,7 +1310,7 @@ class SessionManager:
             images=image_infos,
             output_files=output_files,
         )
-        return result, inline_images
+        return CellOutcome(result, inline_images, execution.transcript.text if execution.transcript else "")
 
     def _sort_displays(
         self, session: str, bundles: list[dict[str, str]], warnings: list[str]
@@ -1245,7 +1322,7 @@ class SessionManager:
         for bundle in bundles:
             mime = next((m for m in IMAGE_MIME_TYPES if m in bundle), None)
             if mime is None:
-                text = bundle.get("text/markdown") or bundle.get("text/plain") or bundle.get("text/html")
+                text = display_text(bundle)
                 if text:
                     texts.append(text)
                 continue
@@ -1348,21 +1425,23 @@ class SessionManager:
 # --- MCP tools: thin translations between the manager and MCP results ---------------
 
 
-def render_execute(result: ExecuteResult) -> str:
+def render_execute(outcome: CellOutcome) -> str:
     """The readable text block: status first, then only the sections that have content."""
+    result = outcome.result
     head = f"status: {result.status}"
     if result.execution_count is not None:
         head += f" · In [{result.execution_count}]"
     head += f" · {result.duration_s:.3g} s · session {result.session!r}"
     parts = [head]
-    if result.stdout:
+    if result.display or result.images:  # one section, in the order the cell produced it
+        if outcome.transcript.strip():
+            parts.append(f"--- output ---\n{outcome.transcript.rstrip()}")
+    elif result.stdout:
         parts.append(f"--- stdout ---\n{result.stdout.rstrip()}")
     if result.stderr:
         parts.append(f"--- stderr ---\n{result.stderr.rstrip()}")
-    for text in result.display:
-        parts.append(f"--- display ---\n{text.rstrip()}")
     if result.images:
-        parts.append("--- images ---\n" + "\n".join(f"[{i.index}] {i.mime_type}, {i.bytes} bytes" for i in result.images))
+        parts.append("--- images ---\n" + "\n".join(f"[{i.index}] {i.mime_type}, {i.bytes} bytes, {i.path}" for i in result.images))
     if result.result is not None:
         parts.append(f"--- result ---\n{result.result}")
     if result.error:
@@ -1417,10 +1496,10 @@ def build_server(config: Config | None = None) -> MCPServer:
 
         return progress
 
-    def execute_result(result: ExecuteResult, images: list[tuple[str, str]]) -> CallToolResult:
-        content: list[TextContent | ImageContent] = [TextContent(type="text", text=render_execute(result))]
-        content += [ImageContent(type="image", data=data, mime_type=mime) for mime, data in images]
-        return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
+    def execute_result(outcome: CellOutcome) -> CallToolResult:
+        content: list[TextContent | ImageContent] = [TextContent(type="text", text=render_execute(outcome))]
+        content += [ImageContent(type="image", data=data, mime_type=mime) for mime, data in outcome.images]
+        return CallToolResult(content=content, structured_content=outcome.result.model_dump(mode="json"))
 
     @server.tool(annotations=ToolAnnotations(title="Run code in an IPython session", open_world_hint=True))
     async def execute(
@@ -1441,8 +1520,7 @@ def build_server(config: Config | None = None) -> MCPServer:
         ] = "interrupt",
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Run code in a stateful IPython session and return its output, result, error and images."""
-        result, images = await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
-        return execute_result(result, images)
+        return execute_result(await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout))
 
     @server.tool(annotations=ToolAnnotations(title="Wait for a cell left running", read_only_hint=True))
     async def wait(
@@ -1451,8 +1529,7 @@ def build_server(config: Config | None = None) -> MCPServer:
         timeout_s: Annotated[float | None, Field(description="Seconds to wait for the cell to end (default as for execute).")] = None,
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Follow a cell started with on_timeout='continue': output since the last call, and its final result once it ends."""
-        result, images = await manager_of(ctx).wait(session, timeout_s, progress_to(ctx))
-        return execute_result(result, images)
+        return execute_result(await manager_of(ctx).wait(session, timeout_s, progress_to(ctx)))
 
     @server.tool(annotations=ToolAnnotations(title="List IPython sessions", read_only_hint=True))
     async def list_sessions(ctx: Context) -> Annotated[CallToolResult, SessionList]:

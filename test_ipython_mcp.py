@@ -424,11 +424,6 @@ async def test_interrupt_stops_a_shell_command_too(client: Client, tmp_path: Pat
     assert after["result"] == "7"
 
 
-@pytest.mark.xfail(
-    reason="IPython's system_raw catches the KeyboardInterrupt of an interrupted `!cmd`, so the cell goes on "
-    "with its next line and ends with status ok",
-    strict=False,
-)
 async def test_interrupted_shell_command_ends_the_cell_with_keyboard_interrupt(client: Client, tmp_path: Path) -> None:
     with anyio.fail_after(QUICK_S):
         outcome = await run_shell_cell_and_interrupt(client, tmp_path / "running")
@@ -685,14 +680,29 @@ async def test_kernel_killed_by_a_signal_names_the_signal(client: Client) -> Non
     assert re.search(r"lost|gone", after["warning"])
 
 
-@pytest.mark.xfail(
-    reason="output still in the kernel's fd pipes when it dies is lost: the relay thread forwarding it dies with it",
+# Bug: os._exit() drains the relay first, but a SIGKILL or a segfault cannot be intercepted, and
+# whatever the in-kernel relay thread had not yet forwarded is lost (a race: usually stderr).
+HARD_DEATH_LOSES_OUTPUT = pytest.mark.xfail(
+    reason="output not yet forwarded by the kernel's relay thread is lost when the kernel is killed by a signal; "
+    "the server does not read the kernel's fd 1/2 pipes itself",
     strict=False,
 )
-async def test_output_written_just_before_the_kernel_dies_is_kept(client: Client) -> None:
+
+
+@pytest.mark.parametrize(
+    ("death", "how"),
+    [
+        ("os._exit(3)", "exit code 3"),
+        pytest.param("os.kill(os.getpid(), signal.SIGKILL)", "signal SIGKILL", marks=HARD_DEATH_LOSES_OUTPUT),
+        pytest.param("ctypes.string_at(0)", "signal SIGSEGV", marks=HARD_DEATH_LOSES_OUTPUT),
+    ],
+)
+async def test_output_written_just_before_the_kernel_dies_is_kept(client: Client, death: str, how: str) -> None:
+    code = f"import ctypes, os, signal\nos.write(1, b'last words\\n')\nos.write(2, b'dying\\n')\n{death}"
     with anyio.fail_after(QUICK_S):
-        died = await run(client, "s", "import os\nos.write(1, b'last words\\n')\nos.write(2, b'dying\\n')\nos._exit(3)")
-    assert "exit code 3" in died["error"]
+        died = await run(client, "s", code)
+    assert died["status"] == "error"
+    assert how in died["error"]
     assert (died["stdout"], died["stderr"]) == ("last words\n", "dying\n")
 
 
@@ -998,9 +1008,10 @@ async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path)
         async with raw_server(tmp_path) as server:
             await server.send_line(b"this is not json")
             await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
-            first = await server.receive()
-    assert first.get("id") is None
-    assert first["error"]["code"] == -32700
+            answers = [await server.receive(), await server.receive()]
+    parse_errors = [answer for answer in answers if answer.get("id") is None]
+    assert [answer["error"]["code"] for answer in parse_errors] == [-32700]
+    assert any(answer.get("id") == 5 and "result" in answer for answer in answers), "still serving"
 
 
 async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path, envs_dir: Path) -> None:

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -141,6 +142,12 @@ class Results:
         if not values:
             return None
         return summarize(values)[field]
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def memory_of(pid: int) -> tuple[float, float]:
@@ -564,6 +571,7 @@ class Bench:
             try:
                 await asyncio.sleep(MEMORY_SETTLE_S)
                 pid = (await self.ours.sessions())[name]["pid"]
+                r.add("cold.ours_kernel_cpu", cpu_of(pid))
                 rss, uss = memory_of(pid)
                 r.add("memory.ours_rss", rss)
                 r.add("memory.ours_uss", uss)
@@ -595,6 +603,7 @@ class Bench:
                 await self.jupyter.ok(client, WARM_CODE)
                 r.add("cold.baseline", time.perf_counter() - started)
                 await asyncio.sleep(MEMORY_SETTLE_S)
+                r.add("cold.baseline_kernel_cpu", cpu_of(self.jupyter.pid(manager)))
                 rss, uss = memory_of(self.jupyter.pid(manager))
                 r.add("memory.baseline_rss", rss)
                 r.add("memory.baseline_uss", uss)
@@ -901,9 +910,16 @@ class Bench:
                 await self.jupyter.close_all()
 
         async def floor() -> None:
-            started = time.perf_counter()
-            await asyncio.gather(*(spawn_until_ready("import IPython") for _ in range(CONCURRENT)))
-            r.add("concurrent.floor_import_ipython", time.perf_counter() - started)
+            # The children stay up until all are ready, as sessions do: no teardown in the way.
+            async with contextlib.AsyncExitStack() as stack:
+                started = time.perf_counter()
+                children = [await stack.enter_async_context(Child(IDLE_CHILD.format(imports="import IPython"))) for _ in range(CONCURRENT)]
+                readies = await asyncio.wait_for(
+                    asyncio.gather(*(read_until_ready(child.stdout) for child in children if child.stdout)), START_TIMEOUT_S
+                )
+                r.add("concurrent.floor_import_ipython", time.perf_counter() - started)
+                if not all(readies) or len(readies) != CONCURRENT:
+                    raise RuntimeError("a floor child failed to import IPython")
 
         steps = [ours, baseline, floor]
         for rep in range(self.reps.concurrent):
@@ -981,6 +997,7 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
 
     row("cold session, first 1+1 (median)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
     row("  kernel only, direct pipes", "cold.ours_direct", "cold.baseline", "cold.floor_import_ipython")
+    row("  kernel CPU time, start + 1+1 + idle", "cold.ours_kernel_cpu", "cold.baseline_kernel_cpu", None)
     row("  floor: python -c pass", "cold.floor_python", None, None)
     row("  floor: InteractiveShell + 1+1", "cold.floor_shell", None, None)
     row("warm 1+1 round trip (median)", "warm.ours", "warm.baseline", "warm.floor_echo")
@@ -1051,6 +1068,10 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
     print(f"ipython-mcp benchmark · {info['date']} · {info['cpu_model']} ({info['cpus_logical']} CPUs) · Python {info['python']}")
     print(f"{packages}")
     print(f"reps: cold {reps.cold}, warm {reps.warm}, output {reps.output}, interrupt {reps.interrupt}, concurrent {reps.concurrent} · total {elapsed:.0f} s")
+    cpu = info.get("cpu_seconds")
+    if cpu:
+        print(f"CPU-seconds: this run {cpu['this_run']:.1f}, other processes {cpu['other_processes']:.1f} "
+              f"({info['other_processes_cpu_share']:.0%} of the machine{'; NOT A QUIET MACHINE' if info['other_processes_cpu_share'] > 0.05 else ''})")
     print("ratio = baseline / ours (bigger is better for us); vs floor = ours / floor (1.00x is the floor)")
     print()
     header = f"{'metric':<40} {'ours':>10} {'baseline':>10} {'ratio':>8} {'floor':>10} {'vs floor':>9}"
@@ -1082,6 +1103,17 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
         print("errors:")
         for error in r.errors:
             print(f"  {error}")
+
+
+def busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine spent busy, CPU seconds this run's processes used)."""
+    machine = psutil.cpu_times()
+    busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    ours = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):  # children: every descendant reaped so far
+        usage = resource.getrusage(who)
+        ours += usage.ru_utime + usage.ru_stime
+    return busy, ours
 
 
 def leftover_processes(run_id: str) -> list[psutil.Process]:
@@ -1128,6 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
     dont_write_bytecode = os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     info = machine_info()
     info["PYTHONDONTWRITEBYTECODE_removed"] = dont_write_bytecode
+    cpu_before = busy_cpu_seconds()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="ipython-mcp-bench-"))
     bench = Bench(reps, work)
@@ -1150,6 +1183,17 @@ def main(argv: list[str] | None = None) -> int:
         for process in leftovers:  # all started by this run
             with contextlib.suppress(psutil.Error):
                 process.kill()
+
+    cpu_after = busy_cpu_seconds()
+    machine_busy, ours_busy = (after - before for after, before in zip(cpu_after, cpu_before))
+    others = max(machine_busy - ours_busy, 0.0)
+    info["cpu_seconds"] = {"machine_busy": machine_busy, "this_run": ours_busy, "other_processes": others}
+    share = others / (elapsed * (psutil.cpu_count() or 1))
+    info["other_processes_cpu_share"] = share
+    if share > 0.05:
+        bench.r.notes["noisy"] = True
+        print(f"WARNING: other processes used {others:.1f} CPU-seconds during this run ({share:.0%} of the machine): "
+              "the numbers are not clean; run again on a quiet machine.", file=sys.stderr)
 
     r = bench.r
     rows = build_rows(r)
