@@ -50,6 +50,7 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # Bounds the end-of-cell drain (rounds of RELAY_CHUNK_BYTES) when a background
 # process keeps writing: its later output still flows, just not inside this reply.
 DRAIN_MAX_ROUNDS = 64
+THIS_FILE = os.path.basename(__file__)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 NO_STDIN_MESSAGE = (
     "This session has no standard input: {what} cannot be answered, because no person "
@@ -325,6 +326,8 @@ def make_shell(wire, relay, state, capture):
         display_pub_class = Type(WireDisplayPublisher)
 
         def _showtraceback(self, etype, evalue, stb):
+            # Frames of this file (the SIGINT handler, the input() refusal) are ours, not the user's.
+            stb = [entry for entry in stb if THIS_FILE not in ANSI_ESCAPE.sub("", entry)] or stb
             capture["error"] = ANSI_ESCAPE.sub("", self.InteractiveTB.stb2text(stb))
             capture["error_name"] = getattr(etype, "__name__", str(etype))
 

@@ -766,10 +766,16 @@ async def install_ipykernel(error: EnvError, progress: Progress | None) -> None:
     log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
     started = time.monotonic()
     tail = ""
-    process = await asyncio.create_subprocess_exec(
-        *plan.argv, cwd=plan.cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *plan.argv, cwd=plan.cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as exc:
+        raise EnvError(
+            error.env, error.python, f"Could not run `{plan.text}` to install ipykernel into env {error.env!r}: {exc}.",
+            kind="missing_ipython",
+        ) from exc
     try:
         assert process.stdout is not None
         with anyio.fail_after(INSTALL_TIMEOUT_S):
