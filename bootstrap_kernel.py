@@ -316,7 +316,9 @@ def make_shell(wire, relay, state, capture):
             pass
 
         def write_format_data(self, format_dict, md_dict=None):
-            capture["result"] = encode_bundle(format_dict)
+            bundle = encode_bundle(format_dict)
+            shrink_images(bundle, capture.get("image_budget"), capture.setdefault("notes", []))
+            capture["result"] = bundle
 
         def finish_displayhook(self):
             self._is_active = False
@@ -339,6 +341,13 @@ def make_shell(wire, relay, state, capture):
                 # system_raw swallows the KeyboardInterrupt; the cell must stop here.
                 raise KeyboardInterrupt
 
+        def enable_gui(self, gui=None):
+            # `%matplotlib inline` lands here with gui None/"inline"; there is no screen for others.
+            if gui not in (None, "inline"):
+                from IPython.core.error import UsageError
+
+                raise UsageError("This kernel has no screen: GUI event loop %r is not available; use `%%matplotlib inline`." % gui)
+
         def ask_exit(self):
             self.exit_now = True  # reported as ignored in the reply's notes
 
@@ -351,7 +360,20 @@ def make_shell(wire, relay, state, capture):
     config.InteractiveShell.autoindent = False
     config.InteractiveShell.autocall = 0
     shell = HeadlessShell.instance(config=config)
-    shell.display_pub  # created by the trait above
+    # Remember what a cell showed, so the end-of-cell flush of open figures (matplotlib's
+    # inline backend has one in post_execute, and we have one) does not show it again.
+    format_for_display = shell.display_formatter.format
+
+    def format_once_after_cell(obj, *args, **kwargs):
+        shown = capture.setdefault("shown", set())
+        if capture.get("cell_done") and id(obj) in shown and type(obj).__module__.startswith("matplotlib"):
+            return {}, {}  # display() publishes nothing for an empty bundle
+        shown.add(id(obj))
+        return format_for_display(obj, *args, **kwargs)
+
+    shell.display_formatter.format = format_once_after_cell
+    # Registered first, so it runs before post_execute hooks that flush figures.
+    shell.events.register("post_execute", lambda: capture.__setitem__("cell_done", True))
     return shell
 
 
@@ -412,8 +434,8 @@ def flush_before_exit(relay):
     os._exit = exit_after_drain
 
 
-def flush_matplotlib_figures(shell):
-    """Show figures still open at the end of a cell, once each, then close them."""
+def flush_matplotlib_figures():
+    """Show figures still open at the end of a cell (unless the cell showed them), then close them."""
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None or not pyplot.get_fignums():
         return
@@ -421,7 +443,7 @@ def flush_matplotlib_figures(shell):
 
     try:
         for number in pyplot.get_fignums():
-            display(pyplot.figure(number))
+            display(pyplot.figure(number))  # skipped when the cell showed it already
     finally:
         pyplot.close("all")
 
@@ -446,7 +468,7 @@ def execute(shell, relay, state, capture, request):
         if state.begin(request["id"]):
             result = shell.run_cell(request["code"], store_history=True)
             if result.success:
-                flush_matplotlib_figures(shell)
+                flush_matplotlib_figures()
     except KeyboardInterrupt:
         interrupted_outside_cell = True
     finally:

@@ -434,6 +434,7 @@ class Execution:
     reply: asyncio.Future[dict[str, Any]] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = dataclasses.field(default_factory=time.monotonic)
     last_stream: str = "stdout"
+    clear_pending: bool = False  # clear_output() was called; clear at the next output
     lines_seen: int = 0  # bumps on every stream message, so progress knows something is new
 
     def on_message(self, message: dict[str, Any]) -> None:
@@ -441,6 +442,7 @@ class Execution:
         if kind == "stream":
             self.last_stream = "stderr" if message.get("name") == "stderr" else "stdout"
             text = message.get("text", "")
+            self._clear_if_pending()
             if self.last_stream == "stderr":
                 self.stderr.write(text)
             else:
@@ -448,21 +450,33 @@ class Execution:
                 self._transcribe(text)
             self.lines_seen += 1
         elif kind == "display":
+            self._clear_if_pending()
             bundle = message.get("data") or {}
             self.displays.append(bundle)
             self._transcribe(self._display_line(bundle), display=True)
         elif kind == "clear":
-            self.stdout.clear()
-            self.stderr.clear()
-            self.displays.clear()
-            if self.transcript is not None:
-                self.transcript.clear()
+            # clear_output(wait=True) clears when the next output arrives, as in Jupyter,
+            # so a cell that ends with it keeps its last state.
+            self.clear_pending = True
+            if not message.get("wait"):
+                self._clear_if_pending()
         elif kind == "done" and not self.reply.done():
             self.reply.set_result(message)
 
     def __post_init__(self) -> None:
         self.transcript = OutputBuffer("output", self.stdout.limit, None)
         self._images_seen = 0
+
+    def _clear_if_pending(self) -> None:
+        if not self.clear_pending:
+            return
+        self.clear_pending = False
+        self.stdout.clear()
+        self.stderr.clear()
+        self.displays.clear()
+        self._images_seen = 0
+        if self.transcript is not None:
+            self.transcript.clear()
 
     def _transcribe(self, text: str, display: bool = False) -> None:
         if self.transcript is None or not text:
@@ -1293,7 +1307,7 @@ class SessionManager:
             if status is None:
                 status = reply.get("status", "error")
                 error = reply.get("error")
-            warnings.extend(reply.get("notes") or [])
+            warnings.extend(note for note in dict.fromkeys(reply.get("notes") or []) if note not in warnings)
         if error and len(error) > ERROR_LIMIT_CHARS:
             half = ERROR_LIMIT_CHARS // 2
             error = f"{error[:half]}\n… [{len(error) - 2 * half} characters of traceback cut] …\n{error[-half:]}"
@@ -1498,7 +1512,7 @@ def build_server(config: Config | None = None) -> MCPServer:
 
     def progress_to(ctx: Context) -> Progress:
         async def progress(elapsed: float, message: str) -> None:
-            await ctx.report_progress(elapsed, None, message)
+            await ctx.report_progress(round(elapsed, 1), None, message)
 
         return progress
 

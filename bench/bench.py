@@ -65,6 +65,7 @@ INTERRUPT_TIMEOUT_S = 15.0  # from interrupt to the reply
 BUSY_WAIT_S = 10.0  # until a cell is seen running
 SETTLE_S = 0.2  # a running cell is surely inside time.sleep() after this
 MEMORY_SETTLE_S = 0.5  # an idle kernel has finished its start-up work after this
+CONCURRENT_SETTLE_S = 0.5  # between bursts of 10 starts, so one burst's teardown does not slow the next
 SHUTDOWN_TIMEOUT_S = 15.0
 
 WARM_CODE = "1+1"
@@ -90,13 +91,13 @@ NOOP_SERVER = (
 
 @dataclasses.dataclass
 class Reps:
-    cold: int = 7
+    cold: int = 9
     warm: int = 200
     warm_block: int = 20
     warmup: int = 10
-    output: int = 3
-    interrupt: int = 5
-    concurrent: int = 3
+    output: int = 5
+    interrupt: int = 7
+    concurrent: int = 5
     echo: int = 1000
 
 
@@ -924,6 +925,7 @@ class Bench:
         steps = [ours, baseline, floor]
         for rep in range(self.reps.concurrent):
             for step in rotate(steps, rep):
+                await asyncio.sleep(CONCURRENT_SETTLE_S)  # the previous step's processes are gone
                 await step()
 
     async def run(self) -> None:
