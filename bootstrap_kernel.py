@@ -47,6 +47,10 @@ MIN_IPYTHON = (7, 0)
 # enough that a 10 MB print costs a few hundred messages, small enough that one
 # message stays far below the server's line limit.
 RELAY_CHUNK_BYTES = 256 * 1024
+# Largest text (traceback, display text) and image one message carries: far below
+# the server's line limit, whatever a cell produces.
+MAX_TEXT_CHARS = 2_000_000
+MAX_IMAGE_B64_CHARS = 48 * 1024 * 1024
 # Bounds the end-of-cell drain (rounds of RELAY_CHUNK_BYTES) when a background
 # process keeps writing: its later output still flows, just not inside this reply.
 DRAIN_MAX_ROUNDS = 64
@@ -79,13 +83,28 @@ def take_standard_fds():
     os.dup2(devnull, 0)
     os.close(devnull)
     readers = {}
+    spares = {}
     for fd, name in ((1, "stdout"), (2, "stderr")):
         read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
-        os.close(write_end)
+        # Kept (close-on-exec) so a cell that closes fd 1 neither ends the pipe nor
+        # loses printing for good: restore_standard_fds() puts it back.
+        spares[fd] = write_end
+        set_cloexec_nonblocking(write_end, nonblocking=False)
         set_cloexec_nonblocking(read_end, nonblocking=True)
         readers[read_end] = name
-    return proto_in, proto_out, log, readers
+    return proto_in, proto_out, log, readers, spares
+
+
+def restore_standard_fds(spares):
+    """After a cell: fds 1 and 2 point at our pipes again, whatever the cell did to them."""
+    for fd, spare in spares.items():
+        try:
+            same = os.path.sameopenfile(fd, spare)
+        except OSError:  # closed by the cell
+            same = False
+        if not same:
+            os.dup2(spare, fd)
 
 
 class Wire:
@@ -122,12 +141,22 @@ class Relay:
                     chunk = os.read(fd, RELAY_CHUNK_BYTES - size)
                 except BlockingIOError:
                     break
-                if not chunk:
+                if not chunk:  # cannot happen while we hold a spare write end
                     break
                 chunks.append(chunk)
                 size += len(chunk)
             if chunks:
                 text = self.decoders[fd].decode(b"".join(chunks))
+                if text:
+                    self.wire.send({"kind": "stream", "name": self.readers[fd], "text": text})
+
+    def end_of_cell(self):
+        """Drain, then flush a character cut in half by the cell's end (as U+FFFD)."""
+        self.drain()
+        with self.lock:
+            for fd, decoder in self.decoders.items():
+                text = decoder.decode(b"", final=True)
+                decoder.reset()
                 if text:
                     self.wire.send({"kind": "stream", "name": self.readers[fd], "text": text})
 
@@ -284,13 +313,23 @@ def make_shell(wire, relay, state, capture):
     from traitlets import Type
     from traitlets.config import Config
 
-    def encode_bundle(data):
+    def encode_bundle(data, text_limit=MAX_TEXT_CHARS):
+        """JSON-ready mime bundle; bounded, so no protocol line can grow without limit."""
         bundle = {}
         for mime, value in data.items():
             if isinstance(value, bytes):
                 import base64
 
                 value = base64.b64encode(value).decode("ascii")
+            if mime.startswith("image/"):
+                if len(value) > MAX_IMAGE_B64_CHARS:
+                    capture.setdefault("notes", []).append(
+                        "An %s image of about %d MB was dropped: over the %d MB a kernel sends."
+                        % (mime, len(value) * 3 // 4 >> 20, MAX_IMAGE_B64_CHARS * 3 // 4 >> 20)
+                    )
+                    continue
+            elif isinstance(value, str):
+                value, _ = truncate_middle(value, text_limit)
             if isinstance(value, str) or mime == "application/json":
                 bundle[mime] = value
         return bundle
@@ -316,7 +355,7 @@ def make_shell(wire, relay, state, capture):
             pass
 
         def write_format_data(self, format_dict, md_dict=None):
-            bundle = encode_bundle(format_dict)
+            bundle = encode_bundle(format_dict, text_limit=None)  # execute() cuts and saves the repr
             shrink_images(bundle, capture.get("image_budget"), capture.setdefault("notes", []))
             capture["result"] = bundle
 
@@ -475,7 +514,11 @@ def execute(shell, relay, state, capture, request):
         state.end(request["id"])
         # User code may have replaced the handler (SIG_IGN, its own): restore ours.
         signal.signal(signal.SIGINT, sigint_handler)
-    relay.drain()
+    restore_standard_fds(relay.spares)
+    for name in ("stdout", "stderr"):  # a cell that closed sys.stdout still leaves a working one
+        if getattr(sys, name).closed:
+            setattr(sys, name, open(1 if name == "stdout" else 2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1))
+    relay.end_of_cell()
     if shell.exit_now:
         shell.exit_now = False
         notes.append("exit() was ignored: use the shutdown tool to end a session.")
@@ -518,12 +561,13 @@ def execute(shell, relay, state, capture, request):
             exc = result.error_in_exec or result.error_before_exec
             error = "%s: %s" % (type(exc).__name__, exc)
         # "KeyboardInterrupt:" (no message) reads better as the bare name.
-        reply["error"] = re.sub(r"(\n|^)([\w.]+):$", r"\1\2", error.rstrip())
+        error, _ = truncate_middle(error.rstrip(), MAX_TEXT_CHARS)  # the server cuts further
+        reply["error"] = re.sub(r"(\n|^)([\w.]+):$", r"\1\2", error)
     return reply
 
 
 def main():
-    proto_in, proto_out, log, readers = take_standard_fds()
+    proto_in, proto_out, log, readers, spares = take_standard_fds()
     wire = Wire(proto_out)
     hello = {
         "kind": "hello",
@@ -567,6 +611,7 @@ def main():
     sys.stdin = open(os.devnull)
     headless_environment()
     relay = Relay(wire, readers)
+    relay.spares = spares
     state = KernelState()
     signal.signal(signal.SIGINT, state.on_sigint)
     capture = {}

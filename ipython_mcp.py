@@ -4,11 +4,12 @@
 # ///
 """ipython-mcp: stateful IPython sessions for AI agents, one per name, in any Python env.
 
-An MCP server (stdio) with five tools: ``execute``, ``list_sessions``, ``reset``,
-``shutdown`` and ``interrupt``. Each named session is one child process, the target
-env's Python running ``bootstrap_kernel.py`` beside this file, which embeds IPython's
-``InteractiveShell`` and speaks JSON lines over its stdin/stdout (see that file for the
-message vocabulary). No jupyter_client, no ZeroMQ.
+An MCP server (stdio) with the five tools of the spec, ``execute``, ``list_sessions``,
+``reset``, ``shutdown``, ``interrupt``, plus ``wait`` (follow a cell left running) and
+``list_envs``. Each named session is one child process: the target env's Python running
+``bootstrap_kernel.py`` beside this file, which embeds IPython's ``InteractiveShell``
+and speaks JSON lines over its stdin/stdout (that file documents the messages). No
+jupyter_client, no ZeroMQ.
 
 Session lifecycle::
 
@@ -17,6 +18,13 @@ Session lifecycle::
        +-- env_error (nothing kept)    +-- reset: fresh kernel, same      +-- next execute:
                                        |   name and env                       fresh kernel,
                                        +-- shutdown: killed, forgotten        warning "state lost"
+
+A cell ends ``ok`` or ``error``; past ``timeout_s`` it is interrupted (``timeout``), or,
+with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanwhile
+``execute`` answers ``busy``). How the file reads, top to bottom: constants, exceptions,
+pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``),
+``Kernel`` (one child process), envs (install, list), ``SessionManager`` (names ->
+kernels, locks), the MCP tools, ``main``.
 
 Guarantees:
 - Every call returns: cells are bounded by ``timeout_s``; a cell that ignores SIGINT
@@ -291,6 +299,35 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit code {returncode}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below ``pid``, whatever their process group (Linux /proc; else none).
+
+    A double-forked daemon has left the tree already; it is the one process that can
+    outlive its session.
+    """
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 # --- Output kept per call: bounded in memory, full text spilled to a file ------------
@@ -745,9 +782,15 @@ class Kernel:
         asyncio.get_running_loop().create_task(self._send(message))
 
     def _kill_group(self) -> None:
-        if self.pid is not None:
+        """SIGKILL the kernel's process group, and descendants that left it (setsid)."""
+        if self.pid is None:
+            return
+        strays = descendants(self.pid) if self.alive else []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
     async def kill(self, reason: str) -> None:
         """Kill the kernel and its process group, and wait until it is reaped."""

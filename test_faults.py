@@ -363,11 +363,6 @@ async def test_shutdown_ends_an_orphaned_grandchild_left_in_the_background(clien
     assert not answer.is_error
 
 
-@pytest.mark.xfail(
-    reason="a child that leaves the kernel's process group (setsid / start_new_session) survives shutdown: "
-    "the server only kills the kernel's process group",
-    strict=False,
-)
 async def test_shutdown_ends_a_child_that_started_its_own_session(client: Client) -> None:
     code = "import subprocess\nsubprocess.Popen(['sleep', '100'], start_new_session=True).pid"
     child = None
@@ -456,11 +451,6 @@ async def test_utf8_character_split_across_two_writes_comes_back_whole(client: C
     assert out["stdout"] == "é\n"
 
 
-@pytest.mark.xfail(
-    reason="the kernel's incremental UTF-8 decoder is never flushed at the end of a cell: a trailing partial "
-    "character is dropped from its own call and completes a character in the next call's output",
-    strict=False,
-)
 async def test_half_a_character_at_the_end_of_a_cell_does_not_leak_into_the_next_call(client: Client) -> None:
     with anyio.fail_after(QUICK_S):
         first = await run(client, "s", "import os\nos.write(1, b'A\\xc3')\nNone")
@@ -478,14 +468,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-CLOSED_STDOUT = pytest.mark.xfail(
-    reason="when a cell closes fd 1, the relay thread in bootstrap_kernel.py sees end of file on the stdout pipe, "
-    "keeps select()ing on it (busy loop at 100% CPU) and nothing gives later cells a working fd 1",
-    strict=False,
-)
-
-
-@CLOSED_STDOUT
 async def test_closing_fd1_in_a_cell_does_not_break_printing_in_later_cells(client: Client) -> None:
     with anyio.fail_after(QUICK_S):
         closed = await run(client, "s", "import os\nos.close(1)")
@@ -495,7 +477,6 @@ async def test_closing_fd1_in_a_cell_does_not_break_printing_in_later_cells(clie
     assert (later["status"], later["stdout"]) == ("ok", "still heard\n"), later["error"]
 
 
-@CLOSED_STDOUT
 async def test_closing_fd1_in_a_cell_does_not_leave_the_idle_kernel_spinning(client: Client) -> None:
     with anyio.fail_after(QUICK_S):
         kernel = int((await run(client, "s", "import os\nos.close(1)\nos.getpid()"))["result"])
