@@ -51,6 +51,9 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # the server's line limit, whatever a cell produces.
 MAX_TEXT_CHARS = 2_000_000
 MAX_IMAGE_B64_CHARS = 48 * 1024 * 1024
+# Idle this long after start (no request waiting), the kernel warms up its traceback
+# formatting; a request that arrives first is served first.
+WARM_UP_AFTER_IDLE_S = 0.05
 # Bounds the end-of-cell drain (rounds of RELAY_CHUNK_BYTES) when a background
 # process keeps writing: its later output still flows, just not inside this reply.
 DRAIN_MAX_ROUNDS = 64
@@ -457,6 +460,16 @@ def shrink_images(bundle, budget, notes):
         )
 
 
+def warm_up(shell, capture):
+    """Format one traceback while idle, so the session's first error or interrupt does not
+    pay for importing and priming IPython's traceback machinery (about 20-40 ms)."""
+    try:
+        shell.run_cell("raise KeyboardInterrupt", store_history=False, silent=True)
+    except BaseException:
+        pass
+    capture.clear()
+
+
 def flush_before_exit(relay):
     """Make ``os._exit()`` in a cell forward what the cell printed before the process goes."""
     real_exit = os._exit
@@ -627,9 +640,17 @@ def main():
     threading.Thread(target=read_requests, args=(proto_in, inbox, state), name="requests", daemon=True).start()
     wire.send(hello)
 
+    warmed_up = False
     while True:
         try:
-            request = inbox.get()
+            if warmed_up:
+                request = inbox.get()
+            else:
+                request = inbox.get(timeout=WARM_UP_AFTER_IDLE_S)
+        except queue.Empty:
+            warm_up(shell, capture)
+            warmed_up = True
+            continue
         except KeyboardInterrupt:  # only if user code left its own SIGINT handler behind
             continue
         kind = request.get("kind")

@@ -112,6 +112,8 @@ INSTALL_LOG_TAIL_CHARS = 3_000
 # list_envs probes each interpreter at most this long, and reuses answers this long.
 ENV_PROBE_TIMEOUT_S = 15.0
 ENV_PROBE_CACHE_S = 60.0
+# No spare kernel when the machine has less memory available than this.
+SPARE_MIN_AVAILABLE_BYTES = 2 * 1024**3
 # Kernel log lines kept for the death message (a segfault dump, an import error).
 KERNEL_LOG_TAIL_CHARS = 4_000
 SESSION_NAME_RULE = "1-64 characters of letters, digits, '_', '-', '.', not starting with '.'"
@@ -290,6 +292,16 @@ def default_timeout_s(environ: dict[str, str] | os._Environ[str] = os.environ) -
     if not math.isfinite(client_timeout_s) or client_timeout_s <= 0:
         return DEFAULT_TIMEOUT_S
     return max(client_timeout_s - TIMEOUT_MARGIN_S, client_timeout_s / 2)
+
+
+def memory_to_spare() -> bool:
+    """Whether an idle spare kernel (about 30 MB) is cheap here: not on a machine short of memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024 >= SPARE_MIN_AVAILABLE_BYTES
+    except (OSError, KeyError, ValueError):
+        return True  # not Linux: assume a desktop
 
 
 def describe_exit(returncode: int) -> str:
@@ -960,6 +972,8 @@ class Config:
     output_limit: int = DEFAULT_OUTPUT_LIMIT_CHARS
     default_timeout_s: float = dataclasses.field(default_factory=default_timeout_s)
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
+    # Kernels of the default env started ahead of need, so a new session starts at once.
+    spare_kernels: int = dataclasses.field(default_factory=lambda: int(os.environ.get("IPYTHON_MCP_SPARE_KERNELS", "1") or 0))
 
 
 @dataclasses.dataclass
@@ -1041,6 +1055,7 @@ class SessionInfo(BaseModel):
 
 class SessionList(BaseModel):
     sessions: list[SessionInfo]
+    spare_kernels: int = Field(0, description="Default-env kernels started ahead, ready for the next new session.")
 
 
 class SessionManager:
@@ -1050,6 +1065,8 @@ class SessionManager:
         self.config = config
         self.sessions: dict[str, Session] = {}
         self.envs = EnvCatalog()
+        self._spares: list[Kernel] = []
+        self._refill: asyncio.Task[None] | None = None
         self._spill_counter = itertools.count(1)
 
     # -- lifecycle
@@ -1104,6 +1121,9 @@ class SessionManager:
 
     async def _start_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
         """A ready kernel in the session's env, installing ipykernel first if allowed and needed."""
+        spare = self._take_spare(session.python)
+        if spare is not None:
+            return spare
         kernel = Kernel(session.python, session.env_label)
         try:
             await kernel.start()
@@ -1137,10 +1157,46 @@ class SessionManager:
             await session.kernel.kill("shutdown")
         return session
 
+    # -- spare kernels: the default env's next kernel, started before anyone asks
+
+    def start_spares(self) -> None:
+        if self.config.spare_kernels > 0 and memory_to_spare():
+            self._refill = asyncio.get_running_loop().create_task(self._fill_spares(), name="spare-kernels")
+
+    @property
+    def spare_count(self) -> int:
+        return sum(kernel.alive for kernel in self._spares)
+
+    def _take_spare(self, python: Path) -> Kernel | None:
+        if python != Path(sys.executable):
+            return None
+        while self._spares:
+            kernel = self._spares.pop(0)
+            if kernel.alive:
+                if self._refill is None or self._refill.done():
+                    self.start_spares()
+                return kernel
+        return None
+
+    async def _fill_spares(self) -> None:
+        while len(self._spares) < self.config.spare_kernels:
+            kernel = Kernel(Path(sys.executable), "default")
+            try:
+                await kernel.start()
+            except (EnvError, OSError) as exc:
+                log.warning("no spare kernel: %s", exc)
+                return
+            self._spares.append(kernel)
+
     async def close_all(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                await self._refill
         sessions = list(self.sessions.values())
         self.sessions.clear()
-        kernels = [s.kernel for s in sessions if s.kernel is not None]
+        kernels = [s.kernel for s in sessions if s.kernel is not None] + self._spares
+        self._spares = []
         for kernel in kernels:
             kernel.kill_now()
         async with anyio.create_task_group() as group:
@@ -1148,6 +1204,8 @@ class SessionManager:
                 group.start_soon(kernel.kill, "shutdown")
 
     def kill_all_now(self) -> None:
+        for spare in self._spares:
+            spare.kill_now()
         for session in self.sessions.values():
             if session.kernel is not None:
                 session.kernel.kill_now()
@@ -1541,6 +1599,7 @@ def build_server(config: Config | None = None) -> MCPServer:
     async def lifespan(_: MCPServer):
         manager = SessionManager(config)
         _live_managers.add(manager)
+        manager.start_spares()
         try:
             yield manager
         finally:
@@ -1600,7 +1659,7 @@ def build_server(config: Config | None = None) -> MCPServer:
         infos = manager_of(ctx).describe()
         return CallToolResult(
             content=[TextContent(type="text", text=render_sessions(infos))],
-            structured_content=SessionList(sessions=infos).model_dump(mode="json"),
+            structured_content=SessionList(sessions=infos, spare_kernels=manager_of(ctx).spare_count).model_dump(mode="json"),
         )
 
     @server.tool(annotations=ToolAnnotations(title="List Python envs", read_only_hint=True))
@@ -1741,6 +1800,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="install ipykernel into a target env that lacks IPython (or set IPYTHON_MCP_AUTO_INSTALL=1)",
     )
+    parser.add_argument(
+        "--spare-kernels",
+        type=int,
+        default=None,
+        help="default-env kernels kept started ahead of need, so a new session starts at once (default 1, or $IPYTHON_MCP_SPARE_KERNELS; 0 turns it off)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("IPYTHON_MCP_LOG_LEVEL", "WARNING"), help="stderr log level (default WARNING)")
     parser.add_argument("--version", action="version", version=f"ipython-mcp {__version__}")
     return parser.parse_args(argv)
@@ -1757,6 +1822,8 @@ def main(argv: list[str] | None = None) -> None:
     config.output_limit = max(args.output_limit, 100)
     if args.auto_install_ipykernel:
         config.auto_install = True
+    if args.spare_kernels is not None:
+        config.spare_kernels = max(args.spare_kernels, 0)
     if sys.stdin.isatty():
         print(HUMAN_GREETING.format(version=__version__, path=Path(__file__).resolve()), file=sys.stderr)
     try:

@@ -78,7 +78,7 @@ def envs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.asynccontextmanager
 async def connect(tmp_path: Path, envs_dir: Path, **config: Any) -> AsyncIterator[Client]:
-    cfg = ipython_mcp.Config(envs_dir=envs_dir, output_dir=tmp_path / "out", default_timeout_s=30.0, **config)
+    cfg = ipython_mcp.Config(envs_dir=envs_dir, output_dir=tmp_path / "out", default_timeout_s=30.0, spare_kernels=0, **config)
     async with Client(ipython_mcp.build_server(cfg)) as client:
         yield client
 

@@ -58,6 +58,7 @@ async def connect(tmp_path: Path, **config: Any) -> AsyncIterator[Client]:
     config.setdefault("envs_dir", tmp_path / "no-envs-here")
     config.setdefault("output_dir", tmp_path / "output")
     config.setdefault("default_timeout_s", 30.0)
+    config.setdefault("spare_kernels", 0)  # the spare kernel has tests of its own
     async with Client(ipython_mcp.build_server(ipython_mcp.Config(**config))) as client:
         yield client
 

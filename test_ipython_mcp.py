@@ -63,6 +63,7 @@ async def connect(tmp_path: Path, **config: Any) -> AsyncIterator[Client]:
     config.setdefault("envs_dir", tmp_path / "no-envs-here")
     config.setdefault("output_dir", tmp_path / "output")
     config.setdefault("default_timeout_s", 30.0)
+    config.setdefault("spare_kernels", 0)  # the spare kernel has tests of its own
     async with Client(ipython_mcp.build_server(ipython_mcp.Config(**config))) as client:
         yield client
 
@@ -979,6 +980,43 @@ async def raw_server(tmp_path: Path, envs_dir: Path | None = None) -> AsyncItera
             process.kill()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await process.wait()
+
+
+def kernels_of(server_pid: int) -> set[int]:
+    """Kernel processes below the server, spare ones included."""
+    found = set()
+    for pid in ipython_mcp.descendants(server_pid):
+        with contextlib.suppress(OSError):
+            if b"bootstrap_kernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+    return found
+
+
+async def test_a_spare_kernel_serves_the_next_new_session_and_dies_with_the_server(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with raw_server(tmp_path) as server:
+            while (await server.request("tools/call", {"name": "list_sessions", "arguments": {}}))["result"][
+                "structuredContent"
+            ]["spare_kernels"] < 1:
+                await anyio.sleep(POLL_S)
+            (spare,) = kernels_of(server.process.pid)
+            out = await server.execute("new", "import os\nos.getpid()")
+            assert int(out["result"]) == spare, "the new session runs in the spare kernel"
+            while len(kernels_of(server.process.pid)) < 2:  # and a new spare is on its way
+                await anyio.sleep(POLL_S)
+            everything = kernels_of(server.process.pid)
+            await server.process.stdin.aclose()
+            with anyio.fail_after(5):
+                assert await server.process.wait() == 0
+            for pid in everything:
+                await wait_until_gone(pid)
+
+
+async def test_no_spare_kernel_with_spare_kernels_zero(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path, spare_kernels=0) as client:
+            listing = await client.call_tool("list_sessions", {})
+    assert listing.structured_content["spare_kernels"] == 0
 
 
 async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -> None:

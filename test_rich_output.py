@@ -53,7 +53,7 @@ def anyio_backend() -> str:
 @contextlib.asynccontextmanager
 async def connect(tmp_path: Path) -> AsyncIterator[Client]:
     """An in-memory MCP client on a fresh server whose kernels die with it."""
-    config = ipython_mcp.Config(envs_dir=tmp_path / "no-envs-here", output_dir=tmp_path / "output", default_timeout_s=30.0)
+    config = ipython_mcp.Config(envs_dir=tmp_path / "no-envs-here", output_dir=tmp_path / "output", default_timeout_s=30.0, spare_kernels=0)
     async with Client(ipython_mcp.build_server(config)) as client:
         yield client
 
