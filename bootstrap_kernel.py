@@ -468,6 +468,9 @@ def warm_up(shell, capture):
     except BaseException:
         pass
     capture.clear()
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):  # so %tb finds nothing
+        if hasattr(sys, name):
+            delattr(sys, name)
 
 
 def flush_before_exit(relay):
@@ -556,6 +559,7 @@ def execute(shell, relay, state, capture, request):
             if cut:
                 note = "The result's repr was %d characters long; %d were cut from its middle." % (len(full), cut)
                 try:
+                    os.makedirs(os.path.dirname(request["spill_path"]), exist_ok=True)
                     with open(request["spill_path"], "w", encoding="utf-8", errors="replace") as spill:
                         spill.write(full)
                     note += " Full text: %s" % request["spill_path"]

@@ -384,7 +384,7 @@ class OutputBuffer:
     redraw with ``\r`` are collapsed to their last state as they arrive.
     """
 
-    def __init__(self, name: str, limit: int, spill_path: Callable[[str], Path] | None):
+    def __init__(self, name: str, limit: int, spill_path: Callable[..., Path] | None):
         self.name, self.limit, self._spill_path = name, max(limit, 2), spill_path
         self.head = ""
         self.tail = ""
@@ -745,7 +745,7 @@ class Kernel:
         except (ConnectionError, BrokenPipeError):
             pass  # the exit watcher reports the death
 
-    async def start_execution(self, code: str, output_limit: int, spill_path: Callable[[str], Path]) -> Execution:
+    async def start_execution(self, code: str, output_limit: int, spill_path: Callable[..., Path]) -> Execution:
         request_id = next(self._ids)
         per_stream = max(output_limit // 2, 2)
         execution = Execution(
@@ -764,7 +764,7 @@ class Kernel:
                 "code": code,
                 "max_result_chars": output_limit,
                 "image_budget": [IMAGE_MAX_BYTES, IMAGE_MAX_SIDE_PX],
-                "spill_path": str(spill_path("result")),
+                "spill_path": str(spill_path("result", create=False)),  # the kernel creates it if needed
             }
         )
         return execution
@@ -1225,10 +1225,11 @@ class SessionManager:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _spill_path(self, session: str) -> Callable[[str], Path]:
-        def path(stream: str) -> Path:
+    def _spill_path(self, session: str) -> Callable[..., Path]:
+        def path(stream: str, create: bool = True) -> Path:
+            folder = self._session_dir(session) if create else self.config.output_dir / session
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            return self._session_dir(session) / f"{stamp}-{os.getpid()}-{next(self._spill_counter)}-{stream}.txt"
+            return folder / f"{stamp}-{os.getpid()}-{next(self._spill_counter)}-{stream}.txt"
 
         return path
 
