@@ -65,7 +65,16 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
-from mcp.types import INVALID_REQUEST, PARSE_ERROR, CallToolResult, ErrorData, ImageContent, JSONRPCError, TextContent, ToolAnnotations
+from mcp.types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    CallToolResult,
+    ErrorData,
+    ImageContent,
+    JSONRPCError,
+    TextContent,
+    ToolAnnotations,
+)
 from pydantic import BaseModel, Field, ValidationError
 
 __version__ = "0.1.0"
@@ -662,13 +671,11 @@ class Kernel:
         if hello.get("missing") == "ipython":
             await self.kill("killed")
             has_pip = bool(hello.get("pip", True))
-            error = EnvError(
-                self.env_label,
-                str(self.python),
-                f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')}).",
-                install_hint(self.python, has_pip),
-                kind="missing_ipython",
-            )
+            if hello.get("ipython"):  # there, but too old
+                reason = f"IPython in env {self.env_label!r} (python: {self.python}) cannot run this kernel: {hello.get('error')}."
+            else:
+                reason = f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')})."
+            error = EnvError(self.env_label, str(self.python), reason, install_hint(self.python, has_pip), kind="missing_ipython")
             error.has_pip = has_pip
             raise error
         if hello.get("error"):
@@ -1760,7 +1767,7 @@ class AnswerParseErrors:
     async def __aenter__(self) -> AnswerParseErrors:
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     def __getattr__(self, name: str) -> Any:  # last_context and friends

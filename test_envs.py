@@ -292,7 +292,7 @@ async def test_system_python_and_the_default_run_side_by_side(tmp_path: Path) ->
 
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no system Python at /usr/bin/python3")
 async def test_system_python_without_ipython_gets_a_hint_it_can_follow(tmp_path: Path) -> None:
-    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "import IPython"], capture_output=True)
+    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "import IPython"], check=False, capture_output=True)
     if probe.returncode == 0:
         pytest.skip("the system Python has IPython")
     with anyio.fail_after(QUICK_S):

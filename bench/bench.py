@@ -134,6 +134,7 @@ class Results:
         self.notes: dict[str, Any] = {}
         self.errors: list[str] = []
         self.incomplete: list[str] = []  # replies missing some of their output
+        self.baseline_failures: list[str] = []  # the baseline failing where it should not (not our error)
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -186,6 +187,20 @@ class Ours:
     async def sessions(self) -> dict[str, dict[str, Any]]:
         result = await self.call("list_sessions", {}, CALL_TIMEOUT_S)
         return {info["name"]: info for info in result.structured_content["sessions"]}
+
+    async def spares_ready(self) -> int | None:
+        """Spare kernels the server has started ahead of need (None: the server has no such thing)."""
+        result = await self.call("list_sessions", {}, CALL_TIMEOUT_S)
+        return result.structured_content.get("spare_kernels")
+
+    async def wait_for_spare(self) -> bool:
+        """Until a spare kernel is ready, when the server keeps them; bounded. True if one is."""
+        deadline = time.monotonic() + START_TIMEOUT_S / 4
+        while (count := await self.spares_ready()) is not None and count < 1:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return count is not None
 
     async def shutdown(self, session: str) -> None:
         await self.call("shutdown", {"session": session}, SHUTDOWN_TIMEOUT_S)
@@ -285,14 +300,26 @@ class Jupyter:
 
         manager = AsyncKernelManager(kernel_name="python3")
         self.live[manager] = None
-        with open(self.log_dir / f"ipykernel-{time.monotonic_ns()}.log", "wb") as log:  # noqa: ASYNC230
-            await asyncio.wait_for(manager.start_kernel(stdout=log, stderr=log), START_TIMEOUT_S)
-        if self.argv is None:
-            self.argv = list(manager.kernel_spec.argv)
-        client = manager.client()
-        self.live[manager] = client
-        client.start_channels()
-        await asyncio.wait_for(client.wait_for_ready(timeout=START_TIMEOUT_S), START_TIMEOUT_S + 5)
+        log_path = self.log_dir / f"ipykernel-{time.monotonic_ns()}.log"
+        try:
+            with open(log_path, "wb") as log:  # noqa: ASYNC230
+                await asyncio.wait_for(manager.start_kernel(stdout=log, stderr=log), START_TIMEOUT_S)
+            if self.argv is None:
+                self.argv = list(manager.kernel_spec.argv)
+            client = manager.client()
+            self.live[manager] = client
+            client.start_channels()
+            await asyncio.wait_for(client.wait_for_ready(timeout=START_TIMEOUT_S), START_TIMEOUT_S + 5)
+        except Exception as exc:
+            try:
+                alive = manager.has_kernel and psutil.pid_exists(self.pid(manager))
+            except Exception:  # noqa: BLE001
+                alive = False
+            tail = log_path.read_text(errors="replace")[-800:].strip() if log_path.exists() else ""
+            raise RuntimeError(
+                f"ipykernel did not start: {type(exc).__name__}: {exc} (kernel process {'alive' if alive else 'gone'}; "
+                f"its log ends: {tail!r})"
+            ) from exc
         return manager, client
 
     @staticmethod
@@ -516,6 +543,7 @@ class Bench:
         self.r = Results()
         self.jupyter = Jupyter(work)
         self.ours: Ours | None = None
+        self.ours_no_spare: Ours | None = None  # a second server with spare kernels off, when it has them
         self.server_pid: int | None = None
         self.direct: list[DirectKernel] = []
         self.counter = 0
@@ -574,6 +602,9 @@ class Bench:
             r.add("cold.floor_shell", await spawn_until_ready("from IPython.core.interactiveshell import InteractiveShell as S; S.instance().run_cell('1+1')"))
 
         async def ours() -> None:
+            """As shipped: a spare kernel, if the server keeps one, is ready (sessions started seconds apart)."""
+            assert self.ours
+            has_spare = await self.ours.wait_for_spare()
             name = self.name("cold")
             started = time.perf_counter()
             reply = await self.ours.ok(name, WARM_CODE)
@@ -586,13 +617,35 @@ class Bench:
                 rss, uss = memory_of(pid)
                 r.add("memory.ours_rss", rss)
                 r.add("memory.ours_uss", uss)
-                if self.server_pid is None:
-                    self.server_pid = psutil.Process(pid).ppid()
+                self.server_pid = psutil.Process(pid).ppid()
                 rss, uss = memory_of(self.server_pid)
                 r.add("memory.server_rss", rss)
                 r.add("memory.server_uss", uss)
+                if has_spare and await self.ours.wait_for_spare():
+                    # Kernels of the server that belong to no session: the spares, idle.
+                    session_pids = {info["pid"] for info in (await self.ours.sessions()).values()}
+                    spares = [c for c in psutil.Process(self.server_pid).children() if c.pid not in session_pids]
+                    rss = uss = 0.0
+                    for spare in spares:
+                        spare_rss, spare_uss = memory_of(spare.pid)
+                        rss, uss = rss + spare_rss, uss + spare_uss
+                    r.add("memory.spares_rss", rss)
+                    r.add("memory.spares_uss", uss)
+                    r.notes["spare_kernels"] = len(spares)
             finally:
                 await self.ours.drop(name)
+
+        async def ours_no_spare() -> None:
+            """The kernel start itself: a server that keeps no spare kernel."""
+            assert self.ours_no_spare
+            name = self.name("cold")
+            started = time.perf_counter()
+            try:
+                reply = await self.ours_no_spare.ok(name, WARM_CODE)
+                r.add("cold.ours_no_spare", time.perf_counter() - started)
+                assert reply.get("result") == "2", reply
+            finally:
+                await self.ours_no_spare.drop(name)
 
         async def direct() -> None:
             kernel = DirectKernel(self.work)
@@ -622,6 +675,8 @@ class Bench:
                 await self.jupyter.stop(manager)
 
         steps = [floor_pass, floor_ipython, floor_shell, ours, direct, baseline]
+        if self.ours_no_spare is not None:
+            steps.insert(4, ours_no_spare)
         with self.unrecorded():  # first starts write .pyc files and fill the page cache
             for step in steps:
                 await step()
@@ -653,7 +708,7 @@ class Bench:
         spill_dir.mkdir(exist_ok=True)
         counter = iter(range(1 << 30))
 
-        def spill(stream: str) -> Path:
+        def spill(stream: str, create: bool = True, **_: Any) -> Path:
             return spill_dir / f"{next(counter)}-{stream}.txt"
 
         try:
@@ -718,7 +773,13 @@ class Bench:
 
                 steps = [ours_mcp, mcp_floor, noop_mcp, ours_direct, baseline, floor_echo]
                 if kernel_obj is not None:
-                    steps.insert(3, ours_kernel_class)
+                    try:  # the server's internal API may have moved on: then skip this one row
+                        with self.unrecorded():
+                            await ours_kernel_class()
+                        steps.insert(3, ours_kernel_class)
+                    except Exception as exc:  # noqa: BLE001
+                        r.notes["warm.ours_kernel_class_error"] = f"{type(exc).__name__}: {exc}"
+                        self.log(f"[bench] ipython_mcp.Kernel row skipped: {type(exc).__name__}: {exc}")
                 with self.unrecorded():
                     for _ in range(self.reps.warmup):
                         for step in steps:
@@ -915,8 +976,15 @@ class Bench:
 
             started = time.perf_counter()
             try:
-                await asyncio.gather(*(one() for _ in range(CONCURRENT)))
-                r.add("concurrent.baseline", time.perf_counter() - started)
+                outcomes = await asyncio.gather(*(one() for _ in range(CONCURRENT)), return_exceptions=True)
+                elapsed = time.perf_counter() - started
+                failures = [o for o in outcomes if isinstance(o, BaseException)]
+                if not failures:
+                    r.add("concurrent.baseline", elapsed)
+                else:  # the baseline's own failure: noted, left out of its numbers, and the next burst goes on
+                    r.baseline_failures.append(
+                        f"{len(failures)} of {CONCURRENT} ipykernels started at once failed (burst took {elapsed:.1f} s): {failures[0]}"
+                    )
             finally:
                 await self.jupyter.close_all()
 
@@ -947,11 +1015,18 @@ class Bench:
             args=[str(SERVER), "--output-dir", str(self.work / "server-output")],
             env={"IPYTHON_MCP_ENVS_DIR": str(self.work / "envs"), RUN_MARKER: os.environ[RUN_MARKER]},
         )
+        no_spare = None
+        if server_has_option("--spare-kernels"):
+            no_spare = parameters.model_copy(update={"args": [*parameters.args, "--spare-kernels", "0"]})
+        self.r.notes["server_keeps_spare_kernels"] = no_spare is not None
         try:
             started = time.perf_counter()
-            async with Client(parameters, read_timeout_seconds=START_TIMEOUT_S) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                client = await stack.enter_async_context(Client(parameters, read_timeout_seconds=START_TIMEOUT_S))
                 self.r.add("server.connect", time.perf_counter() - started)
                 self.ours = Ours(client)
+                if no_spare is not None:
+                    self.ours_no_spare = Ours(await stack.enter_async_context(Client(no_spare, read_timeout_seconds=START_TIMEOUT_S)))
                 await self.section("cold session + idle memory", self.cold())
                 await self.section("warm round trip", self.warm())
                 await self.section("output throughput", self.output())
@@ -1008,6 +1083,7 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
         })
 
     row("cold session, first 1+1 (median)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
+    row("  with no spare kernel ready", "cold.ours_no_spare", "cold.baseline", "cold.floor_import_ipython")
     row("  kernel only, direct pipes", "cold.ours_direct", "cold.baseline", "cold.floor_import_ipython")
     row("  kernel CPU time, start + 1+1 + idle", "cold.ours_kernel_cpu", "cold.baseline_kernel_cpu", None)
     row("  floor: python -c pass", "cold.floor_python", None, None)
@@ -1031,6 +1107,8 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("  floor: bare python RSS", "memory.floor_python_rss", None, None, kind="bytes")
     row("  our server process RSS", "memory.server_rss", None, None, kind="bytes")
     row("  our server process USS", "memory.server_uss", None, None, kind="bytes")
+    row("  our idle spare kernel(s) RSS", "memory.spares_rss", None, None, kind="bytes")
+    row("  our idle spare kernel(s) USS", "memory.spares_uss", None, None, kind="bytes")
     row("10 sessions at once, all answered", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
     return rows
 
@@ -1053,10 +1131,15 @@ def evaluate_targets(r: Results) -> list[dict[str, Any]]:
             parts.append(f"{label} = {value:.3g} ({op} {bound:g}: {'ok' if ok else 'MISSED'})")
         targets.append({"target": name, "met": met, "detail": "; ".join(parts)})
 
-    target("cold session >= 4x faster, within 1.5x of import IPython", [
+    target("cold session >= 4x faster, within 1.5x of import IPython (as shipped)", [
         ("baseline/ours", ratio(med("cold.baseline"), med("cold.ours")), ">=", 4),
         ("ours/floor", ratio(med("cold.ours"), med("cold.floor_import_ipython")), "<=", 1.5),
     ])
+    if r.samples.get("cold.ours_no_spare"):
+        target("  same, counting the kernel start (no spare kernel ready)", [
+            ("baseline/ours", ratio(med("cold.baseline"), med("cold.ours_no_spare")), ">=", 4),
+            ("ours/floor", ratio(med("cold.ours_no_spare"), med("cold.floor_import_ipython")), "<=", 1.5),
+        ])
     warm = med("warm.ours")
     target("warm round trip >= 10x faster, MCP end-to-end < 5 ms", [
         ("baseline/ours", ratio(med("warm.baseline"), warm), ">=", 10),
@@ -1105,6 +1188,11 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
     print("targets:")
     for t in targets:
         print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['detail']}")
+    if r.baseline_failures:
+        print()
+        print("baseline failures (left out of its numbers):")
+        for line in r.baseline_failures:
+            print(f"  {line}")
     if r.incomplete:
         print()
         print("replies that lost output (timed anyway; a correctness problem, not a speed one):")
@@ -1115,6 +1203,15 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
         print("errors:")
         for error in r.errors:
             print(f"  {error}")
+
+
+def server_has_option(option: str) -> bool:
+    """Whether the server under test accepts a command-line option (older versions may not)."""
+    try:
+        out = subprocess.run([PY, str(SERVER), "--help"], check=False, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return option in out.stdout
 
 
 def busy_cpu_seconds() -> tuple[float, float]:
@@ -1234,6 +1331,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {key: summarize(values) for key, values in sorted(r.samples.items())},
         "notes": r.notes,
         "incomplete_output": r.incomplete,
+        "baseline_failures": r.baseline_failures,
         "errors": r.errors,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
