@@ -1110,6 +1110,7 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("  our idle spare kernel(s) RSS", "memory.spares_rss", None, None, kind="bytes")
     row("  our idle spare kernel(s) USS", "memory.spares_uss", None, None, kind="bytes")
     row("10 sessions at once, all answered", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
+    row("our MCP server start, spawn -> ready", "server.connect", None, None)
     return rows
 
 
