@@ -37,7 +37,9 @@ import queue
 import re
 import select
 import signal
+import struct
 import sys
+import termios
 import threading
 import time
 
@@ -52,8 +54,10 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # the server's line limit, whatever a cell produces.
 MAX_TEXT_CHARS = 2_000_000
 MAX_IMAGE_B64_CHARS = 48 * 1024 * 1024
-# Pause after output wakes the relay, so small writes travel together.
+# Pause after output wakes the relay, when less than a chunk's worth is waiting, so
+# small writes travel together.
 RELAY_GATHER_S = 0.002
+RELAY_GATHER_BELOW_BYTES = 32 * 1024
 # Bounds the end-of-cell drain (rounds of RELAY_CHUNK_BYTES) when a background
 # process keeps writing: its later output still flows, just not inside this reply.
 DRAIN_MAX_ROUNDS = 64
@@ -108,6 +112,17 @@ def restore_standard_fds(spares):
             same = False
         if not same:
             os.dup2(spare, fd)
+
+
+def pending_bytes(fds):
+    """Bytes waiting in these pipes (FIONREAD); 0 where the platform cannot tell."""
+    total = 0
+    for fd in fds:
+        try:
+            total += struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            pass
+    return total
 
 
 class Wire:
@@ -188,8 +203,10 @@ class Relay:
         while True:
             ready, _, _ = select.select(fds, [], [])
             # Let a burst of small prints gather into one message (100k prints: ~30x
-            # fewer messages). The end-of-cell drain does not wait for this pause.
-            time.sleep(RELAY_GATHER_S)
+            # fewer messages); a big write is read at once. The end-of-cell drain does
+            # not wait for this pause.
+            if pending_bytes(ready) < RELAY_GATHER_BELOW_BYTES:
+                time.sleep(RELAY_GATHER_S)
             with self.lock:
                 self._pump(ready)  # non-blocking: drain() may have emptied them meanwhile
 
@@ -385,9 +402,15 @@ def make_shell(wire, relay, state, capture):
             finally:
                 self.InteractiveTB.set_mode(mode)
 
+        def _format_exception_for_storage(self, exception, *args, **kwargs):
+            # IPython 9 formats every error a second time for its history; the text we just
+            # showed is that same traceback (and the second pass would cost 5-40 ms).
+            return {"ename": type(exception).__name__, "evalue": str(exception), "traceback": capture.get("stb", [])}
+
         def _showtraceback(self, etype, evalue, stb):
             # Frames of this file (the SIGINT handler, the input() refusal) are ours, not the user's.
             stb = [entry for entry in stb if THIS_FILE not in ANSI_ESCAPE.sub("", entry)] or stb
+            capture["stb"] = stb
             capture["error"] = ANSI_ESCAPE.sub("", self.InteractiveTB.stb2text(stb))
             capture["error_name"] = getattr(etype, "__name__", str(etype))
 
