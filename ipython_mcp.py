@@ -435,13 +435,18 @@ class OutputBuffer:
         return kept[cut:]
 
     def _spill(self) -> None:
-        if self._spill_path is None:  # a view of other streams: their files keep the text
+        if self._spill_path is not None:
+            try:
+                self.file_path = self._spill_path(self.name)
+                self._file = open(self.file_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed in close())
+                self._file.write(self.head)
+            except OSError as exc:  # an unwritable output folder costs the full text, not the call
+                log.warning("cannot save the full %s: %s", self.name, exc)
+                self.file_path = None
+                self._file = None
+        if self._file is None:  # a view of other streams (their files keep the text), or no file
             self._file = contextlib.nullcontext()
             self._file.write = self._file.close = lambda *args: None  # type: ignore[attr-defined]
-        else:
-            self.file_path = self._spill_path(self.name)
-            self._file = open(self.file_path, "w", encoding="utf-8", errors="replace")
-            self._file.write(self.head)
         keep = self.limit // 2
         self.head, self.tail = self.head[:keep], self.head[keep:]
 
@@ -718,7 +723,10 @@ class Kernel:
             return
         if message.get("kind") == "done" and message.get("id") != current.request_id:
             return
-        current.on_message(message)
+        try:
+            current.on_message(message)
+        except Exception:  # never let one message stop the reader: the call would hang
+            log.exception("kernel %s: could not handle a %s message", self.pid, message.get("kind"))
 
     async def _read_log(self) -> None:
         assert self.process and self.process.stderr
@@ -1012,7 +1020,7 @@ class ExecuteImage(BaseModel):
     index: int = Field(description="Position among the images of this call (0-based).")
     mime_type: str
     bytes: int = Field(description="Size of the decoded image.")
-    path: str = Field(description="File holding the image, for clients that cannot show images.")
+    path: str | None = Field(description="File holding the image, for clients that cannot show images.")
 
 
 class ExecuteResult(BaseModel):
@@ -1394,10 +1402,12 @@ class SessionManager:
         for buffer in buffers:
             buffer.close()
             if buffer.cut:
-                output_files[buffer.name] = str(buffer.file_path)
+                where = f"Full text: {buffer.file_path}" if buffer.file_path else "The full text could not be saved (see the server log)."
+                if buffer.file_path:
+                    output_files[buffer.name] = str(buffer.file_path)
                 warnings.append(
                     f"{buffer.name} was {buffer.total} characters; {buffer.cut} were cut from the middle of this "
-                    f"reply (limit {self.config.output_limit} per call). Full text: {buffer.file_path}"
+                    f"reply (limit {self.config.output_limit} per call). {where}"
                 )
         return output_files
 
@@ -1461,9 +1471,13 @@ class SessionManager:
                 warnings.append(f"An {mime} image was not valid base64 and was dropped.")
                 continue
             suffix = ".png" if mime == "image/png" else ".jpg"
-            path = self._spill_path(session)(f"image{len(infos)}").with_suffix(suffix)
-            path.write_bytes(data)
-            infos.append(ExecuteImage(index=len(infos), mime_type=mime, bytes=len(data), path=str(path)))
+            try:
+                path: Path | None = self._spill_path(session)(f"image{len(infos)}").with_suffix(suffix)
+                path.write_bytes(data)
+            except OSError as exc:
+                warnings.append(f"Image {len(infos)} could not be saved to a file ({exc}).")
+                path = None
+            infos.append(ExecuteImage(index=len(infos), mime_type=mime, bytes=len(data), path=str(path) if path else None))
             if len(data) > IMAGE_INLINE_MAX_BYTES:
                 warnings.append(
                     f"Image {len(infos) - 1} is {len(data)} bytes, over the {IMAGE_INLINE_MAX_BYTES} sent inline; "

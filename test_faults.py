@@ -513,3 +513,17 @@ async def test_env_that_tries_to_escape_is_env_error_and_creates_nothing(
     assert live == {}
     created = tree(root) - before
     assert all(path.startswith("output") for path in created), created
+
+
+async def test_an_unwritable_output_folder_costs_the_files_not_the_call(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")
+    code = "print('x' * 300_000)\nimport matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\n'y' * 300_000"
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path, output_dir=blocked / "output") as client:
+            out = await run(client, "s", code)
+            await assert_usable(client, "s")
+    assert out["status"] == "ok"
+    assert len(out["stdout"]) < 150_000 and len(out["result"]) < 150_000
+    assert "could not be saved" in out["warning"]
+    assert out["images"][0]["path"] is None and out["images"][0]["bytes"] > 0
