@@ -15,21 +15,26 @@ File descriptors, after start-up:
     log      duplicate of the original stderr: faulthandler dumps, start-up errors
 
 Messages (one JSON object per line, ``kind`` says which):
-    server -> kernel   execute {id, code, max_result_chars}
-                       interrupt {}            (same effect as SIGINT, for pipes
-                                                that carry no signals)
-                       shutdown {}
-    kernel -> server   hello {pid, python, python_version, ipython, error}
+    server -> kernel   execute {id, code, max_result_chars, image_budget, spill_path}
+                       interrupt {id, group_signalled}
+                           stops cell ``id`` (now, or when it would start); when the
+                           server could not signal the process group itself, the
+                           kernel signals it (pipes that carry no signals: ssh, exec)
+    kernel -> server   hello {protocol, pid, python, python_version, ipython, error,
+                              missing, pip, prefix}   (first line; ``missing`` says
+                              IPython is absent or too old, ``pip`` whether pip is there)
                        stream {name, text}     stdout/stderr of the running cell
                        display {data}          mime bundle shown by the cell
                        clear {wait}            clear_output() was called
-                       done {id, status, result, error, execution_count, notes}
+                       done {id, status, result, result_images, error,
+                             execution_count, notes}
 
 When the protocol input reaches end of file the server is gone: the kernel kills
 its own process group (itself and anything it started) so no process outlives it.
 """
 
 import codecs
+import contextlib
 import fcntl
 import json
 import os
@@ -126,16 +131,18 @@ def pending_bytes(fds):
 
 
 class Wire:
-    """Writes protocol messages; several threads send, so writes are serialised."""
+    """Writes protocol messages; several threads send, so writes are serialised, and an
+    interrupt never lands halfway through a line (the rest of the line would be lost)."""
 
-    def __init__(self, fd):
+    def __init__(self, fd, state):
         self.fd = fd
+        self.state = state
         self.lock = threading.Lock()
 
     def send(self, message):
         data = (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         view = memoryview(data)
-        with self.lock:
+        with self.state.no_interrupts(), self.lock:
             while view:
                 view = view[os.write(self.fd, view):]
 
@@ -192,7 +199,7 @@ class Relay:
         # A pump stops after RELAY_CHUNK_BYTES per fd; repeat until the pipes are
         # empty, but give up on a background writer that never stops.
         for _ in range(DRAIN_MAX_ROUNDS):
-            with self.lock:
+            with self.wire.state.no_interrupts(), self.lock:
                 ready, _, _ = select.select(list(self.readers), [], [], 0)
                 if not ready:
                     return
@@ -222,6 +229,8 @@ class KernelState:
 
     def __init__(self):
         self.lock = threading.Lock()
+        self.critical = 0  # > 0 while the main thread writes to the wire
+        self.deferred = False  # a SIGINT arrived meanwhile: raise it when the write is done
         self.executing = False
         self.current_id = None
         self.interrupted = False  # the current cell already got its KeyboardInterrupt
@@ -232,8 +241,28 @@ class KernelState:
         # Only user code is interrupted; a stray SIGINT while idle must not kill the loop.
         __tracebackhide__ = True  # IPython leaves this frame out of the traceback
         if self.executing:
+            if self.critical:
+                self.deferred = True
+                return
             self.interrupted = True
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def no_interrupts(self):
+        """Hold a SIGINT of the main thread until the block is done (other threads pass)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.critical += 1
+        try:
+            yield
+        finally:
+            self.critical -= 1
+        if not self.critical and self.deferred:
+            self.deferred = False
+            if self.executing:
+                self.interrupted = True
+                raise KeyboardInterrupt
 
     def begin(self, request_id):
         """Start a cell; False when it was interrupted before it began."""
@@ -556,11 +585,15 @@ def execute(shell, relay, state, capture, request):
         state.end(request["id"])
         # User code may have replaced the handler (SIG_IGN, its own): restore ours.
         signal.signal(signal.SIGINT, sigint_handler)
-    restore_standard_fds(relay.spares)
-    for name in ("stdout", "stderr"):  # a cell that closed sys.stdout still leaves a working one
-        if getattr(sys, name).closed:
-            setattr(sys, name, open(1 if name == "stdout" else 2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1))
-    relay.end_of_cell()
+    try:  # the kernel must never die of its own bookkeeping, whatever the cell did
+        restore_standard_fds(relay.spares)
+        for name, fd in (("stdout", 1), ("stderr", 2)):  # a cell that closed sys.stdout still leaves a working one
+            stream = getattr(sys, name)
+            if stream is None or getattr(stream, "closed", False) is True:
+                setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1))
+        relay.end_of_cell()
+    except Exception as exc:
+        notes.append("After the cell, restoring stdout/stderr failed (%s: %s)." % (type(exc).__name__, exc))
     if shell.exit_now:
         shell.exit_now = False
         notes.append("exit() was ignored: use the shutdown tool to end a session.")
@@ -611,7 +644,8 @@ def execute(shell, relay, state, capture, request):
 
 def main():
     proto_in, proto_out, log, readers, spares = take_standard_fds()
-    wire = Wire(proto_out)
+    state = KernelState()
+    wire = Wire(proto_out, state)
     hello = {
         "kind": "hello",
         "protocol": PROTOCOL_VERSION,
@@ -655,7 +689,6 @@ def main():
     headless_environment()
     relay = Relay(wire, readers)
     relay.spares = spares
-    state = KernelState()
     signal.signal(signal.SIGINT, state.on_sigint)
     capture = {}
     try:
@@ -685,9 +718,6 @@ def main():
                 reply = {"kind": "done", "id": request["id"], "status": "error", "error": "KeyboardInterrupt",
                          "result": None, "execution_count": None, "notes": []}
             wire.send(reply)
-        elif kind == "shutdown":
-            relay.drain()
-            return 0
 
 
 if __name__ == "__main__":

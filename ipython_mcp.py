@@ -89,6 +89,8 @@ KERNEL_START_TIMEOUT_S = 60.0
 DEFAULT_TIMEOUT_S = 58.0
 # Return this long before the client's own timeout, so partial output reaches it.
 TIMEOUT_MARGIN_S = 2.0
+# A cell always gets at least this long, even when waiting for its session used up timeout_s.
+MIN_CELL_S = 1.0
 # After SIGINT, time for a cell to unwind (finally blocks, traceback) before we kill.
 INTERRUPT_GRACE_S = 3.0
 # After SIGKILL, time for the kernel to be reaped; it cannot ignore SIGKILL.
@@ -131,10 +133,10 @@ ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 IMAGE_MIME_TYPES = ("image/png", "image/jpeg")
 
 
+Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> a progress notification
+
+
 # --- Exceptions that carry data ---------------------------------------------------------
-
-
-Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> notification
 
 
 class EnvError(Exception):
@@ -143,9 +145,10 @@ class EnvError(Exception):
     kinds: ``bad_name``, ``no_interpreter``, ``missing_ipython``, ``start_failed``.
     """
 
-    def __init__(self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed"):
-        self.env, self.python, self.reason, self.hint, self.kind = env, python, reason, hint, kind
-        self.has_pip = True
+    def __init__(
+        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed", has_pip: bool = True
+    ):
+        self.env, self.python, self.reason, self.hint, self.kind, self.has_pip = env, python, reason, hint, kind, has_pip
         super().__init__(self.message)
 
     @property
@@ -218,7 +221,7 @@ def interpreter_for(env: str | None, envs_dir: Path) -> tuple[str, Path]:
         else:
             reason = f"No Python interpreter for env {env!r}: {expected} does not exist (nor .venv/ or .pixi/envs/default/ inside it)."
         raise EnvError(env, str(expected), reason, create_hint(path), kind="no_interpreter")
-    if env in (".", "..") or not ENV_NAME.fullmatch(env):
+    if not ENV_NAME.fullmatch(env):  # also refuses ".", ".." and anything with a separator
         raise EnvError(
             env,
             None,
@@ -385,6 +388,16 @@ def collapse_redraws(text: str) -> str:
     return "\n".join(lines)
 
 
+class _NullFile:
+    """Where spilled text goes when there is no file to keep it."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class OutputBuffer:
     """One stream of one cell: everything up to ``limit`` chars, then head + tail.
 
@@ -445,8 +458,7 @@ class OutputBuffer:
                 self.file_path = None
                 self._file = None
         if self._file is None:  # a view of other streams (their files keep the text), or no file
-            self._file = contextlib.nullcontext()
-            self._file.write = self._file.close = lambda *args: None  # type: ignore[attr-defined]
+            self._file = _NullFile()
         keep = self.limit // 2
         self.head, self.tail = self.head[:keep], self.head[keep:]
 
@@ -455,7 +467,7 @@ class OutputBuffer:
         return (self.tail if self._file is not None else self.head).endswith("\n")
 
     def clear(self) -> None:
-        """clear_output(): what the agent gets starts again; a spill file keeps everything."""
+        """clear_output(): what the agent gets starts again (a spill file so far is closed and not named)."""
         self.head, self.tail, self.total = "", "", 0
         if self._file is not None:
             self._file.close()
@@ -493,7 +505,7 @@ class Execution:
     stderr: OutputBuffer
     displays: list[dict[str, str]] = dataclasses.field(default_factory=list)
     # stdout and display() text interleaved as the cell produced them, for the text block
-    transcript: OutputBuffer | None = None
+    transcript: OutputBuffer = dataclasses.field(init=False)
     reply: asyncio.Future[dict[str, Any]] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = dataclasses.field(default_factory=time.monotonic)
     last_stream: str = "stdout"
@@ -538,11 +550,10 @@ class Execution:
         self.stderr.clear()
         self.displays.clear()
         self._images_seen = 0
-        if self.transcript is not None:
-            self.transcript.clear()
+        self.transcript.clear()
 
     def _transcribe(self, text: str, display: bool = False) -> None:
-        if self.transcript is None or not text:
+        if not text:
             return
         if display and self.transcript.total and not self.transcript.ends_line:
             text = "\n" + text
@@ -594,6 +605,7 @@ class Kernel:
         self._tasks: list[asyncio.Task[None]] = []
         self._hello_future: asyncio.Future[dict[str, Any]] | None = None
         self._reader_done = asyncio.Event()
+        self._sends: set[asyncio.Task[None]] = set()
 
     @property
     def pid(self) -> int | None:
@@ -605,7 +617,7 @@ class Kernel:
 
     @property
     def busy(self) -> bool:
-        return self.current is not None
+        return self.current is not None and not self.current.reply.done()
 
     def _child_environment(self) -> dict[str, str]:
         environ = dict(os.environ)
@@ -680,9 +692,7 @@ class Kernel:
                 reason = f"IPython in env {self.env_label!r} (python: {self.python}) cannot run this kernel: {hello.get('error')}."
             else:
                 reason = f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')})."
-            error = EnvError(self.env_label, str(self.python), reason, install_hint(self.python, has_pip), kind="missing_ipython")
-            error.has_pip = has_pip
-            raise error
+            raise EnvError(self.env_label, str(self.python), reason, install_hint(self.python, has_pip), "missing_ipython", has_pip)
         if hello.get("error"):
             await self.kill("killed")
             raise EnvError(
@@ -742,7 +752,7 @@ class Kernel:
         # A forked grandchild may hold the pipe open: read what is there, briefly.
         with anyio.move_on_after(DEATH_DRAIN_S):
             await self._reader_done.wait()
-        self._kill_group()  # whatever the kernel left behind goes with it
+        self.kill_now()  # whatever the kernel left behind goes with it
         died = KernelDied(describe_exit(returncode), self._log_tail.strip(), self.stop_reason)
         if self._hello_future and not self._hello_future.done():
             self._hello_future.set_exception(died)
@@ -790,26 +800,30 @@ class Kernel:
         if self.current is execution:
             self.current = None
 
-    def interrupt(self, via: Literal["signal", "message"] = "signal") -> None:
+    def interrupt(self) -> None:
         """SIGINT to the kernel's process group (a `!sleep` child stops too), then the
         ``interrupt`` message for the same cell.
 
         The message follows the cell's ``execute`` on the ordered pipe, so it also stops
-        a cell whose SIGINT arrived before it started. ``via="message"`` sends only the
-        message, as over a transport that carries no signals.
+        a cell whose SIGINT arrived before it started; alone, it is how a kernel behind a
+        transport that carries no signals would be interrupted.
         """
         if not self.alive or self.current is None:
             return
         signalled = False
-        if via == "signal":
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGINT)
-                signalled = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGINT)
+            signalled = True
         message = {"kind": "interrupt", "id": self.current.request_id, "group_signalled": signalled}
-        asyncio.get_running_loop().create_task(self._send(message))
+        task = asyncio.get_running_loop().create_task(self._send(message))
+        self._sends.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._sends.discard)
 
-    def _kill_group(self) -> None:
-        """SIGKILL the kernel's process group, and descendants that left it (setsid)."""
+    def kill_now(self) -> None:
+        """SIGKILL the kernel's process group, and descendants that left it (setsid).
+
+        Synchronous, so signal handlers and exit paths can use it; ``kill`` also reaps.
+        """
         if self.pid is None:
             return
         strays = descendants(self.pid) if self.alive else []
@@ -825,7 +839,7 @@ class Kernel:
             self.stop_reason = reason
         if self.process is None:
             return
-        self._kill_group()
+        self.kill_now()
         with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
             await self.exited.wait()
         for task in self._tasks:
@@ -833,16 +847,16 @@ class Kernel:
         if self.process.stdin:
             self.process.stdin.close()
 
-    def kill_now(self) -> None:
-        """Synchronous last resort (signal handler, interpreter exit)."""
-        self._kill_group()
 
 
 # --- Envs: installing the prerequisite, and finding what is there ----------------------
 
 
-async def install_ipykernel(error: EnvError, progress: Progress | None) -> None:
-    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
+async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: set[int]) -> None:
+    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure.
+
+    The installer's pid is in ``helpers`` while it runs, so a server stopping kills it too.
+    """
     python = Path(error.python or "")
     plan = install_plan(python, error.has_pip)
     if plan.argv is None:
@@ -860,6 +874,7 @@ async def install_ipykernel(error: EnvError, progress: Progress | None) -> None:
             error.env, error.python, f"Could not run `{plan.text}` to install ipykernel into env {error.env!r}: {exc}.",
             kind="missing_ipython",
         ) from exc
+    helpers.add(process.pid)
     try:
         assert process.stdout is not None
         with anyio.fail_after(INSTALL_TIMEOUT_S):
@@ -881,6 +896,7 @@ async def install_ipykernel(error: EnvError, progress: Progress | None) -> None:
                 os.killpg(process.pid, signal.SIGKILL)
             with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
                 await process.wait()
+        helpers.discard(process.pid)
     if returncode != 0:
         how = f"did not finish within {INSTALL_TIMEOUT_S:.0f} s" if returncode is None else f"failed ({describe_exit(returncode)})"
         raise EnvError(
@@ -916,8 +932,9 @@ class EnvList(BaseModel):
 class EnvCatalog:
     """Probes interpreters (in parallel, cached) for list_envs."""
 
-    def __init__(self) -> None:
+    def __init__(self, helpers: set[int]) -> None:
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+        self._helpers = helpers  # probe pids, killed if the server stops mid-probe
 
     async def probe(self, python: Path) -> dict[str, Any]:
         cached = self._cache.get(python)
@@ -932,6 +949,7 @@ class EnvCatalog:
         except OSError as exc:
             answer["error"] = f"cannot run {python}: {exc}"
             return answer
+        self._helpers.add(process.pid)
         try:
             with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
                 out, err = await process.communicate()
@@ -944,7 +962,9 @@ class EnvCatalog:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+            self._helpers.discard(process.pid)
         self._cache[python] = (time.monotonic(), answer)
         return answer
 
@@ -1002,10 +1022,14 @@ class Session:
     run_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one cell at a time
     kernel_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one (re)start at a time
     lost_state: str | None = None  # why the next call runs in a fresh kernel
-    start_error: EnvError | None = None  # the first start failed: answer waiting calls alike
+    closed: Exception | None = None  # shut down, or never created: what waiting calls are told
     notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
     background: Execution | None = None  # a cell left running by on_timeout="continue"
     wait_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one `wait` at a time
+
+    def check_open(self) -> None:
+        if self.closed is not None:
+            raise self.closed
 
     @property
     def status(self) -> str:
@@ -1064,7 +1088,7 @@ class SessionInfo(BaseModel):
     status: Literal["starting", "idle", "busy", "dead"]
     pid: int | None
     uptime_s: float
-    exec_count: int = Field(description="Cells executed by this session's current kernel.")
+    exec_count: int = Field(description="Cells executed in this session, across kernel restarts.")
     busy_s: float | None = Field(description="How long the running cell has run, when busy.")
 
 
@@ -1079,7 +1103,9 @@ class SessionManager:
     def __init__(self, config: Config):
         self.config = config
         self.sessions: dict[str, Session] = {}
-        self.envs = EnvCatalog()
+        self.helpers: set[int] = set()  # installer and probe pids (own process groups)
+        self.envs = EnvCatalog(self.helpers)
+        self._closing = False
         self._spares: list[Kernel] = []
         self._refill: asyncio.Task[None] | None = None
         self._spill_counter = itertools.count(1)
@@ -1094,10 +1120,12 @@ class SessionManager:
             label, python = interpreter_for(env, self.config.envs_dir)  # EnvError: nothing created
             session = self.sessions[name] = Session(name, label, python)
             try:
-                await self._ensure_kernel(session, progress)
+                await self._replace_kernel(session, progress=progress)
             except BaseException as exc:
-                # A second first call waiting on this session gets the same answer.
-                session.start_error = exc if isinstance(exc, EnvError) else EnvError(label, str(python), "The session was not created.")
+                # Calls waiting for this session's first kernel get the same answer.
+                session.closed = exc if isinstance(exc, (EnvError, ToolError)) else ToolError(
+                    f"Session {name!r} was not created: the call creating it was cancelled. Call execute again."
+                )
                 if self.sessions.get(name) is session:
                     del self.sessions[name]
                 raise
@@ -1107,7 +1135,7 @@ class SessionManager:
                 f"Session {name!r} already runs in env {session.env_label!r} ({session.python}); "
                 f"env {env!r} was ignored. Use a new session name, or shutdown this one first, to change env."
             )
-        await self._ensure_kernel(session, progress)
+        await self._replace_kernel(session, progress=progress)
         return session, warnings
 
     def _same_interpreter(self, env: str, session: Session) -> bool:
@@ -1116,23 +1144,35 @@ class SessionManager:
         except EnvError:
             return False
 
-    async def _ensure_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
+    async def _replace_kernel(self, session: Session, reason: str | None = None, progress: Progress | None = None) -> Kernel:
+        """The one place a session gets a new kernel.
+
+        ``reason=None``: make sure the session has a live kernel (first start, or after a
+        death, noting the lost state). ``reason="reset"``/``"killed"``: kill the current one
+        and start afresh. A session shut down meanwhile never keeps a kernel.
+        """
         async with session.kernel_lock:
-            if session.start_error is not None:
-                raise session.start_error
-            if self.sessions.get(session.name) is not session:
-                raise ToolError(f"Session {session.name!r} was shut down while this call waited for it.")
-            if session.kernel is not None and session.kernel.alive:
-                return session.kernel
+            session.check_open()
             old = session.kernel
-            if old is not None and session.lost_state is None:
-                session.lost_state = (
-                    f"The previous kernel of session {session.name!r} died ({describe_exit(old.process.returncode or 0) if old.process else 'unknown'}); "
-                    "this call ran in a fresh kernel, so variables and imports from before are gone."
-                )
-            session.kernel = await self._start_kernel(session, progress)
-            session.exec_count = 0
-            return session.kernel
+            if reason is None:
+                if old is not None and old.alive:
+                    return old
+                if old is not None and session.lost_state is None:
+                    how = describe_exit(old.process.returncode) if old.process and old.process.returncode is not None else "it exited"
+                    session.lost_state = (
+                        f"The previous kernel of session {session.name!r} died ({how}); this call ran in a fresh kernel, "
+                        "so variables and imports from before are gone."
+                    )
+            else:
+                session.background = None  # a cell left running dies with its kernel
+                if old is not None:
+                    await old.kill(reason)
+            kernel = await self._start_kernel(session, progress)
+            if session.closed is not None:  # shut down while the kernel started
+                await kernel.kill("shutdown")
+                session.check_open()
+            session.kernel = kernel
+            return kernel
 
     async def _start_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
         """A ready kernel in the session's env, installing ipykernel first if allowed and needed."""
@@ -1147,7 +1187,7 @@ class SessionManager:
             # Never install into the server's own env, and never unless asked to.
             if missing.kind != "missing_ipython" or not self.config.auto_install or session.python == Path(sys.executable):
                 raise
-            await install_ipykernel(missing, progress)
+            await install_ipykernel(missing, progress, self.helpers)
         kernel = Kernel(session.python, session.env_label)
         await kernel.start()
         session.notices.append(
@@ -1156,18 +1196,12 @@ class SessionManager:
         return kernel
 
     async def restart(self, session: Session, reason: str) -> None:
-        async with session.kernel_lock:
-            old = session.kernel
-            session.background = None  # a cell left running dies with its kernel
-            if old is not None:
-                await old.kill(reason)
-            session.kernel = await self._start_kernel(session)
-            session.exec_count = 0
-            session.created = time.monotonic()
+        await self._replace_kernel(session, reason=reason)
 
     async def shutdown(self, name: str) -> Session:
         session = self.get(name)
         del self.sessions[name]
+        session.closed = ToolError(f"Session {name!r} was shut down while this call waited for it.")
         if session.kernel is not None:
             await session.kernel.kill("shutdown")
         return session
@@ -1175,7 +1209,7 @@ class SessionManager:
     # -- spare kernels: the default env's next kernel, started before anyone asks
 
     def start_spares(self) -> None:
-        if self.config.spare_kernels > 0 and memory_to_spare():
+        if self.config.spare_kernels > 0 and not self._closing and memory_to_spare():
             self._refill = asyncio.get_running_loop().create_task(self._fill_spares(), name="spare-kernels")
 
     @property
@@ -1204,6 +1238,8 @@ class SessionManager:
             self._spares.append(kernel)
 
     async def close_all(self) -> None:
+        self._closing = True
+        self._kill_helpers()
         if self._refill is not None:
             self._refill.cancel()
             with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
@@ -1218,7 +1254,13 @@ class SessionManager:
             for kernel in kernels:
                 group.start_soon(kernel.kill, "shutdown")
 
+    def _kill_helpers(self) -> None:
+        for pid in list(self.helpers):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
     def kill_all_now(self) -> None:
+        self._kill_helpers()
         for spare in self._spares:
             spare.kill_now()
         for session in self.sessions.values():
@@ -1265,28 +1307,62 @@ class SessionManager:
         if "\x00" in code:
             raise ToolError("The code contains a NUL character (\\x00), which Python source cannot hold; remove it.")
         started = time.monotonic()
+        deadline = started + timeout_s  # the whole call, waiting for the session included
         try:
             session, warnings = await self._open(name, env, progress)
-            if session.background is not None and not session.background.reply.done():
-                return CellOutcome(self._busy_result(session, started))
-            async with session.run_lock:
-                if session.background is not None:  # finished on its own since; nobody fetched the end
-                    warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
-                    self._release_background(session)
-                kernel = await self._ensure_kernel(session, progress)
-                if session.lost_state:
-                    warnings.append(session.lost_state)
-                    session.lost_state = None
-                warnings.extend(session.notices)
-                session.notices.clear()
-                execution = await kernel.start_execution(code, self.config.output_limit, self._spill_path(session.name))
-                return await self._follow(session, kernel, execution, timeout_s, on_timeout, warnings, started, progress)
+            if self._running_on(session):
+                return CellOutcome(self._busy_result(session, started, warnings))
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as queued:
+                await session.run_lock.acquire()  # one cell at a time per session
+            if queued.cancelled_caught:
+                return CellOutcome(self._busy_result(session, started, warnings, queued_s=time.monotonic() - started))
+            try:
+                return await self._run(session, code, deadline, on_timeout, warnings, started, progress)
+            finally:
+                session.run_lock.release()
         except EnvError as exc:
             result = ExecuteResult(
                 status="env_error", session=name, stdout="", stderr="", result=None, error=exc.message,
                 execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
             )
             return CellOutcome(result)
+
+    async def _run(
+        self, session: Session, code: str, deadline: float, on_timeout: str, warnings: list[str], started: float,
+        progress: Progress | None,
+    ) -> CellOutcome:
+        """Run one cell in a session whose run_lock the caller holds."""
+        if self._running_on(session):  # a cell was left running while this call queued
+            return CellOutcome(self._busy_result(session, started, warnings))
+        if session.background is not None:  # finished on its own since; nobody fetched the end
+            warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
+            self._release_background(session)
+        kernel = await self._replace_kernel(session, progress=progress)
+        if session.lost_state:
+            warnings.append(session.lost_state)
+            session.lost_state = None
+        warnings.extend(session.notices)
+        session.notices.clear()
+        # A cell gets what is left of timeout_s, but never less than a moment to run in.
+        timeout_s = max(deadline - time.monotonic(), MIN_CELL_S)
+        try:
+            with anyio.fail_after(timeout_s):  # a kernel that stopped reading its pipe must not hang us
+                execution = await kernel.start_execution(code, self.config.output_limit, self._spill_path(session.name))
+        except TimeoutError:
+            warnings.append("The kernel did not take the code within timeout_s (stopped or stuck), so it was killed and restarted.")
+            await self.restart(session, "killed")
+            result = ExecuteResult(
+                status="timeout", session=session.name, stdout="", stderr="", result=None,
+                error="The kernel did not accept the cell in time; the cell did not run.", execution_count=None,
+                warning=" ".join(warnings), duration_s=round(time.monotonic() - started, 3),
+            )
+            return CellOutcome(result)
+        wait_s = max(deadline - time.monotonic(), MIN_CELL_S)
+        return await self._follow(session, kernel, execution, deadline - started, on_timeout, warnings, started, progress, wait_s)
+
+    @staticmethod
+    def _running_on(session: Session) -> bool:
+        return session.background is not None and not session.background.reply.done()
 
     async def wait(
         self, name: str, timeout_s: float | None, progress: Progress | None = None
@@ -1308,15 +1384,21 @@ class SessionManager:
             raise ToolError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}.")
         return float(timeout_s)
 
-    def _busy_result(self, session: Session, started: float) -> ExecuteResult:
-        running_for = time.monotonic() - session.background.started if session.background else 0.0
-        return ExecuteResult(
-            status="busy", session=session.name, stdout="", stderr="", result=None,
-            error=(
+    def _busy_result(self, session: Session, started: float, warnings: list[str], queued_s: float | None = None) -> ExecuteResult:
+        if queued_s is not None:
+            error = (
+                f"Session {session.name!r} was busy with other calls for all of this call's timeout_s ({queued_s:.1f} s); "
+                "this code was not run. Wait for them, interrupt, or use another session."
+            )
+        else:
+            running_for = time.monotonic() - session.background.started if session.background else 0.0
+            error = (
                 f"Session {session.name!r} is still running a cell left running earlier ({running_for:.0f} s so far); "
                 "this code was not run. Call wait to follow that cell, interrupt to stop it, or use another session."
-            ),
-            execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
+            )
+        return ExecuteResult(
+            status="busy", session=session.name, stdout="", stderr="", result=None, error=error,
+            execution_count=None, warning=" ".join(warnings) or None, duration_s=round(time.monotonic() - started, 3),
         )
 
     def _release_background(self, session: Session) -> None:
@@ -1334,8 +1416,10 @@ class SessionManager:
         warnings: list[str],
         started: float,
         progress: Progress | None,
+        wait_s: float | None = None,
     ) -> CellOutcome:
-        """Wait for a cell's end for up to timeout_s, then interrupt it or leave it running."""
+        """Wait for a cell's end for up to timeout_s (or the ``wait_s`` left of it), then
+        interrupt it or leave it running."""
         ticker = asyncio.create_task(self._report_progress(execution, progress)) if progress else None
         status: str | None = None
         reply: dict[str, Any] | None = None
@@ -1343,7 +1427,7 @@ class SessionManager:
         running_on = False
         try:
             try:
-                with anyio.fail_after(timeout_s):
+                with anyio.fail_after(timeout_s if wait_s is None else wait_s):
                     reply = await asyncio.shield(execution.reply)
             except TimeoutError:
                 if on_timeout == "continue":
@@ -1352,7 +1436,9 @@ class SessionManager:
                     return self._running_result(session, execution, warnings, started)
                 status = "timeout"
                 reply = await self._interrupt_or_kill(session, kernel, execution, warnings)
-                if reply is None:
+                if reply is not None and reply.get("status") == "ok":
+                    status = None  # it finished just as time ran out: a clean run after all
+                elif reply is None:
                     error = f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed and restarted."
                 else:
                     error = f"The cell ran past timeout_s={timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
@@ -1449,7 +1535,7 @@ class SessionManager:
             images=image_infos,
             output_files=output_files,
         )
-        return CellOutcome(result, inline_images, execution.transcript.text if execution.transcript else "")
+        return CellOutcome(result, inline_images, execution.transcript.text)
 
     def _sort_displays(
         self, session: str, bundles: list[dict[str, str]], warnings: list[str]
@@ -1546,7 +1632,7 @@ class SessionManager:
         for session in sorted(self.sessions.values(), key=lambda s: s.name):
             kernel = session.kernel
             busy_s = None
-            if kernel is not None and kernel.alive and kernel.current is not None:
+            if kernel is not None and kernel.alive and kernel.busy and kernel.current is not None:
                 busy_s = round(now - kernel.current.started, 3)
             infos.append(
                 SessionInfo(
@@ -1612,6 +1698,11 @@ variables, imports and the working directory between calls (created on first use
 Python env: a name under ~/envs, a path, or the server's own Python by default). Use one session
 per task, iterate in small cells, and use `interrupt`, `reset`, `shutdown`, `list_sessions` to
 manage them. Nobody can type into a session: input() fails, so pass values in code."""
+
+
+# Managers alive in this process (one per connection), so a signal handler can kill
+# their kernels at once; each is owned by its server lifespan, this only points at it.
+_live_managers: set[SessionManager] = set()
 
 
 def build_server(config: Config | None = None) -> MCPServer:
@@ -1727,10 +1818,6 @@ def build_server(config: Config | None = None) -> MCPServer:
         return f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
 
     return server
-
-
-# Managers alive in this process, so a signal handler can kill their kernels at once.
-_live_managers: set[SessionManager] = set()
 
 
 # --- main ---------------------------------------------------------------------------------

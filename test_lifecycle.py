@@ -1,0 +1,192 @@
+"""Session lifecycle under concurrent calls: the races a review found, each pinned by a test.
+
+Calls on one session overlap in real use (an agent fires a second cell, a client cancels,
+a human resets): every one must end with a clear status, no kernel may be left behind, and
+no call may run inside another's cell or take its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+
+import ipython_mcp
+
+QUICK_S = 30
+POLL_S = 0.02
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def connect(tmp_path: Path) -> AsyncIterator[Client]:
+    config = ipython_mcp.Config(envs_dir=tmp_path, output_dir=tmp_path / "out", default_timeout_s=30.0, spare_kernels=0)
+    async with Client(ipython_mcp.build_server(config)) as client:
+        yield client
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> Any:
+    return await client.call_tool(tool, arguments)
+
+
+async def call_with(client: Client, tool: str, arguments: dict[str, Any]) -> Any:
+    """``call`` with the arguments as a dict, for task groups (start_soon takes no keywords)."""
+    return await client.call_tool(tool, arguments)
+
+
+def structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+def kernel_pids() -> set[int]:
+    """Live kernel processes on this machine (zombies excluded)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if b"bootstrap_kernel" not in Path(f"/proc/{entry}/cmdline").read_bytes():
+                continue
+            if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+async def wait_for_file(path: Path) -> None:
+    while not path.exists():
+        await anyio.sleep(POLL_S)
+
+
+async def test_a_call_queued_behind_a_cell_left_running_answers_busy_and_takes_nothing_of_it(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    code = f"import os, time\nprint('A start', flush=True)\nwhile not os.path.exists({str(release)!r}): time.sleep(0.02)\nprint('A end')\n'A'"
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            results: dict[str, Any] = {}
+            async with anyio.create_task_group() as group:
+
+                async def first() -> None:
+                    results["a"] = await call(client, "execute", session="s", code=code, timeout_s=0.5, on_timeout="continue")
+
+                group.start_soon(first)
+                while "s" not in {s["name"] for s in structured(await call(client, "list_sessions"))["sessions"]}:
+                    await anyio.sleep(POLL_S)
+                results["b"] = await call(client, "execute", session="s", code="print('B ran')", timeout_s=10)
+            release.touch()
+            final = structured(await call(client, "wait", session="s", timeout_s=10))
+    a, b = structured(results["a"]), structured(results["b"])
+    assert a["status"] == "running" and "A start" in a["stdout"]
+    assert b["status"] == "busy" and "B ran" not in b["stdout"]
+    assert final["status"] == "ok" and final["result"] == "'A'" and "A end" in final["stdout"]
+
+
+async def test_shutdown_racing_a_first_start_leaves_no_kernel(tmp_path: Path) -> None:
+    before = kernel_pids()
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            results: dict[str, Any] = {}
+            async with anyio.create_task_group() as group:
+
+                async def start() -> None:
+                    results["execute"] = await call(client, "execute", session="s", code="1")
+
+                group.start_soon(start)
+                while True:  # shut it down while its kernel is still starting
+                    shut = await call(client, "shutdown", session="s")
+                    if not shut.is_error:
+                        break
+                    await anyio.sleep(0.005)
+            listing = structured(await call(client, "list_sessions"))
+            leftover = kernel_pids() - before
+    assert listing["sessions"] == []
+    assert leftover == set(), "a kernel started for a shut-down session must not live on"
+    if results["execute"].is_error:
+        assert "shut down" in results["execute"].content[0].text
+
+
+async def test_interrupt_during_a_large_display_keeps_the_kernel(tmp_path: Path) -> None:
+    code = "from IPython.display import display\nwhile True:\n    display({'text/plain': 'x' * 1_900_000}, raw=True)"
+    with anyio.fail_after(QUICK_S * 2):
+        async with connect(tmp_path) as client:
+            pid = structured(await call(client, "execute", session="s", code="import os\nos.getpid()"))["result"]
+            for _ in range(4):
+                out = structured(await call(client, "execute", session="s", code=code, timeout_s=1))
+                assert out["status"] == "timeout", out
+                assert "killed" not in (out["warning"] or ""), out["warning"]
+            again = structured(await call(client, "execute", session="s", code="import os\nos.getpid()"))
+    assert again["result"] == pid, "the kernel survived every interrupt"
+
+
+async def test_a_cell_that_replaces_sys_stdout_with_a_bare_object_does_not_kill_the_kernel(tmp_path: Path) -> None:
+    code = "import sys\nclass Sink:\n    def write(self, text): return len(text)\n    def flush(self): pass\nsys.stdout = Sink()"
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            out = structured(await call(client, "execute", session="s", code=code))
+            after = structured(await call(client, "execute", session="s", code="x = 1\nx + 1"))
+    assert out["status"] == "ok", out
+    assert (after["status"], after["result"], after["warning"]) == ("ok", "2", None)
+
+
+async def test_timeout_s_bounds_the_wait_for_a_busy_session_too(tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    release = tmp_path / "release"
+    slow = f"import os, time\nopen({str(marker)!r}, 'w').close()\nwhile not os.path.exists({str(release)!r}): time.sleep(0.02)"
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            async with anyio.create_task_group() as group:
+                group.start_soon(call_with, client, "execute", {"session": "s", "code": slow, "timeout_s": 20})
+                await wait_for_file(marker)
+                started = time.monotonic()
+                queued = structured(await call(client, "execute", session="s", code="'never'", timeout_s=1))
+                elapsed = time.monotonic() - started
+                release.touch()
+    assert queued["status"] == "busy" and "was not run" in queued["error"]
+    assert elapsed < 5, f"a 1 s call waited {elapsed:.1f} s"
+
+
+async def test_a_cell_left_running_that_finished_shows_idle_and_interrupt_says_so(tmp_path: Path) -> None:
+    done = tmp_path / "done"
+    code = f"import time\ntime.sleep(1)\nopen({str(done)!r}, 'w').close()\n42"
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            first = structured(await call(client, "execute", session="s", code=code, timeout_s=0.3, on_timeout="continue"))
+            await wait_for_file(done)
+            while True:  # its reply is on its way: wait until the server has it
+                info = structured(await call(client, "list_sessions"))["sessions"][0]
+                if info["status"] == "idle":
+                    break
+                await anyio.sleep(POLL_S)
+            interrupted = await call(client, "interrupt", session="s")
+            final = structured(await call(client, "wait", session="s", timeout_s=5))
+    assert first["status"] == "running"
+    assert info["busy_s"] is None
+    assert "idle" in interrupted.content[0].text
+    assert (final["status"], final["result"]) == ("ok", "42")
+
+
+async def test_reset_and_shutdown_at_once_leave_no_kernel(tmp_path: Path) -> None:
+    before = kernel_pids()
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            structured(await call(client, "execute", session="s", code="1"))
+            async with anyio.create_task_group() as group:
+                group.start_soon(call_with, client, "reset", {"session": "s"})
+                group.start_soon(call_with, client, "shutdown", {"session": "s"})
+            listing = structured(await call(client, "list_sessions"))
+            while kernel_pids() - before:  # the killed kernels are being reaped
+                await anyio.sleep(POLL_S)
+    assert listing["sessions"] == []
