@@ -96,8 +96,15 @@ def take_standard_fds():
     os.close(devnull)
     readers = {}
     spares = {}
+    # The server may hand us the output pipes (it keeps their read ends, to collect
+    # what we never forwarded if we die by a signal); otherwise make our own.
+    given = os.environ.pop("IPYTHON_MCP_OUTPUT_FDS", "")
+    pipes = [int(fd) for fd in given.split(",")] if given else []
     for fd, name in ((1, "stdout"), (2, "stderr")):
-        read_end, write_end = os.pipe()
+        if len(pipes) >= 2:
+            read_end, write_end = pipes.pop(0), pipes.pop(0)
+        else:
+            read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
         # Kept (close-on-exec) so a cell that closes fd 1 neither ends the pipe nor
         # loses printing for good: restore_standard_fds() puts it back.

@@ -97,6 +97,8 @@ INTERRUPT_GRACE_S = 3.0
 KILL_REAP_TIMEOUT_S = 5.0
 # After a dead kernel's process exits, time to read what is still in its pipe.
 DEATH_DRAIN_S = 0.5
+# What is collected from a dead kernel's output pipes (64 KiB reads), at most.
+LEFTOVER_MAX_CHUNKS = 64
 # Largest protocol line (a display bundle with a large image, a long traceback).
 WIRE_LINE_LIMIT = 256 * 1024 * 1024
 # Output returned per call, total over stdout and stderr (head and tail are kept).
@@ -606,6 +608,7 @@ class Kernel:
         self._hello_future: asyncio.Future[dict[str, Any]] | None = None
         self._reader_done = asyncio.Event()
         self._sends: set[asyncio.Task[None]] = set()
+        self._output_read_ends: dict[str, int] = {}
 
     @property
     def pid(self) -> int | None:
@@ -643,6 +646,13 @@ class Kernel:
             raise EnvError(self.env_label, str(self.python), f"{self.python} is not executable.", kind="no_interpreter")
         loop = asyncio.get_running_loop()
         self._hello_future = loop.create_future()
+        # The cell output pipes are made here and handed to the kernel, whose relay thread
+        # reads them; we keep a copy of each read end, to collect what a kernel killed by a
+        # signal had not forwarded yet (see _collect_leftover_output).
+        pipes = [os.pipe(), os.pipe()]
+        handed = [fd for pair in pipes for fd in pair]
+        environ = self._child_environment()
+        environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         try:
             self.process = await asyncio.create_subprocess_exec(
                 str(self.python),
@@ -652,11 +662,18 @@ class Kernel:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # own process group: interrupt and kill reach its children
-                env=self._child_environment(),
+                env=environ,
                 limit=WIRE_LINE_LIMIT,
+                pass_fds=handed,
             )
         except OSError as exc:
+            for fd in handed:
+                os.close(fd)
             raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+        for read_end, write_end in pipes:
+            os.close(write_end)
+            os.set_blocking(read_end, False)
+        self._output_read_ends = {"stdout": pipes[0][0], "stderr": pipes[1][0]}
         self._tasks = [
             asyncio.create_task(self._read_protocol(), name=f"kernel-{self.pid}-protocol"),
             asyncio.create_task(self._read_log(), name=f"kernel-{self.pid}-log"),
@@ -753,6 +770,7 @@ class Kernel:
         with anyio.move_on_after(DEATH_DRAIN_S):
             await self._reader_done.wait()
         self.kill_now()  # whatever the kernel left behind goes with it
+        self._collect_leftover_output()
         died = KernelDied(describe_exit(returncode), self._log_tail.strip(), self.stop_reason)
         if self._hello_future and not self._hello_future.done():
             self._hello_future.set_exception(died)
@@ -761,6 +779,18 @@ class Kernel:
             self.current.fail(died)
         self.exited.set()
         log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, died.how)
+
+    def _collect_leftover_output(self) -> None:
+        """Output the dead kernel's relay never forwarded is still in the pipes: take it."""
+        for name, fd in self._output_read_ends.items():
+            chunks = []
+            with contextlib.suppress(OSError):  # BlockingIOError: empty
+                while len(chunks) < LEFTOVER_MAX_CHUNKS and (chunk := os.read(fd, 65536)):
+                    chunks.append(chunk)
+            os.close(fd)
+            if chunks and self.current is not None:
+                self.current.on_message({"kind": "stream", "name": name, "text": b"".join(chunks).decode("utf-8", "replace")})
+        self._output_read_ends = {}
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self.process and self.process.stdin

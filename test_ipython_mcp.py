@@ -681,21 +681,14 @@ async def test_kernel_killed_by_a_signal_names_the_signal(client: Client) -> Non
     assert re.search(r"lost|gone", after["warning"])
 
 
-# Bug: os._exit() drains the relay first, but a SIGKILL or a segfault cannot be intercepted, and
-# whatever the in-kernel relay thread had not yet forwarded is lost (a race: usually stderr).
-HARD_DEATH_LOSES_OUTPUT = pytest.mark.xfail(
-    reason="output not yet forwarded by the kernel's relay thread is lost when the kernel is killed by a signal; "
-    "the server does not read the kernel's fd 1/2 pipes itself",
-    strict=False,
-)
-
-
+# os._exit() drains the relay first; a SIGKILL or a segfault cannot be intercepted, and what
+# the relay thread had not forwarded yet is collected by the server from the pipes it shares.
 @pytest.mark.parametrize(
     ("death", "how"),
     [
         ("os._exit(3)", "exit code 3"),
-        pytest.param("os.kill(os.getpid(), signal.SIGKILL)", "signal SIGKILL", marks=HARD_DEATH_LOSES_OUTPUT),
-        pytest.param("ctypes.string_at(0)", "signal SIGSEGV", marks=HARD_DEATH_LOSES_OUTPUT),
+        ("os.kill(os.getpid(), signal.SIGKILL)", "signal SIGKILL"),
+        ("ctypes.string_at(0)", "signal SIGSEGV"),
     ],
 )
 async def test_output_written_just_before_the_kernel_dies_is_kept(client: Client, death: str, how: str) -> None:
