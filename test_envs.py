@@ -32,11 +32,6 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_venv(folder: Path, *packages: str, python: str = sys.executable) -> Path:
     """A venv at ``folder`` (no pip), with ``packages`` installed by uv; returns its python."""
     if UV is None:

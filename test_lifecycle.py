@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,13 @@ import anyio
 import pytest
 from mcp import Client
 
-import ipython_mcp
-
 QUICK_S = 30
-POLL_S = 0.02
+
+from conftest import POLL_S, connect, wait_for_file
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@contextlib.asynccontextmanager
-async def connect(tmp_path: Path) -> AsyncIterator[Client]:
-    config = ipython_mcp.Config(envs_dir=tmp_path, output_dir=tmp_path / "out", default_timeout_s=30.0, spare_kernels=0)
-    async with Client(ipython_mcp.build_server(config)) as client:
-        yield client
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> Any:
@@ -64,11 +52,6 @@ def kernel_pids() -> set[int]:
             if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 found.add(int(entry))
     return found
-
-
-async def wait_for_file(path: Path) -> None:
-    while not path.exists():
-        await anyio.sleep(POLL_S)
 
 
 async def test_a_call_queued_behind_a_cell_left_running_answers_busy_and_takes_nothing_of_it(tmp_path: Path) -> None:

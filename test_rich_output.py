@@ -14,11 +14,9 @@ test creates a release file.
 from __future__ import annotations
 
 import base64
-import contextlib
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,33 +37,14 @@ SLOW_S = 40
 # The longest side the server promises for an image (what vision models use unscaled).
 MAX_SIDE_PX = 1568
 
+from conftest import text_of
+
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+# --- Helpers of this file -------------------------------------------------------------------------
 
 
-# --- Helpers --------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def connect(tmp_path: Path) -> AsyncIterator[Client]:
-    """An in-memory MCP client on a fresh server whose kernels die with it."""
-    config = ipython_mcp.Config(envs_dir=tmp_path / "no-envs-here", output_dir=tmp_path / "output", default_timeout_s=30.0, spare_kernels=0)
-    async with Client(ipython_mcp.build_server(config)) as client:
-        yield client
-
-
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    async with connect(tmp_path) as client:
-        yield client
-
-
-def text_of(result: Any) -> str:
-    return "\n".join(block.text for block in result.content if block.type == "text")
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> Any:

@@ -31,11 +31,6 @@ TOKEN = re.compile(r"<tok-\d+-\d+>")  # brackets: a token cut in half by the out
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
