@@ -1085,7 +1085,8 @@ class ExecuteResult(BaseModel):
         "(see `error`). timeout: ran past timeout_s and was interrupted; partial output kept, "
         "session alive. env_error: the env cannot run a kernel (see `error` for the fix). "
         "running: on_timeout='continue' and the cell still runs; call `wait` for more output and "
-        "its final result. busy: a cell left running earlier still runs; nothing was executed."
+        "its final result. busy: nothing was executed, because a cell left running earlier still runs "
+        "or other calls kept the session busy for all of timeout_s."
     )
     session: str
     stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")
