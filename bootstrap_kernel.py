@@ -678,7 +678,6 @@ def main():
     dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, False
     try:
         import IPython
-        from IPython.core import interactiveshell  # noqa: F401 (the bulk of the import cost)
     except Exception as exc:  # ImportError, or a broken install raising anything
         import importlib.util
 
@@ -696,6 +695,13 @@ def main():
         hello["missing"] = "ipython"
         wire.send(hello)
         return 3
+    sys.dont_write_bytecode = False
+    try:
+        from IPython.core import interactiveshell  # noqa: F401 (the bulk of the import cost)
+    except Exception:
+        pass  # make_shell reports it
+    finally:
+        sys.dont_write_bytecode = dont_write_bytecode
 
     sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
