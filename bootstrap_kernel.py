@@ -22,7 +22,8 @@ Messages (one JSON object per line, ``kind`` says which):
                            kernel signals it (pipes that carry no signals: ssh, exec)
     kernel -> server   hello {protocol, pid, python, python_version, ipython, error,
                               missing, pip, prefix}   (first line; ``missing`` says
-                              IPython is absent or too old, ``pip`` whether pip is there)
+                              what is absent or too old: "python" or "ipython";
+                              ``pip`` whether pip is there)
                        stream {name, text}     stdout/stderr of the running cell
                        display {data}          mime bundle shown by the cell
                        clear {wait}            clear_output() was called
@@ -670,6 +671,7 @@ def main():
         pass
     if sys.version_info[:2] < MIN_PYTHON:
         hello["error"] = "Python %s is older than the %d.%d this kernel needs" % ((hello["python_version"],) + MIN_PYTHON)
+        hello["missing"] = "python"
         wire.send(hello)
         return 3
     # With PYTHONDONTWRITEBYTECODE set (and installers such as uv write no .pyc), every

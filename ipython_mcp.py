@@ -144,7 +144,7 @@ Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message)
 class EnvError(Exception):
     """The env cannot run a kernel; ``kind`` says why, ``hint`` says how to fix it.
 
-    kinds: ``bad_name``, ``no_interpreter``, ``missing_ipython``, ``start_failed``.
+    kinds: ``bad_name``, ``no_interpreter``, ``missing_ipython``, ``too_old`` (Python), ``start_failed``.
     """
 
     def __init__(
@@ -710,6 +710,16 @@ class Kernel:
             else:
                 reason = f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')})."
             raise EnvError(self.env_label, str(self.python), reason, install_hint(self.python, has_pip), "missing_ipython", has_pip)
+        if hello.get("missing") == "python":
+            await self.kill("killed")
+            raise EnvError(
+                self.env_label,
+                str(self.python),
+                f"The Python of env {self.env_label!r} (python: {self.python}) cannot run a session: {hello.get('error')}.",
+                "Use an env with Python 3.9 or newer, for example: "
+                "uv venv -p 3.12 ~/envs/NAME && uv pip install --python ~/envs/NAME/bin/python ipykernel",
+                kind="too_old",
+            )
         if hello.get("error"):
             await self.kill("killed")
             raise EnvError(

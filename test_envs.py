@@ -296,3 +296,56 @@ async def test_system_python_without_ipython_gets_a_hint_it_can_follow(tmp_path:
     assert out["status"] == "env_error"
     assert f"python: {SYSTEM_PYTHON}" in out["error"]
     assert "Install with:" in out["error"]
+
+
+# --- Other Python versions: the oldest supported, newer ones side by side, too old ----------------
+
+
+def pythons(*versions: str) -> list[Path]:
+    """Interpreters of these minor versions on this machine (pyenv's, the system's), newest first."""
+    found: list[Path] = []
+    for version in versions:
+        candidates = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python{version}"), reverse=True)
+        candidates += [Path(f"/usr/bin/python{version}"), Path(f"/usr/local/bin/python{version}")]
+        found += [path for path in candidates if path.is_file()][:1]
+    return found
+
+
+OTHER_MINOR = [p for p in pythons("3.13", "3.12", "3.10", "3.9") if not p.name.endswith("%d.%d" % sys.version_info[:2])]
+TOO_OLD = pythons("3.8", "3.7", "3.6")
+
+
+@pytest.mark.skipif(not pythons("3.9"), reason="no Python 3.9 on this machine")
+async def test_the_oldest_supported_python_3_9_runs_a_session(tmp_path: Path) -> None:
+    python = make_venv(tmp_path / "py39", "ipython", python=str(pythons("3.9")[0]))
+    with anyio.fail_after(QUICK_S * 2):
+        async with connect(tmp_path, tmp_path / "envs") as client:
+            out = await run(client, "old", "import sys\nprint('hi')\nsys.version_info[:2]", env=str(python))
+            failed = await run(client, "old", "1/0")
+    assert (out["status"], out["stdout"], out["result"]) == ("ok", "hi\n", "(3, 9)"), out
+    assert failed["error"].endswith("ZeroDivisionError: division by zero")
+
+
+@pytest.mark.skipif(not OTHER_MINOR, reason="no Python of another minor version on this machine")
+async def test_sessions_on_different_python_versions_run_side_by_side(tmp_path: Path) -> None:
+    other = make_venv(tmp_path / "other", "ipython", python=str(OTHER_MINOR[0]))
+    code = "import sys\nsys.version_info[:2]"
+    with anyio.fail_after(QUICK_S * 2):
+        async with connect(tmp_path, tmp_path / "envs") as client:
+            ours = await run(client, "ours", code)
+            theirs = await run(client, "theirs", code, env=str(other))
+            listing = await client.call_tool("list_sessions", {})
+    assert ours["result"] == repr(sys.version_info[:2])
+    assert theirs["result"] != ours["result"] and theirs["status"] == "ok"
+    versions = {s["name"]: s["python_version"] for s in listing.structured_content["sessions"]}
+    assert versions["ours"] != versions["theirs"]
+
+
+@pytest.mark.skipif(not TOO_OLD, reason="no Python older than 3.9 on this machine")
+async def test_a_python_older_than_3_9_is_env_error_naming_the_minimum(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path, tmp_path / "envs") as client:
+            out = await run(client, "old", "1", env=str(TOO_OLD[0]))
+    assert out["status"] == "env_error"
+    assert "older than the 3.9 this kernel needs" in out["error"]
+    assert "Python 3.9 or newer" in out["error"] and "uv venv" in out["error"]
