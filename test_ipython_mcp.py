@@ -1031,6 +1031,17 @@ async def test_sigterm_makes_the_server_exit_even_with_stdin_open(tmp_path: Path
     assert returncode in (0, -signal.SIGTERM)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+async def test_sigint_or_sighup_makes_the_server_exit_and_take_its_kernels(tmp_path: Path, signum: int) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with raw_server(tmp_path) as server:
+            kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
+            server.process.send_signal(signum)
+            with anyio.fail_after(5):
+                await server.process.wait()
+            await wait_until_gone(kernel)
+
+
 async def test_sigkill_of_the_server_makes_the_kernel_exit_by_itself(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
         async with raw_server(tmp_path) as server:
