@@ -1866,10 +1866,22 @@ def build_server(config: Config | None = None) -> MCPServer:
 
 HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on stdin/stdout.
 It is meant to be started by an MCP client, not used by hand. To connect one:
-  Claude Code:  claude mcp add ipython -- uv run {path}
-  Any client:   {{"mcpServers": {{"ipython": {{"command": "uv", "args": ["run", "{path}"]}}}}}}
-  Inspector:    npx @modelcontextprotocol/inspector --cli uv run {path} --method tools/list
+  Claude Code:  claude mcp add ipython -- {command}
+  Any client:   {{"mcpServers": {{"ipython": {{"command": {program}, "args": {args}}}}}}}
+  Inspector:    npx @modelcontextprotocol/inspector --cli {command} --method tools/list
 Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
+
+
+def greeting() -> str:
+    """How to connect a client to this server, started the way it was started now."""
+    launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if launcher is not None and launcher.suffix != ".py" and launcher.is_file():
+        argv = [str(launcher)]  # an installed `ipython-mcp` script
+    else:
+        argv = ["uv", "run", str(Path(__file__).resolve())]
+    return HUMAN_GREETING.format(
+        version=__version__, command=" ".join(argv), program=json.dumps(argv[0]), args=json.dumps(argv[1:])
+    )
 
 
 class AnswerParseErrors:
@@ -1975,7 +1987,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.spare_kernels is not None:
         config.spare_kernels = max(args.spare_kernels, 0)
     if sys.stdin.isatty():
-        print(HUMAN_GREETING.format(version=__version__, path=Path(__file__).resolve()), file=sys.stderr)
+        print(greeting(), file=sys.stderr)
     try:
         anyio.run(serve, config)
     except KeyboardInterrupt:
