@@ -271,7 +271,7 @@ def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
             None,
             None,
             f"a venv, since {python} belongs to the system package manager: "
-            f"`{python} -m venv ~/envs/NAME && ~/envs/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
+            f"`{python} -m venv {envs_dir_default()}/NAME && {envs_dir_default()}/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
             "(or install the system package, e.g. `sudo apt install python3-ipykernel`)",
         )
     uv = shutil.which("uv")
@@ -717,7 +717,7 @@ class Kernel:
                 str(self.python),
                 f"The Python of env {self.env_label!r} (python: {self.python}) cannot run a session: {hello.get('error')}.",
                 "Use an env with Python 3.9 or newer, for example: "
-                "uv venv -p 3.12 ~/envs/NAME && uv pip install --python ~/envs/NAME/bin/python ipykernel",
+                f"uv venv -p 3.12 {envs_dir_default()}/NAME && uv pip install --python {envs_dir_default()}/NAME/bin/python ipykernel",
                 kind="too_old",
             )
         if hello.get("error"):
@@ -741,8 +741,8 @@ class Kernel:
                     return
                 try:
                     message = json.loads(line)
-                except ValueError:
-                    log.warning("kernel %s sent a line that is not JSON: %.200r", self.pid, line)
+                except ValueError:  # a line cut short by a kill is expected; anything else is not
+                    (log.debug if self.stop_reason else log.warning)("kernel %s sent a line that is not JSON: %.200r", self.pid, line)
                     continue
                 self._dispatch(message)
         finally:
@@ -1868,7 +1868,7 @@ HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on st
 It is meant to be started by an MCP client, not used by hand. To connect one:
   Claude Code:  claude mcp add ipython -- {command}
   Any client:   {{"mcpServers": {{"ipython": {{"command": {program}, "args": {args}}}}}}}
-  Inspector:    npx @modelcontextprotocol/inspector --cli {command} --method tools/list
+  Inspector:    npx -y @modelcontextprotocol/inspector --cli {command} --method tools/list
 Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
 
 
@@ -1979,6 +1979,7 @@ def main(argv: list[str] | None = None) -> None:
     config = Config()
     if args.envs_dir is not None:
         config.envs_dir = args.envs_dir.expanduser()
+        os.environ["IPYTHON_MCP_ENVS_DIR"] = str(config.envs_dir)  # so hints name the right folder
     if args.output_dir is not None:
         config.output_dir = args.output_dir.expanduser()
     config.output_limit = max(args.output_limit, 100)
