@@ -1133,6 +1133,17 @@ class SessionInfo(BaseModel):
     busy_s: float | None = Field(description="How long the running cell has run, when busy.")
 
 
+class SessionAction(BaseModel):
+    """What reset, shutdown and interrupt did."""
+
+    session: str
+    outcome: Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"] = Field(
+        description="interrupted: a running cell was interrupted; idle: nothing was running; no_kernel: the session's kernel is dead or starting."
+    )
+    message: str
+    pid: int | None = Field(None, description="The session's kernel process, when it has one.")
+
+
 class SessionList(BaseModel):
     sessions: list[SessionInfo]
     spare_kernels: int = Field(0, description="Default-env kernels started ahead, ready for the next new session.")
@@ -1829,8 +1840,12 @@ def build_server(config: Config | None = None) -> MCPServer:
             content=[TextContent(type="text", text="\n".join(lines))], structured_content=listing.model_dump(mode="json")
         )
 
+    def action_result(session: str, outcome: str, message: str, pid: int | None = None) -> CallToolResult:
+        result = SessionAction(session=session, outcome=outcome, message=message, pid=pid)  # type: ignore[arg-type]
+        return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=result.model_dump(mode="json"))
+
     @server.tool(annotations=ToolAnnotations(title="Restart a session's kernel", destructive_hint=True))
-    async def reset(session: str, ctx: Context) -> str:
+    async def reset(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Restart the session's kernel: all state is wiped; the name and env are kept."""
         manager = manager_of(ctx)
         entry = manager.get(session)
@@ -1838,25 +1853,28 @@ def build_server(config: Config | None = None) -> MCPServer:
             await manager.restart(entry, "reset")
         except EnvError as exc:
             raise ToolError(f"Session {session!r} could not restart: {exc.message}") from exc
-        return f"Session {session!r} was reset: a fresh kernel in env {entry.env_label!r} ({entry.python}) is ready."
+        message = f"Session {session!r} was reset: a fresh kernel in env {entry.env_label!r} ({entry.python}) is ready."
+        return action_result(session, "reset", message, entry.kernel.pid if entry.kernel else None)
 
     @server.tool(annotations=ToolAnnotations(title="Shut down a session", destructive_hint=True))
-    async def shutdown(session: str, ctx: Context) -> str:
+    async def shutdown(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Kill the session's kernel (and everything it started) and forget the session."""
         await manager_of(ctx).shutdown(session)
-        return f"Session {session!r} was shut down."
+        return action_result(session, "shut_down", f"Session {session!r} was shut down.")
 
     @server.tool(annotations=ToolAnnotations(title="Interrupt a running cell"))
-    async def interrupt(session: str, ctx: Context) -> str:
+    async def interrupt(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Interrupt the cell running in a session (like Ctrl-C); the session keeps its state."""
         entry = manager_of(ctx).get(session)
         kernel = entry.kernel
         if kernel is None or not kernel.alive:
-            return f"Session {session!r} has no running kernel ({entry.status}); nothing to interrupt."
+            message = f"Session {session!r} has no running kernel ({entry.status}); nothing to interrupt."
+            return action_result(session, "no_kernel", message)
         if not kernel.busy:
-            return f"Session {session!r} was idle; nothing to interrupt."
+            return action_result(session, "idle", f"Session {session!r} was idle; nothing to interrupt.", kernel.pid)
         kernel.interrupt()
-        return f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
+        message = f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
+        return action_result(session, "interrupted", message, kernel.pid)
 
     return server
 

@@ -173,3 +173,15 @@ async def test_reset_and_shutdown_at_once_leave_no_kernel(tmp_path: Path) -> Non
             while kernel_pids() - before:  # the killed kernels are being reaped
                 await anyio.sleep(POLL_S)
     assert listing["sessions"] == []
+
+
+async def test_reset_shutdown_and_interrupt_answer_with_structured_outcomes(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            first = structured(await call(client, "execute", session="s", code="import os\nos.getpid()"))
+            idle = structured(await call(client, "interrupt", session="s"))
+            reset = structured(await call(client, "reset", session="s"))
+            gone = structured(await call(client, "shutdown", session="s"))
+    assert (idle["outcome"], idle["pid"]) == ("idle", int(first["result"]))
+    assert reset["outcome"] == "reset" and reset["pid"] not in (None, int(first["result"]))
+    assert gone == {"session": "s", "outcome": "shut_down", "message": "Session 's' was shut down.", "pid": None}
