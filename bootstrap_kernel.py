@@ -264,8 +264,12 @@ class KernelState:
         self.critical += 1
         try:
             yield
-        finally:
+        except BaseException:
             self.critical -= 1
+            if not self.critical:
+                self.deferred = False  # the block failed anyway; a stale interrupt must not hit the next cell
+            raise
+        self.critical -= 1
         if not self.critical and self.deferred:
             self.deferred = False
             if self.executing:
@@ -278,7 +282,7 @@ class KernelState:
             if request_id in self.cancelled_ids:
                 self.cancelled_ids.discard(request_id)
                 return False
-            self.current_id, self.interrupted, self.executing = request_id, False, True
+            self.current_id, self.interrupted, self.executing, self.deferred = request_id, False, True, False
             return True
 
     def end(self, request_id):

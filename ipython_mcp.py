@@ -649,8 +649,15 @@ class Kernel:
         # The cell output pipes are made here and handed to the kernel, whose relay thread
         # reads them; we keep a copy of each read end, to collect what a kernel killed by a
         # signal had not forwarded yet (see _collect_leftover_output).
-        pipes = [os.pipe(), os.pipe()]
-        handed = [fd for pair in pipes for fd in pair]
+        handed: list[int] = []
+        try:
+            for _ in range(2):
+                handed.extend(os.pipe())
+        except OSError as exc:
+            for fd in handed:
+                os.close(fd)
+            raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+        pipes = [(handed[0], handed[1]), (handed[2], handed[3])]
         environ = self._child_environment()
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         try:
@@ -666,10 +673,12 @@ class Kernel:
                 limit=WIRE_LINE_LIMIT,
                 pass_fds=handed,
             )
-        except OSError as exc:
+        except BaseException as exc:  # OSError, or cancelled while spawning: no fd may leak
             for fd in handed:
                 os.close(fd)
-            raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+            if isinstance(exc, OSError):
+                raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+            raise
         for read_end, write_end in pipes:
             os.close(write_end)
             os.set_blocking(read_end, False)
@@ -792,15 +801,20 @@ class Kernel:
 
     def _collect_leftover_output(self) -> None:
         """Output the dead kernel's relay never forwarded is still in the pipes: take it."""
-        for name, fd in self._output_read_ends.items():
+        read_ends, self._output_read_ends = self._output_read_ends, {}
+        for name, fd in read_ends.items():
             chunks = []
-            with contextlib.suppress(OSError):  # BlockingIOError: empty
-                while len(chunks) < LEFTOVER_MAX_CHUNKS and (chunk := os.read(fd, 65536)):
-                    chunks.append(chunk)
-            os.close(fd)
-            if chunks and self.current is not None:
-                self.current.on_message({"kind": "stream", "name": name, "text": b"".join(chunks).decode("utf-8", "replace")})
-        self._output_read_ends = {}
+            try:
+                with contextlib.suppress(OSError):  # BlockingIOError: empty
+                    while len(chunks) < LEFTOVER_MAX_CHUNKS and (chunk := os.read(fd, 65536)):
+                        chunks.append(chunk)
+                if chunks and self.current is not None:
+                    text = b"".join(chunks).decode("utf-8", "replace")
+                    self.current.on_message({"kind": "stream", "name": name, "text": text})
+            except Exception:
+                log.exception("kernel %s: could not keep its last output", self.pid)
+            finally:
+                os.close(fd)
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self.process and self.process.stdin
@@ -1169,15 +1183,20 @@ class SessionManager:
         warnings: list[str] = []
         session = self.sessions.get(name)
         if session is None:
+            if self._closing:
+                raise ToolError("The server is shutting down; no new session can start.")
             label, python = interpreter_for(env, self.config.envs_dir)  # EnvError: nothing created
             session = self.sessions[name] = Session(name, label, python)
             try:
                 await self._replace_kernel(session, progress=progress)
             except BaseException as exc:
                 # Calls waiting for this session's first kernel get the same answer.
-                session.closed = exc if isinstance(exc, (EnvError, ToolError)) else ToolError(
-                    f"Session {name!r} was not created: the call creating it was cancelled. Call execute again."
-                )
+                if isinstance(exc, (EnvError, ToolError)):
+                    session.closed = exc
+                elif isinstance(exc, anyio.get_cancelled_exc_class()):
+                    session.closed = ToolError(f"Session {name!r} was not created: the call creating it was cancelled. Call execute again.")
+                else:
+                    session.closed = ToolError(f"Session {name!r} was not created: {type(exc).__name__}: {exc}")
                 if self.sessions.get(name) is session:
                     del self.sessions[name]
                 raise
@@ -1220,6 +1239,8 @@ class SessionManager:
                 if old is not None:
                     await old.kill(reason)
             kernel = await self._start_kernel(session, progress)
+            if self._closing and session.closed is None:
+                session.closed = ToolError("The server is shutting down.")
             if session.closed is not None:  # shut down while the kernel started
                 await kernel.kill("shutdown")
                 session.check_open()
@@ -1291,6 +1312,8 @@ class SessionManager:
 
     async def close_all(self) -> None:
         self._closing = True
+        for session in self.sessions.values():  # a kernel still starting is killed when it arrives
+            session.closed = ToolError("The server is shutting down.")
         self._kill_helpers()
         if self._refill is not None:
             self._refill.cancel()
@@ -1488,9 +1511,7 @@ class SessionManager:
                     return self._running_result(session, execution, warnings, started)
                 status = "timeout"
                 reply = await self._interrupt_or_kill(session, kernel, execution, warnings)
-                if reply is not None and reply.get("status") == "ok":
-                    status = None  # it finished just as time ran out: a clean run after all
-                elif reply is None:
+                if reply is None:
                     error = f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed and restarted."
                 else:
                     error = f"The cell ran past timeout_s={timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
