@@ -158,6 +158,10 @@ class EnvError(Exception):
         return self.reason + (f"\n{self.hint}" if self.hint else "")
 
 
+class SessionBusy(Exception):
+    """Another call kept the session (its kernel starting or restarting) past this call's deadline."""
+
+
 class KernelDied(Exception):
     """The kernel process ended while a cell ran (or before it said hello)."""
 
@@ -1178,7 +1182,9 @@ class SessionManager:
 
     # -- lifecycle
 
-    async def _open(self, name: str, env: str | None, progress: Progress | None = None) -> tuple[Session, list[str]]:
+    async def _open(
+        self, name: str, env: str | None, progress: Progress | None = None, deadline: float | None = None
+    ) -> tuple[Session, list[str]]:
         """The session called ``name``, created (with its kernel) if new."""
         warnings: list[str] = []
         session = self.sessions.get(name)
@@ -1206,7 +1212,7 @@ class SessionManager:
                 f"Session {name!r} already runs in env {session.env_label!r} ({session.python}); "
                 f"env {env!r} was ignored. Use a new session name, or shutdown this one first, to change env."
             )
-        await self._replace_kernel(session, progress=progress)
+        await self._replace_kernel(session, progress=progress, deadline=deadline)
         return session, warnings
 
     def _same_interpreter(self, env: str, session: Session) -> bool:
@@ -1215,14 +1221,23 @@ class SessionManager:
         except EnvError:
             return False
 
-    async def _replace_kernel(self, session: Session, reason: str | None = None, progress: Progress | None = None) -> Kernel:
+    async def _replace_kernel(
+        self, session: Session, reason: str | None = None, progress: Progress | None = None, deadline: float | None = None
+    ) -> Kernel:
         """The one place a session gets a new kernel.
 
         ``reason=None``: make sure the session has a live kernel (first start, or after a
         death, noting the lost state). ``reason="reset"``/``"killed"``: kill the current one
         and start afresh. A session shut down meanwhile never keeps a kernel.
         """
-        async with session.kernel_lock:
+        if deadline is None:
+            await session.kernel_lock.acquire()
+        else:  # another call may be starting this kernel: wait no longer than our timeout
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as waited:
+                await session.kernel_lock.acquire()
+            if waited.cancelled_caught:
+                raise SessionBusy
+        try:
             session.check_open()
             old = session.kernel
             if reason is None:
@@ -1246,6 +1261,8 @@ class SessionManager:
                 session.check_open()
             session.kernel = kernel
             return kernel
+        finally:
+            session.kernel_lock.release()
 
     async def _start_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
         """A ready kernel in the session's env, installing ipykernel first if allowed and needed."""
@@ -1384,7 +1401,7 @@ class SessionManager:
         started = time.monotonic()
         deadline = started + timeout_s  # the whole call, waiting for the session included
         try:
-            session, warnings = await self._open(name, env, progress)
+            session, warnings = await self._open(name, env, progress, deadline)
             if self._running_on(session):
                 return CellOutcome(self._busy_result(session, started, warnings))
             with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as queued:
@@ -1395,6 +1412,13 @@ class SessionManager:
                 return await self._run(session, code, deadline, on_timeout, warnings, started, progress)
             finally:
                 session.run_lock.release()
+        except SessionBusy:
+            result = ExecuteResult(
+                status="busy", session=name, stdout="", stderr="", result=None,
+                error=f"Session {name!r} was busy starting or restarting its kernel for all of this call's timeout_s; this code was not run.",
+                execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
+            )
+            return CellOutcome(result)
         except EnvError as exc:
             result = ExecuteResult(
                 status="env_error", session=name, stdout="", stderr="", result=None, error=exc.message,
@@ -1412,7 +1436,7 @@ class SessionManager:
         if session.background is not None:  # finished on its own since; nobody fetched the end
             warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
             self._release_background(session)
-        kernel = await self._replace_kernel(session, progress=progress)
+        kernel = await self._replace_kernel(session, progress=progress, deadline=deadline)
         if session.lost_state:
             warnings.append(session.lost_state)
             session.lost_state = None

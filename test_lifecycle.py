@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,22 @@ async def test_reset_shutdown_and_interrupt_answer_with_structured_outcomes(tmp_
     assert (idle["outcome"], idle["pid"]) == ("idle", int(first["result"]))
     assert reset["outcome"] == "reset" and reset["pid"] not in (None, int(first["result"]))
     assert gone == {"session": "s", "outcome": "shut_down", "message": "Session 's' was shut down.", "pid": None}
+
+
+async def test_a_call_waiting_for_a_slow_kernel_start_answers_busy_at_its_timeout(tmp_path: Path) -> None:
+    """An env whose interpreter takes seconds to start must not hold a 1 s call for seconds."""
+    env = tmp_path / "slow"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text(f"#!/bin/sh\nsleep 3\nexec {sys.executable} \"$@\"\n")
+    (env / "bin" / "python").chmod(0o755)
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            async with anyio.create_task_group() as group:
+                group.start_soon(call_with, client, "execute", {"session": "s", "code": "1", "env": str(env)})
+                while "s" not in {s["name"] for s in structured(await call(client, "list_sessions"))["sessions"]}:
+                    await anyio.sleep(POLL_S)
+                started = time.monotonic()
+                second = structured(await call(client, "execute", session="s", code="2", timeout_s=1))
+                elapsed = time.monotonic() - started
+    assert second["status"] == "busy" and "was not run" in second["error"]
+    assert elapsed < 2.5, f"a 1 s call waited {elapsed:.1f} s"
