@@ -902,9 +902,16 @@ class Kernel:
             await self.exited.wait()
         for task in self._tasks:
             task.cancel()
+        if not self.exited.is_set():  # not reaped in time (a stuck D-state process): do the exit watcher's part
+            log.error("kernel %s did not exit within %s s of SIGKILL", self.pid, KILL_REAP_TIMEOUT_S)
+            for fd in self._output_read_ends.values():
+                os.close(fd)
+            self._output_read_ends = {}
+            if self.current is not None:
+                self.current.fail(KernelDied("signal SIGKILL (not yet reaped)", reason=self.stop_reason))
+            self.exited.set()
         if self.process.stdin:
             self.process.stdin.close()
-
 
 
 # --- Envs: installing the prerequisite, and finding what is there ----------------------

@@ -23,6 +23,8 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
+from conftest import process_running
+
 HERE = Path(__file__).parent
 SESSIONS = int(os.environ.get("STRESS_SESSIONS", "16"))
 CALLS = int(os.environ.get("STRESS_CALLS", "400"))
@@ -36,18 +38,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes: it holds no memory and runs nothing.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def cell_for(call: int, rng: random.Random) -> tuple[str, str]:
@@ -130,7 +120,7 @@ async def test_many_sessions_under_random_interrupts_resets_and_shutdowns(tmp_pa
     assert sum(outcomes.values()) == CALLS, outcomes
     assert outcomes.get("ok", 0) > CALLS // 2, outcomes
     with anyio.fail_after(10):
-        while any(alive(pid) for pid in kernel_pids | {server_pid}):
+        while any(process_running(pid) for pid in kernel_pids | {server_pid}):
             await anyio.sleep(0.05)
     growth_mib = (rss_end - rss_start) / 1024
     report = {
