@@ -55,7 +55,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -310,6 +310,20 @@ def default_timeout_s(environ: dict[str, str] | os._Environ[str] = os.environ) -
     if not math.isfinite(client_timeout_s) or client_timeout_s <= 0:
         return DEFAULT_TIMEOUT_S
     return max(client_timeout_s - TIMEOUT_MARGIN_S, client_timeout_s / 2)
+
+
+def spare_kernels_default(environ: Mapping[str, str]) -> int:
+    """IPYTHON_MCP_SPARE_KERNELS, or 1; a value that is not a count is reported and ignored."""
+    if "IPYTHON_MCP_SPARE_KERNELS" not in environ:
+        return 1
+    raw = environ["IPYTHON_MCP_SPARE_KERNELS"].strip()
+    if not raw:  # set but empty: off
+        return 0
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        log.warning("IPYTHON_MCP_SPARE_KERNELS=%r is not a number; keeping 1 spare kernel", raw)
+        return 1
 
 
 def memory_to_spare() -> bool:
@@ -1073,7 +1087,7 @@ class Config:
     default_timeout_s: float = dataclasses.field(default_factory=default_timeout_s)
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
     # Kernels of the default env started ahead of need, so a new session starts at once.
-    spare_kernels: int = dataclasses.field(default_factory=lambda: int(os.environ.get("IPYTHON_MCP_SPARE_KERNELS", "1") or 0))
+    spare_kernels: int = dataclasses.field(default_factory=lambda: spare_kernels_default(os.environ))
 
 
 @dataclasses.dataclass
