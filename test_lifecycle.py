@@ -18,6 +18,8 @@ import anyio
 import pytest
 from mcp import Client
 
+import ipython_mcp
+
 QUICK_S = 30
 
 from conftest import POLL_S, connect, wait_for_file
@@ -42,13 +44,13 @@ def structured(result: Any) -> dict[str, Any]:
 
 
 def kernel_pids() -> set[int]:
-    """Live kernel processes on this machine (zombies excluded)."""
+    """Live kernels of this checkout (zombies excluded): other checkouts' test runs may share the machine."""
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if b"bootstrap_kernel" not in Path(f"/proc/{entry}/cmdline").read_bytes():
+            if str(ipython_mcp.BOOTSTRAP).encode() not in Path(f"/proc/{entry}/cmdline").read_bytes():
                 continue
             if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 found.add(int(entry))
