@@ -1684,6 +1684,18 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
             print(f"  {error}")
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, in the layout of the README's Benchmark section."""
+    lines = ["| metric | ours | baseline | ratio | floor | ours / floor |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        fmt = fmt_bytes if row["kind"] == "bytes" else fmt_time
+        label = row["metric"]
+        label = f"&nbsp;&nbsp;{label.strip()}" if label.startswith(" ") else label
+        cells = [label, fmt(row["ours"]), fmt(row["baseline"]), fmt_ratio(row["ratio"]), fmt(row["floor"]), fmt_ratio(row["over_floor"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def server_has_option(option: str) -> bool:
     """Whether the server under test accepts a command-line option (older versions may not)."""
     try:
@@ -1728,6 +1740,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a quick check, not numbers to quote)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file (default %(default)s)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table in Markdown, as the README shows it")
     parser.add_argument(
         "--source", type=Path, default=None,
         help="folder holding the ipython_mcp.py and bootstrap_kernel.py to measure (default: the repository's); "
@@ -1797,6 +1810,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows(r)
     targets = evaluate_targets(r)
     print_report(info, reps, r, rows, targets, elapsed)
+    if args.markdown:
+        print()
+        print(markdown_table(rows))
     document = {
         "date": info["date"],
         "machine": info,
