@@ -4,7 +4,8 @@
 # ///
 """ipython-mcp: stateful IPython sessions for AI agents, one per name, in any Python env.
 
-An MCP server (stdio) with the five tools of the spec, ``execute``, ``list_sessions``,
+An MCP server (stdio, or streamable HTTP with ``--transport http``) with the five tools
+of the spec, ``execute``, ``list_sessions``,
 ``reset``, ``shutdown``, ``interrupt``, plus ``wait`` (follow a cell left running) and
 ``list_envs``. Each named session is one child process: the target env's Python running
 ``bootstrap_kernel.py`` beside this file, which embeds IPython's ``InteractiveShell``

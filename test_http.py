@@ -43,6 +43,7 @@ BANNER = re.compile(r"serving MCP over HTTP at (http://\S+)")
 QUICK_S = 30
 SLOW_S = 60
 START_S = 60  # a server process that imports the SDK on a loaded machine
+PROXIED = "mcp.example.com"  # the name a TLS proxy in front forwards as Host (README: Over HTTP)
 MODES = ["auto", "legacy"]  # the 2026 single-exchange protocol, and the initialize handshake
 
 
@@ -111,7 +112,7 @@ def http_server(tmp_path: Path, *args: str, token: str | None = TOKEN, port: boo
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
     """One server for the tests that do not stop or reconfigure it."""
-    with http_server(tmp_path_factory.mktemp("http")) as shared:
+    with http_server(tmp_path_factory.mktemp("http"), "--allow-host", PROXIED) as shared:
         yield shared
 
 
@@ -310,6 +311,15 @@ async def test_wrong_host_gets_421_and_another_origin_403_even_with_the_token(se
     assert same_origin.status_code == 200, same_origin.text
 
 
+async def test_a_name_given_with_allow_host_is_accepted_as_a_tls_proxy_forwards_it(server: HttpServer) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with httpx2.AsyncClient(timeout=30) as http:
+            proxied = await http.post(server.url, json=INITIALIZE, headers=post_headers(Host=PROXIED, Origin=f"https://{PROXIED}"))
+            other = await http.post(server.url, json=INITIALIZE, headers=post_headers(Host=f"other.{PROXIED}"))
+    assert proxied.status_code == 200, proxied.text
+    assert other.status_code == 421
+
+
 async def test_oversized_body_is_refused_without_being_read_whole(server: HttpServer) -> None:
     limit = ipython_mcp.HTTP_BODY_LIMIT_BYTES
     port = server.port
@@ -414,6 +424,19 @@ def test_a_runtime_folder_others_can_write_is_refused(tmp_path: Path) -> None:
     assert returncode == 2
     assert f"Refusing the runtime folder {planted}" in stderr
     assert list(planted.iterdir()) == []
+
+
+def test_the_runtime_folder_is_never_a_symlink_and_is_made_private(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / "ipython-mcp").symlink_to(elsewhere)
+    with pytest.raises(ipython_mcp.HttpSetupError, match="not a symlink"):
+        ipython_mcp.private_runtime_dir({"XDG_RUNTIME_DIR": str(tmp_path / "planted")})
+    (tmp_path / "ours" / "ipython-mcp").mkdir(parents=True, mode=0o755)
+    folder = ipython_mcp.private_runtime_dir({"XDG_RUNTIME_DIR": str(tmp_path / "ours")})
+    assert folder == tmp_path / "ours" / "ipython-mcp"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
 async def test_generated_token_is_printed_once_saved_privately_and_required(tmp_path: Path) -> None:
