@@ -2148,7 +2148,10 @@ def loopback_only(host: str) -> bool:
 
 def host_header(name: str, port: int | None = None) -> str:
     """``name`` as a Host header spells it: IPv6 addresses in brackets, the port after a colon."""
-    spelled = f"[{name}]" if ":" in name else name
+    ipv6 = False
+    with contextlib.suppress(ValueError):
+        ipv6 = ipaddress.ip_address(name).version == 6
+    spelled = f"[{name}]" if ipv6 else name
     return spelled if port is None else f"{spelled}:{port}"
 
 
