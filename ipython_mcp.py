@@ -4,7 +4,8 @@
 # ///
 """ipython-mcp: stateful IPython sessions for AI agents, one per name, in any Python env.
 
-An MCP server (stdio) with the five tools of the spec, ``execute``, ``list_sessions``,
+An MCP server (stdio, or streamable HTTP with ``--transport http``) with the five tools
+of the spec, ``execute``, ``list_sessions``,
 ``reset``, ``shutdown``, ``interrupt``, plus ``wait`` (follow a cell left running) and
 ``list_envs``. Each named session is one child process: the target env's Python running
 ``bootstrap_kernel.py`` beside this file, which embeds IPython's ``InteractiveShell``
@@ -44,26 +45,36 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import anyio.abc
+import uvicorn
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
 from mcp.types import (
     INVALID_REQUEST,
@@ -76,6 +87,7 @@ from mcp.types import (
     ToolAnnotations,
 )
 from pydantic import BaseModel, Field, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __version__ = "0.1.0"
 log = logging.getLogger("ipython_mcp")
@@ -1823,7 +1835,8 @@ manage them. Nobody can type into a session: input() fails, so pass values in co
 _live_managers: set[SessionManager] = set()
 
 
-def build_server(config: Config | None = None) -> MCPServer:
+def build_server(config: Config | None = None, *, bearer: BearerToken | None = None) -> MCPServer:
+    """The MCP server with its tools; ``bearer`` makes its HTTP app require that token."""
     config = config or Config()
 
     @asynccontextmanager
@@ -1838,7 +1851,12 @@ def build_server(config: Config | None = None) -> MCPServer:
             with anyio.CancelScope(shield=True):
                 await manager.close_all()
 
-    server = MCPServer("ipython-mcp", instructions=INSTRUCTIONS, version=__version__, lifespan=lifespan)
+    # The SDK's own bearer check (AuthenticationMiddleware + RequireAuthMiddleware on the MCP
+    # route); with no resource_server_url it publishes no OAuth metadata: the token is ours.
+    auth: dict[str, Any] = {}
+    if bearer is not None:
+        auth = {"auth": AuthSettings(issuer_url=bearer.issuer_url, resource_server_url=None), "token_verifier": bearer}
+    server = MCPServer("ipython-mcp", instructions=INSTRUCTIONS, version=__version__, lifespan=lifespan, **auth)
 
     def manager_of(ctx: Context) -> SessionManager:
         return ctx.request_context.lifespan_context
@@ -1873,7 +1891,8 @@ def build_server(config: Config | None = None) -> MCPServer:
         ] = "interrupt",
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Run code in a stateful IPython session and return its output, result, error and images."""
-        return execute_result(await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout))
+        call = manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
+        return execute_result(await unless_client_leaves(ctx, call))
 
     @server.tool(annotations=ToolAnnotations(title="Wait for a cell left running", read_only_hint=True))
     async def wait(
@@ -1882,7 +1901,7 @@ def build_server(config: Config | None = None) -> MCPServer:
         timeout_s: Annotated[float | None, Field(description="Seconds to wait for the cell to end (default as for execute).")] = None,
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Follow a cell started with on_timeout='continue': output since the last call, and its final result once it ends."""
-        return execute_result(await manager_of(ctx).wait(session, timeout_s, progress_to(ctx)))
+        return execute_result(await unless_client_leaves(ctx, manager_of(ctx).wait(session, timeout_s, progress_to(ctx))))
 
     @server.tool(annotations=ToolAnnotations(title="List IPython sessions", read_only_hint=True))
     async def list_sessions(ctx: Context) -> Annotated[CallToolResult, SessionList]:
@@ -2035,6 +2054,275 @@ async def serve(config: Config) -> None:
         group.cancel_scope.cancel()
 
 
+# --- Over HTTP -------------------------------------------------------------------------------
+# The SDK's streamable HTTP app (Starlette, served by uvicorn) with the SDK's bearer check and
+# its Host/Origin checks. One SessionManager serves every client of the server: the SDK's HTTP
+# session manager enters the server lifespan once for the app, not once per connection.
+
+HTTP_PATH = "/mcp"
+# A megabyte of code is a large cell, and JSON escaping can make it six; a bigger body is refused
+# (413) from its Content-Length, or as soon as the bytes streamed in pass the limit (the SDK's check).
+HTTP_BODY_LIMIT_BYTES = 16 * 1024 * 1024
+# After SIGTERM the kernels are gone first; open streams then get this long to close (whole seconds).
+HTTP_SHUTDOWN_GRACE_S = 2
+# A shorter secret could be guessed over a network; a generated one has 256 bits.
+TOKEN_MIN_CHARS = 16
+TOKEN_ENV = "IPYTHON_MCP_TOKEN"
+# Key in each HTTP request's ASGI scope: an event that NoticeDisconnects sets when the client leaves.
+DISCONNECTED = "ipython_mcp.disconnected"
+
+
+class HttpSetupError(Exception):
+    """The HTTP server cannot start as asked: unsafe flags, a weak token, an unsafe folder, a busy port."""
+
+
+class BearerToken:
+    """The SDK's ``TokenVerifier`` for one shared secret, compared in constant time."""
+
+    def __init__(self, token: str, issuer_url: str):
+        self._token = token.encode()
+        self.issuer_url = issuer_url  # the SDK's AuthSettings wants one: this server issues its token
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._token):
+            return None
+        return AccessToken(token="bearer", client_id="ipython-mcp", scopes=[])  # every holder is one principal
+
+
+class NoticeDisconnects:
+    """ASGI middleware: gives each HTTP request an event set when its client goes away.
+
+    The SDK's 2025-era transport keeps running a request whose response stream the client
+    closed; a client that crashed or lost its network means the same as one that cancelled,
+    so ``unless_client_leaves`` stops the cell (the 2026 transport already does this itself).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gone = scope[DISCONNECTED] = anyio.Event()
+
+        async def receive_noting_disconnect() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            return message
+
+        await self.app(scope, receive_noting_disconnect, send)
+
+
+async def unless_client_leaves(ctx: Context, call: Awaitable[CellOutcome]) -> CellOutcome:
+    """Await a tool's call, cancelling it (so its cell is interrupted) if its HTTP client disconnects."""
+    request = ctx.request_context.request
+    gone: anyio.Event | None = getattr(request, "scope", {}).get(DISCONNECTED)
+    if gone is None:  # stdio or in-memory: the SDK's cancellation is all there is
+        return await call
+    outcome: CellOutcome | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            await gone.wait()
+            log.info("the client of request %s disconnected; cancelling it", ctx.request_id)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        outcome = await call
+        group.cancel_scope.cancel()
+    if outcome is None:
+        raise ToolError("The client disconnected; the call was cancelled and its cell interrupted.")
+    return outcome
+
+
+def loopback_only(host: str) -> bool:
+    """True when every address ``host`` names is a loopback one, so only this machine can connect."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def host_header(name: str, port: int | None = None) -> str:
+    """``name`` as a Host header spells it: IPv6 addresses in brackets, the port after a colon."""
+    ipv6 = False
+    with contextlib.suppress(ValueError):
+        ipv6 = ipaddress.ip_address(name).version == 6
+    spelled = f"[{name}]" if ipv6 else name
+    return spelled if port is None else f"{spelled}:{port}"
+
+
+def unspecified(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_unspecified
+    return False
+
+
+def transport_security(host: str, port: int, allow_hosts: Sequence[str] = ()) -> TransportSecuritySettings:
+    """Host and Origin values a request may carry (anything else: 421 / 403), against DNS rebinding
+    and pages of other sites. Exact ports: a page on another localhost port is another origin."""
+    names = {"127.0.0.1", "localhost", "::1"} if loopback_only(host) or unspecified(host) else set()
+    if unspecified(host):  # 0.0.0.0 / ::: clients use this machine's name
+        names |= {socket.gethostname(), socket.getfqdn()}
+    else:
+        names.add(host)
+    hosts = [host_header(name, port) for name in sorted(names)]
+    hosts += [value for name in allow_hosts for value in (host_header(name), host_header(name, port))]
+    origins = [f"{scheme}://{value}" for value in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def token_from(environ: Mapping[str, str]) -> str | None:
+    """The bearer token of $IPYTHON_MCP_TOKEN, or None when it is unset (one is then generated)."""
+    token = environ.get(TOKEN_ENV)
+    if not token:
+        return None
+    if len(token) < TOKEN_MIN_CHARS or not all("!" <= char <= "~" for char in token):
+        raise HttpSetupError(
+            f"${TOKEN_ENV} must be at least {TOKEN_MIN_CHARS} characters of visible ASCII (no spaces); "
+            f"leave it unset to have one generated."
+        )
+    return token
+
+
+def private_runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """$XDG_RUNTIME_DIR/ipython-mcp, else $TMPDIR/ipython-mcp-run-<uid>: a folder only this user enters.
+
+    A folder that is a symlink, someone else's, or writable by others is refused: whoever could
+    write there could swap the token file for their own.
+    """
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        folder = Path(runtime) / "ipython-mcp"
+    else:
+        folder = Path(tempfile.gettempdir()) / f"ipython-mcp-run-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise HttpSetupError(
+            f"Refusing the runtime folder {folder} for the token file: it must be a directory (not a symlink) "
+            f"owned by you (uid {os.getuid()}) and writable by nobody else. Remove it, or set XDG_RUNTIME_DIR."
+        )
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+    return folder
+
+
+def save_token(folder: Path, port: int, token: str) -> Path:
+    """Write the token to ``folder/http-<port>.token``, mode 0600, never through a symlink."""
+    path = folder / f"http-{port}.token"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a dead server's file; the folder is ours alone
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return path
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), bound before anything is printed."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise HttpSetupError(f"Cannot listen on {host_header(host, port)}: {exc}") from exc
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)  # clients that connect at once wait until uvicorn accepts
+    except OSError as exc:
+        listener.close()
+        raise HttpSetupError(f"Cannot listen on {host_header(host, port)}: {exc.strerror or exc}") from exc
+    return listener
+
+
+class QuietUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: ``serve_http`` ends the kernels first, then asks it to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+async def serve_http(config: Config, host: str, port: int, no_auth: bool = False, allow_hosts: Sequence[str] = ()) -> None:
+    loopback = loopback_only(host)
+    if no_auth and not loopback:
+        raise HttpSetupError(
+            f"--no-auth is refused with --host {host}: it is not a loopback address, so other machines could "
+            "run code here. Leave auth on (the default) to serve other machines."
+        )
+    token = None if no_auth else token_from(os.environ)
+    generated = not no_auth and token is None
+    if generated:
+        token = secrets.token_urlsafe(32)
+    runtime = private_runtime_dir() if generated else None  # before binding: a refusal leaves no socket
+    listener = bind_listener(host, port)
+    port = listener.getsockname()[1]
+    url = f"http://{host_header(socket.gethostname() if unspecified(host) else host, port)}{HTTP_PATH}"
+    token_file = save_token(runtime, port, token) if runtime is not None and token is not None else None
+    try:
+        bearer = BearerToken(token, issuer_url=url.removesuffix(HTTP_PATH)) if token is not None else None
+        server = build_server(config, bearer=bearer)
+        app = server.streamable_http_app(
+            streamable_http_path=HTTP_PATH,
+            max_request_body_size=HTTP_BODY_LIMIT_BYTES,
+            transport_security=transport_security(host, port, allow_hosts),
+            host=host,
+        )
+        uv_config = uvicorn.Config(
+            NoticeDisconnects(app),
+            log_config=None,  # our logging: stderr, --log-level
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=HTTP_SHUTDOWN_GRACE_S,
+        )
+        http = QuietUvicorn(uv_config)
+        lines = [f"ipython-mcp {__version__}: serving MCP over HTTP at {url}"]
+        if token is None:
+            lines.append(
+                f"WARNING: --no-auth: no token is asked. Every program and every user on this machine that can reach "
+                f"{host_header(host, port)} can run code as {os.environ.get('USER') or os.getuid()}, read your files and "
+                "start processes. Browsers are kept out by the Host/Origin checks only."
+            )
+        elif generated:
+            lines.append(f"Bearer token (shown once; also in {token_file}, mode 0600): {token}")
+        else:
+            lines.append(f"Bearer token: the value of ${TOKEN_ENV}")
+        if not loopback:
+            lines.append(
+                f"WARNING: listening on {host_header(host, port)}, which other machines can reach. Traffic, the token "
+                "included, is unencrypted unless a TLS proxy is in front (README: Over HTTP)."
+            )
+        lines.append('Clients send the header "Authorization: Bearer <token>" with every request.' if token else "")
+
+        async with anyio.create_task_group() as group:
+
+            async def stop_on_signal(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                    task_status.started()
+                    async for signum in signals:
+                        log.info("received %s; stopping", signal.Signals(signum).name)
+                        with anyio.CancelScope(shield=True):
+                            for manager in list(_live_managers):
+                                await manager.close_all()
+                        http.handle_exit(signum, None)
+
+            await group.start(stop_on_signal)
+            # Printed once SIGTERM is ours: whoever reads the URL may stop the server at once.
+            print("\n".join(line for line in lines if line), file=sys.stderr, flush=True)
+            await http.serve(sockets=[listener])
+            group.cancel_scope.cancel()
+    finally:
+        listener.close()
+        if token_file is not None:
+            with contextlib.suppress(OSError):
+                token_file.unlink()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ipython-mcp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs-dir", type=Path, default=None, help="folder of named envs (default: $IPYTHON_MCP_ENVS_DIR or ~/envs)")
@@ -2053,6 +2341,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default-env kernels kept started ahead of need, so a new session starts at once (default 1, or $IPYTHON_MCP_SPARE_KERNELS; 0 turns it off)",
     )
     parser.add_argument("--log-level", default=os.environ.get("IPYTHON_MCP_LOG_LEVEL", "WARNING"), help="stderr log level (default WARNING)")
+    http = parser.add_argument_group("over HTTP", "with --transport http (MCP streamable HTTP at /mcp)")
+    http.add_argument("--transport", choices=("stdio", "http"), default="stdio", help="stdio (default) or http")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need a TLS proxy)")
+    http.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one, printed on stderr)")
+    http.add_argument(
+        "--no-auth",
+        action="store_true",
+        help=f"ask no bearer token (loopback only: any local user or program can then run code); else ${TOKEN_ENV} or generated",
+    )
+    http.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name clients (or a proxy) use to reach this server; repeatable",
+    )
     parser.add_argument("--version", action="version", version=f"ipython-mcp {__version__}")
     return parser.parse_args(argv)
 
@@ -2071,12 +2375,19 @@ def main(argv: list[str] | None = None) -> None:
         config.auto_install = True
     if args.spare_kernels is not None:
         config.spare_kernels = max(args.spare_kernels, 0)
-    if sys.stdin.isatty():
+    if args.transport == "stdio" and sys.stdin.isatty():
         print(greeting(), file=sys.stderr)
     try:
-        anyio.run(serve, config)
+        if args.transport == "http":
+            anyio.run(serve_http, config, args.host, args.port, args.no_auth, args.allow_host)
+        else:
+            anyio.run(serve, config)
     except KeyboardInterrupt:
         pass
+    except HttpSetupError as exc:
+        print(f"ipython-mcp: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2)
     finally:
         for manager in list(_live_managers):
             manager.kill_all_now()
