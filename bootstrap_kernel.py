@@ -461,10 +461,10 @@ def read_requests(proto_in, inbox, state, private):
                 continue
             try:
                 message = json.loads(line)
-                if not isinstance(message, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:  # one bad line must not end the reader (every later call would hang)
-                private.log("request line skipped (%s): %.200r" % (exc, line))
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):  # one bad line must not end the reader (every later call would hang)
+                private.log("request line skipped, not a JSON object: %.200r" % line)
                 continue
             if message.get("kind") == "interrupt":
                 state.interrupt(message.get("id"), message.get("group_signalled", False))

@@ -814,9 +814,9 @@ class Kernel:
                     return
                 try:
                     message = json.loads(line)
-                    if not isinstance(message, dict):
-                        raise ValueError("not a JSON object")
                 except ValueError:
+                    message = None
+                if not isinstance(message, dict):
                     message = None
                 if not self.hello and (message is None or message.get("kind") != "hello"):
                     # The env printed something at start (the bootstrap puts its hello on a

@@ -116,6 +116,22 @@ async def test_a_user_file_dup2ed_onto_a_protocol_fd_is_never_written_or_read(tm
     assert mine.read_text() == '{"kind": "execute", "id": 99, "code": "1"}\n'
 
 
+async def test_request_lines_that_are_not_json_objects_are_skipped_and_the_kernel_keeps_serving(tmp_path: Path) -> None:
+    # /proc/self/fd/N of a pipe opens its other end: the cell writes into its own protocol input.
+    code = FIND_PROTOCOL_FD + (
+        "w = os.open(f'/proc/self/fd/{proto_in}', os.O_WRONLY)\n"
+        "os.write(w, b'not json\\n[1, 2]\\n\"text\"\\n')\n"
+        "os.close(w)\n"
+        "kept = 'yes'"
+    )
+    async with connect(tmp_path) as client:
+        with anyio.fail_after(QUICK_S):
+            out = await run(client, "s", code)
+            after = await run(client, "s", "kept", timeout_s=10)
+    assert out["status"] == "ok", out
+    assert (after["status"], after["result"]) == ("ok", "'yes'"), after
+
+
 # --- Forks: only the kernel process answers ----------------------------------------------------------
 
 
