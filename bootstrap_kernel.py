@@ -159,10 +159,10 @@ class PrivateFds:
 
     def lost(self, fd):
         """A cell closed or replaced one of our fds: say so where it is safe, and exit."""
-        how = "closed" if not fd_open(fd) else "replaced by a file of its own"
+        how = "closed" if not fd_open(fd) else "put a file of its own on"
         text = (
-            "a cell %s the kernel's %s (fd %d), so this kernel stopped rather than write its protocol "
-            "to a file that is not its own. Close only the fds your code opened (not os.closerange(3, ...))."
+            "a cell %s the kernel's %s (fd %d); the kernel stopped rather than write its protocol to, or read "
+            "it from, a file that is not its own. Close only the fds your code opened (not os.closerange(3, ...))."
             % (how, self.names.get(fd, "private pipe"), fd)
         )
         if in_forked_child():
@@ -212,8 +212,8 @@ def take_standard_fds():
         os.dup2(write_end, fd)
         # Kept (close-on-exec) so a cell that closes fd 1 neither ends the pipe nor
         # loses printing for good: restore_standard_fds() puts it back.
-        write_end = private.take(write_end, "%s pipe (spare write end)" % name, close_original=True)
-        read_end = private.take(read_end, "%s pipe (read end)" % name, close_original=True)
+        write_end = private.take(write_end, "spare write end of the %s pipe" % name, close_original=True)
+        read_end = private.take(read_end, "read end of the %s pipe" % name, close_original=True)
         spares[fd] = write_end
         set_cloexec_nonblocking(write_end, nonblocking=False)
         set_cloexec_nonblocking(read_end, nonblocking=True)

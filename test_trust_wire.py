@@ -56,7 +56,7 @@ async def assert_reported_dead(client: Client, session: str, out: dict, elapsed:
     assert out["status"] == "error", out
     assert "kernel died" in out["error"], out["error"]
     assert "exit code 76" in out["error"], out["error"]
-    assert "stopped rather than write its protocol" in out["error"] + out["stderr"], out
+    assert "the kernel stopped rather than write its protocol" in out["error"] + out["stderr"], out
     assert elapsed < DIES_WITHIN_S, elapsed
     assert (await sessions(client))[session]["status"] == "dead"
     after = await run(client, session, "1+1")
