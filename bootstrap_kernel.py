@@ -13,6 +13,13 @@ File descriptors, after start-up:
              private duplicates of the original stdin/stdout (close-on-exec): the
              protocol channel, which user code cannot reach by printing
     log      duplicate of the original stderr: faulthandler dumps, start-up errors
+These private fds (and the relay's pipe ends) sit just under min(RLIMIT_NOFILE, 1024),
+far from the low numbers open() hands out. A cell can still close them
+(``os.closerange(3, 65536)``) or put its own file on their numbers (``os.dup2``):
+each is checked (device and inode) before use, and a kernel that lost one exits
+with PROTOCOL_LOST_EXIT rather than write a protocol line into the user's file.
+Only the kernel process speaks the protocol: a child forked by a cell sends
+nothing, and ends (``os._exit``) when it comes back from the cell.
 
 Messages (one JSON object per line, ``kind`` says which):
     server -> kernel   execute {id, code, max_result_chars, image_budget, spill_path}
@@ -32,6 +39,8 @@ Messages (one JSON object per line, ``kind`` says which):
 
 When the protocol input reaches end of file the server is gone: the kernel kills
 its own process group (itself and anything it started) so no process outlives it.
+The hello is preceded by a newline, so start-up output of the env (a sitecustomize
+banner without a newline) stays on a line of its own.
 """
 
 import codecs
@@ -41,6 +50,7 @@ import json
 import os
 import queue
 import re
+import resource
 import select
 import signal
 import struct
@@ -67,6 +77,14 @@ RELAY_GATHER_BELOW_BYTES = 32 * 1024
 # Bounds the end-of-cell drain (rounds of RELAY_CHUNK_BYTES) when a background
 # process keeps writing: its later output still flows, just not inside this reply.
 DRAIN_MAX_ROUNDS = 64
+# Private fds go just under this ceiling (or RLIMIT_NOFILE, when lower): above what
+# open() hands out, and below select()'s FD_SETSIZE, which the relay relies on.
+PRIVATE_FD_CEILING = 1024
+PRIVATE_FD_ROOM = 16  # 7 are used: protocol in/out, log, 2 relay read ends, 2 spares
+# Exit status of a kernel whose protocol fd a cell closed or replaced (sysexits EX_PROTOCOL).
+PROTOCOL_LOST_EXIT = 76
+# The process that speaks the protocol; a child forked by a cell has another pid.
+KERNEL_PID = os.getpid()
 THIS_FILE = os.path.basename(__file__)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 NO_STDIN_MESSAGE = (
@@ -87,11 +105,96 @@ def set_cloexec_nonblocking(fd, nonblocking):
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
+def in_forked_child():
+    return os.getpid() != KERNEL_PID
+
+
+class PrivateFds:
+    """The kernel's own fds, moved high and remembered by (device, inode).
+
+    ``check(fd)`` before each use: a fd that a cell closed, or on whose number it put a
+    file of its own, stops the kernel (``lost``) instead of being written to or read.
+    """
+
+    def __init__(self):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        top = PRIVATE_FD_CEILING if soft == resource.RLIM_INFINITY else min(soft, PRIVATE_FD_CEILING)
+        self.base = max(3, top - PRIVATE_FD_ROOM)
+        self.identities = {}
+        self.names = {}
+        self.log_fd = None
+        self.stderr_pipe = None  # identity of the pipe behind fd 2, for a last word when the log is gone
+
+    def take(self, fd, name, close_original=False):
+        """A close-on-exec duplicate of ``fd`` high up, remembered as ours."""
+        try:
+            new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, self.base)
+        except OSError:  # a tiny RLIMIT_NOFILE: the lowest free fd, still checked before use
+            new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        if close_original:
+            os.close(fd)
+        self.identities[new] = identity(new)
+        self.names[new] = name
+        return new
+
+    def is_ours(self, fd):
+        try:
+            return identity(fd) == self.identities[fd]
+        except OSError:
+            return False
+
+    def check(self, fd):
+        if not self.is_ours(fd):
+            self.lost(fd)
+
+    def check_all(self):
+        for fd in self.identities:
+            self.check(fd)
+
+    def log(self, text):
+        """A line for the server's log (the kernel's stderr), if that fd is still ours."""
+        if self.log_fd is not None and self.is_ours(self.log_fd):
+            with contextlib.suppress(OSError):
+                os.write(self.log_fd, ("ipython-mcp kernel: %s\n" % text).encode("utf-8", "backslashreplace"))
+
+    def lost(self, fd):
+        """A cell closed or replaced one of our fds: say so where it is safe, and exit."""
+        how = "closed" if not fd_open(fd) else "put a file of its own on"
+        text = (
+            "a cell %s the kernel's %s (fd %d); the kernel stopped rather than write its protocol to, or read "
+            "it from, a file that is not its own. Close only the fds your code opened (not os.closerange(3, ...))."
+            % (how, self.names.get(fd, "private pipe"), fd)
+        )
+        if in_forked_child():
+            EXIT(PROTOCOL_LOST_EXIT)  # a fork's copy: the kernel itself is still fine
+        if self.log_fd is not None and self.is_ours(self.log_fd):
+            self.log(text)
+        else:  # closed with the rest: the stderr pipe still reaches the server, which keeps what is left in it
+            with contextlib.suppress(OSError):
+                if identity(2) == self.stderr_pipe:
+                    os.write(2, ("\nipython-mcp kernel: %s\n" % text).encode("utf-8", "backslashreplace"))
+        EXIT(PROTOCOL_LOST_EXIT)  # the real one: the patched os._exit would use the relay
+
+
+def identity(fd):
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
+
+
+def fd_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
 def take_standard_fds():
     """Move the protocol to private fds and give user code fresh fds 0, 1 and 2."""
-    proto_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
-    proto_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-    log = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3)
+    private = PrivateFds()
+    proto_in = private.take(0, "protocol input pipe")
+    proto_out = private.take(1, "protocol output pipe")
+    log = private.log_fd = private.take(2, "log pipe")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -109,16 +212,20 @@ def take_standard_fds():
         os.dup2(write_end, fd)
         # Kept (close-on-exec) so a cell that closes fd 1 neither ends the pipe nor
         # loses printing for good: restore_standard_fds() puts it back.
+        write_end = private.take(write_end, "spare write end of the %s pipe" % name, close_original=True)
+        read_end = private.take(read_end, "read end of the %s pipe" % name, close_original=True)
         spares[fd] = write_end
         set_cloexec_nonblocking(write_end, nonblocking=False)
         set_cloexec_nonblocking(read_end, nonblocking=True)
         readers[read_end] = name
-    return proto_in, proto_out, log, readers, spares
+    private.stderr_pipe = identity(2)
+    return private, proto_in, proto_out, log, readers, spares
 
 
-def restore_standard_fds(spares):
+def restore_standard_fds(spares, private):
     """After a cell: fds 1 and 2 point at our pipes again, whatever the cell did to them."""
     for fd, spare in spares.items():
+        private.check(spare)  # never dup2 a user's file onto fd 1
         try:
             same = os.path.sameopenfile(fd, spare)
         except OSError:  # closed by the cell
@@ -142,15 +249,19 @@ class Wire:
     """Writes protocol messages; several threads send, so writes are serialised, and an
     interrupt never lands halfway through a line (the rest of the line would be lost)."""
 
-    def __init__(self, fd, state):
+    def __init__(self, fd, state, private):
         self.fd = fd
         self.state = state
+        self.private = private
         self.lock = threading.Lock()
 
-    def send(self, message):
-        data = (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+    def send(self, message, newline_first=False):
+        if in_forked_child():  # a fork of the kernel (its locks may be held forever): silent
+            return
+        data = (("\n" if newline_first else "") + json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         view = memoryview(data)
         with self.state.no_interrupts(), self.lock:
+            self.private.check(self.fd)
             while view:
                 view = view[os.write(self.fd, view):]
 
@@ -167,6 +278,7 @@ class Relay:
     def _pump(self, fds):
         """Read what is in the pipes now and send it (caller holds the lock)."""
         for fd in fds:
+            self.wire.private.check(fd)  # never read (and forward) a user's file
             chunks = []
             size = 0
             while size < RELAY_CHUNK_BYTES:
@@ -198,25 +310,35 @@ class Relay:
 
         Taking the lock first matters: the relay thread may have read a chunk and
         not yet sent it, and that chunk must go out before the caller's next message.
+        In a forked child only Python's buffers are flushed: the kernel forwards the rest.
         """
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:
                 pass
+        if in_forked_child():
+            return
         # A pump stops after RELAY_CHUNK_BYTES per fd; repeat until the pipes are
         # empty, but give up on a background writer that never stops.
         for _ in range(DRAIN_MAX_ROUNDS):
             with self.wire.state.no_interrupts(), self.lock:
-                ready, _, _ = select.select(list(self.readers), [], [], 0)
+                ready, _, _ = self._select(0)
                 if not ready:
                     return
                 self._pump(ready)
 
+    def _select(self, timeout=None):
+        try:
+            return select.select(list(self.readers), [], [], timeout)
+        except (OSError, ValueError):  # a cell closed a read end: stop loudly, never read a reused fd
+            for fd in self.readers:
+                self.wire.private.check(fd)
+            raise
+
     def run(self):
-        fds = list(self.readers)
         while True:
-            ready, _, _ = select.select(fds, [], [])
+            ready, _, _ = self._select()
             # Let a burst of small prints gather into one message (100k prints: ~30x
             # fewer messages); a big write is read at once. The end-of-cell drain does
             # not wait for this pause.
@@ -318,14 +440,18 @@ def die_with_group():
         os._exit(0)
 
 
-def read_requests(proto_in, inbox, state):
-    stream = os.fdopen(proto_in, "rb", buffering=0, closefd=False)
+def read_requests(proto_in, inbox, state, private):
     buffered = b""
     while True:
+        # Checked before and after the (blocking) read: a cell may have closed the fd or
+        # put its own file there meanwhile, and what was read then is not ours to obey.
+        private.check(proto_in)
         try:
-            data = stream.read(1 << 20)
-        except InterruptedError:
-            continue
+            data = os.read(proto_in, 1 << 20)
+        except OSError:
+            private.check(proto_in)
+            raise
+        private.check(proto_in)
         if not data:
             die_with_group()
         buffered += data
@@ -333,7 +459,13 @@ def read_requests(proto_in, inbox, state):
         for line in lines:
             if not line.strip():
                 continue
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):  # one bad line must not end the reader (every later call would hang)
+                private.log("request line skipped, not a JSON object: %.200r" % line)
+                continue
             if message.get("kind") == "interrupt":
                 state.interrupt(message.get("id"), message.get("group_signalled", False))
             else:
@@ -431,9 +563,15 @@ def make_shell(wire, relay, state, capture):
         display_pub_class = Type(WireDisplayPublisher)
 
         def showtraceback(self, exc_tuple=None, *args, **kwargs):
+            etype, value = (exc_tuple or sys.exc_info())[:2]
+            if in_forked_child() and isinstance(value, SystemExit):
+                # sys.exit() in a child forked by the cell ends that child, as in a script.
+                code = value.code
+                if code is not None and not isinstance(code, int):
+                    sys.stderr.write("%s\n" % (code,))
+                end_forked_child(0 if code is None else code if isinstance(code, int) else 1)
             # An interrupt's place is all the agent needs, and the context formatter's first
             # use costs 20-40 ms of imports: stop fast, show the plain Python traceback.
-            etype = (exc_tuple or sys.exc_info())[0]
             if etype is None or not issubclass(etype, KeyboardInterrupt):
                 return super().showtraceback(exc_tuple, *args, **kwargs)
             mode = self.InteractiveTB.mode
@@ -540,6 +678,9 @@ def shrink_images(bundle, budget, notes):
         )
 
 
+EXIT = os._exit  # the real one: flush_before_exit replaces os._exit for cells
+
+
 def flush_before_exit(relay):
     """Make ``os._exit()`` in a cell forward what the cell printed before the process goes."""
     real_exit = os._exit
@@ -554,6 +695,19 @@ def flush_before_exit(relay):
         real_exit(code)
 
     os._exit = exit_after_drain
+
+
+def end_forked_child(code, error=None):
+    """A child forked by a cell came back from it: flush what it printed (the kernel
+    forwards it), then end quietly; only the kernel itself answers the server."""
+    try:
+        if error:
+            sys.stderr.write(error.rstrip() + "\n")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except Exception:
+        pass
+    EXIT(code)
 
 
 def flush_matplotlib_figures():
@@ -589,16 +743,20 @@ def execute(shell, relay, state, capture, request):
     try:
         if state.begin(request["id"]):
             result = shell.run_cell(request["code"], store_history=True)
+            if in_forked_child():
+                end_forked_child(0 if result.success else 1, capture.get("error"))
             if result.success:
                 flush_matplotlib_figures()
     except KeyboardInterrupt:
         interrupted_outside_cell = True
     finally:
+        if in_forked_child():  # whatever way it came back from the cell
+            end_forked_child(1)
         state.end(request["id"])
         # User code may have replaced the handler (SIG_IGN, its own): restore ours.
         signal.signal(signal.SIGINT, sigint_handler)
     try:  # the kernel must never die of its own bookkeeping, whatever the cell did
-        restore_standard_fds(relay.spares)
+        restore_standard_fds(relay.spares, relay.wire.private)
         for name, fd in (("stdout", 1), ("stderr", 2)):  # a cell that closed sys.stdout still leaves a working one
             stream = getattr(sys, name)
             if stream is None or getattr(stream, "closed", False) is True:
@@ -655,9 +813,9 @@ def execute(shell, relay, state, capture, request):
 
 
 def main():
-    proto_in, proto_out, log, readers, spares = take_standard_fds()
+    private, proto_in, proto_out, log, readers, spares = take_standard_fds()
     state = KernelState()
-    wire = Wire(proto_out, state)
+    wire = Wire(proto_out, state, private)
     hello = {
         "kind": "hello",
         "protocol": PROTOCOL_VERSION,
@@ -676,7 +834,7 @@ def main():
     if sys.version_info[:2] < MIN_PYTHON:
         hello["error"] = "Python %s is older than the %d.%d this kernel needs" % ((hello["python_version"],) + MIN_PYTHON)
         hello["missing"] = "python"
-        wire.send(hello)
+        wire.send(hello, newline_first=True)
         return 3
     # With PYTHONDONTWRITEBYTECODE set (and installers such as uv write no .pyc), every
     # kernel would compile IPython from source again: ~150 ms of CPU per start. Cache the
@@ -691,7 +849,7 @@ def main():
         hello["missing"] = "ipython"
         hello["pip"] = importlib.util.find_spec("pip") is not None
         hello["prefix"] = sys.prefix
-        wire.send(hello)
+        wire.send(hello, newline_first=True)
         return 3
     finally:
         sys.dont_write_bytecode = dont_write_bytecode
@@ -699,7 +857,7 @@ def main():
     if tuple(IPython.version_info[:2]) < MIN_IPYTHON:
         hello["error"] = "IPython %s is older than the %d.%d this kernel needs" % ((IPython.__version__,) + MIN_IPYTHON)
         hello["missing"] = "ipython"
-        wire.send(hello)
+        wire.send(hello, newline_first=True)
         return 3
     sys.dont_write_bytecode = False
     try:
@@ -721,13 +879,14 @@ def main():
         shell = make_shell(wire, relay, state, capture)
     except Exception as exc:
         hello["error"] = "IPython could not start: %s: %s" % (type(exc).__name__, exc)
-        wire.send(hello)
+        wire.send(hello, newline_first=True)
         return 3
     threading.Thread(target=relay.run, name="relay", daemon=True).start()
     flush_before_exit(relay)
     inbox = queue.Queue()
-    threading.Thread(target=read_requests, args=(proto_in, inbox, state), name="requests", daemon=True).start()
-    wire.send(hello)
+    threading.Thread(target=read_requests, args=(proto_in, inbox, state, private), name="requests", daemon=True).start()
+    # After a newline: start-up output of the env without one (a banner) must not hide the hello.
+    wire.send(hello, newline_first=True)
 
     while True:
         try:
@@ -743,6 +902,7 @@ def main():
                 relay.drain()
                 reply = {"kind": "done", "id": request["id"], "status": "error", "error": "KeyboardInterrupt",
                          "result": None, "execution_count": None, "notes": []}
+            private.check_all()  # the cell that closed or replaced one of our fds gets the news
             wire.send(reply)
 
 

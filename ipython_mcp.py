@@ -348,6 +348,39 @@ def memory_to_spare() -> bool:
         return True  # not Linux: assume a desktop
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def shown(text: str | os.PathLike[str]) -> str:
+    r"""``text`` (a path, a name, a message) fit for a reply: JSON cannot carry lone surrogates.
+
+    A file name's bytes that are not UTF-8 arrive as surrogates (b'caf\xe9' -> 'caf\udce9');
+    they become a backslash escape of the byte (the four characters \xe9), any other lone
+    surrogate a \uXXXX escape.
+    """
+    text = os.fspath(text)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return LONE_SURROGATE.sub(
+            lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}" if 0xDC80 <= ord(m[0]) <= 0xDCFF else f"\\u{ord(m[0]):04x}", text
+        )
+    return text
+
+
+def printable(value: Any) -> Any:
+    """``value`` (structured content) with every string, keys included, passed through ``shown``."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {printable(key): printable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [printable(item) for item in value]
+    return value
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -637,8 +670,10 @@ class Kernel:
         self._tasks: list[asyncio.Task[None]] = []
         self._hello_future: asyncio.Future[dict[str, Any]] | None = None
         self._reader_done = asyncio.Event()
+        self._log_done = asyncio.Event()
         self._sends: set[asyncio.Task[None]] = set()
         self._output_read_ends: dict[str, int] = {}
+        self._startup_output = ""  # what the env printed on stdout before the hello (a banner)
 
     @property
     def pid(self) -> int | None:
@@ -726,7 +761,8 @@ class Kernel:
             raise EnvError(
                 self.env_label,
                 str(self.python),
-                f"The kernel in env {self.env_label!r} (python: {self.python}) did not start within {KERNEL_START_TIMEOUT_S:.0f} s.",
+                f"The kernel in env {self.env_label!r} (python: {self.python}) did not start within {KERNEL_START_TIMEOUT_S:.0f} s."
+                + self._printed_at_start(),
             ) from None
         except KernelDied as died:
             await self.kill("killed")
@@ -735,6 +771,7 @@ class Kernel:
                 str(self.python),
                 f"The kernel in env {self.env_label!r} (python: {self.python}) exited before it was ready ({died.how})."
                 + (f"\nIts stderr ended with:\n{died.log_tail}" if died.log_tail else "")
+                + self._printed_at_start()
                 + "\nThe bootstrap needs Python 3.9 or newer with IPython 7 or newer.",
             ) from None
         except BaseException:
@@ -748,13 +785,15 @@ class Kernel:
                 reason = f"IPython in env {self.env_label!r} (python: {self.python}) cannot run this kernel: {hello.get('error')}."
             else:
                 reason = f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')})."
+            reason += self._printed_at_start()
             raise EnvError(self.env_label, str(self.python), reason, install_hint(self.python, has_pip), "missing_ipython", has_pip)
         if hello.get("missing") == "python":
             await self.kill("killed")
             raise EnvError(
                 self.env_label,
                 str(self.python),
-                f"The Python of env {self.env_label!r} (python: {self.python}) cannot run a session: {hello.get('error')}.",
+                f"The Python of env {self.env_label!r} (python: {self.python}) cannot run a session: {hello.get('error')}."
+                + self._printed_at_start(),
                 "Use an env with Python 3.9 or newer, for example: "
                 f"uv venv -p 3.12 {envs_dir_default()}/NAME && uv pip install --python {envs_dir_default()}/NAME/bin/python ipykernel",
                 kind="too_old",
@@ -762,9 +801,16 @@ class Kernel:
         if hello.get("error"):
             await self.kill("killed")
             raise EnvError(
-                self.env_label, str(self.python), f"The kernel in env {self.env_label!r} (python: {self.python}) cannot start: {hello['error']}."
+                self.env_label,
+                str(self.python),
+                f"The kernel in env {self.env_label!r} (python: {self.python}) cannot start: {hello['error']}." + self._printed_at_start(),
             )
         return hello
+
+    def _printed_at_start(self) -> str:
+        """For a start error: what the env wrote on stdout before the hello, quoted."""
+        text = self._startup_output.strip()
+        return f"\nBefore it was ready it printed on stdout:\n{text}" if text else ""
 
     async def _read_protocol(self) -> None:
         assert self.process and self.process.stdout
@@ -780,9 +826,23 @@ class Kernel:
                     return
                 try:
                     message = json.loads(line)
-                except ValueError:  # a line cut short by a kill is expected; anything else is not
+                except ValueError:
+                    message = None
+                if not isinstance(message, dict):
+                    message = None
+                if not self.hello and (message is None or message.get("kind") != "hello"):
+                    # The env printed something at start (the bootstrap puts its hello on a
+                    # line of its own): keep it for a start error, then wait for the hello.
+                    if line.strip():
+                        text = line.decode("utf-8", "replace")
+                        self._startup_output = (self._startup_output + text)[-KERNEL_LOG_TAIL_CHARS:]
+                        log.info("kernel %s printed at start: %.200r", self.pid, text)
+                    continue
+                if message is None:  # a line cut short by a kill is expected; anything else is not
                     (log.debug if self.stop_reason else log.warning)("kernel %s sent a line that is not JSON: %.200r", self.pid, line)
                     continue
+                if message.get("kind") == "hello":
+                    self.hello = message
                 self._dispatch(message)
         finally:
             self._reader_done.set()
@@ -806,18 +866,23 @@ class Kernel:
 
     async def _read_log(self) -> None:
         assert self.process and self.process.stderr
-        while chunk := await self.process.stderr.read(65536):
-            text = chunk.decode("utf-8", "replace")
-            self._log_tail = (self._log_tail + text)[-KERNEL_LOG_TAIL_CHARS:]
-            for line in text.splitlines():
-                log.info("kernel %s: %s", self.pid, line)
+        try:
+            while chunk := await self.process.stderr.read(65536):
+                text = chunk.decode("utf-8", "replace")
+                self._log_tail = (self._log_tail + text)[-KERNEL_LOG_TAIL_CHARS:]
+                for line in text.splitlines():
+                    log.info("kernel %s: %s", self.pid, line)
+        finally:
+            self._log_done.set()
 
     async def _watch_exit(self) -> None:
         assert self.process
         returncode = await self.process.wait()
-        # A forked grandchild may hold the pipe open: read what is there, briefly.
+        # A forked grandchild may hold the pipes open: read what is there, briefly
+        # (its last words on stderr say why it ended, when it knows).
         with anyio.move_on_after(DEATH_DRAIN_S):
             await self._reader_done.wait()
+            await self._log_done.wait()
         self.kill_now()  # whatever the kernel left behind goes with it
         self._collect_leftover_output()
         died = KernelDied(describe_exit(returncode), self._log_tail.strip(), self.stop_reason)
@@ -1830,6 +1895,30 @@ per task, iterate in small cells, and use `interrupt`, `reset`, `shutdown`, `lis
 manage them. Nobody can type into a session: input() fails, so pass values in code."""
 
 
+class IPythonMCP(MCPServer):
+    """MCPServer whose tool replies can always be sent.
+
+    A reply the SDK cannot serialise (a lone surrogate from a file name that is not UTF-8)
+    would end its stdio writer, and with it the server and every kernel. So every tool
+    result, and every tool error's text, passes through ``shown`` here, in one place.
+    """
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            result = await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (shown(exc.args[0]), *exc.args[1:])
+            raise
+        if isinstance(result, CallToolResult):
+            for block in result.content:
+                if isinstance(block, TextContent):
+                    block.text = shown(block.text)
+            if result.structured_content is not None:
+                result.structured_content = printable(result.structured_content)
+        return result
+
+
 # Managers alive in this process (one per connection), so a signal handler can kill
 # their kernels at once; each is owned by its server lifespan, this only points at it.
 _live_managers: set[SessionManager] = set()
@@ -1856,14 +1945,14 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
     auth: dict[str, Any] = {}
     if bearer is not None:
         auth = {"auth": AuthSettings(issuer_url=bearer.issuer_url, resource_server_url=None), "token_verifier": bearer}
-    server = MCPServer("ipython-mcp", instructions=INSTRUCTIONS, version=__version__, lifespan=lifespan, **auth)
+    server = IPythonMCP("ipython-mcp", instructions=INSTRUCTIONS, version=__version__, lifespan=lifespan, **auth)
 
     def manager_of(ctx: Context) -> SessionManager:
         return ctx.request_context.lifespan_context
 
     def progress_to(ctx: Context) -> Progress:
         async def progress(elapsed: float, message: str) -> None:
-            await ctx.report_progress(round(elapsed, 1), None, message)
+            await ctx.report_progress(round(elapsed, 1), None, shown(message))
 
         return progress
 
