@@ -1825,7 +1825,7 @@ class SessionManager:
             stdout=reply_text(execution.stdout.text),
             stderr=reply_text(execution.stderr.text),
             result=reply.get("result") if reply and status == "ok" else None,
-            error=error if status != "ok" else None,
+            error=reply_text(error) if error and status != "ok" else None,
             execution_count=reply.get("execution_count") if reply else None,
             warning=" ".join(warnings) or None,
             duration_s=round(time.monotonic() - started, 3),

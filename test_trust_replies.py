@@ -314,3 +314,11 @@ def test_reply_text_removes_every_kind_of_terminal_sequence() -> None:
         "plain [brackets] and ]8;; stay"
     )
     assert ipython_mcp.reply_text(raw) == "orange link c1 plain [brackets] and ]8;; stay"
+
+
+async def test_terminal_sequences_in_an_exception_message_are_removed_from_the_error(tmp_path: Path) -> None:
+    async with connect(tmp_path) as client:
+        with anyio.fail_after(QUICK_S):
+            out = await run(client, "s", "raise ValueError('see \\x1b]8;;https://example.com\\x1b\\\\the docs\\x1b]8;;\\x1b\\\\')")
+    assert out["status"] == "error"
+    assert out["error"].endswith("ValueError: see the docs")
