@@ -70,6 +70,8 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # the server's line limit, whatever a cell produces.
 MAX_TEXT_CHARS = 2_000_000
 MAX_IMAGE_B64_CHARS = 48 * 1024 * 1024
+# Notes (image downscaled, output cut...) one reply carries, so its warning stays short.
+MAX_NOTES = 20
 # Pause after output wakes the relay, when less than a chunk's worth is waiting, so
 # small writes travel together.
 RELAY_GATHER_S = 0.002
@@ -87,6 +89,9 @@ PROTOCOL_LOST_EXIT = 76
 KERNEL_PID = os.getpid()
 THIS_FILE = os.path.basename(__file__)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# A plain text form that is only Python's default repr says nothing (the server's
+# display_text has the same rule).
+DEFAULT_REPR = re.compile(r"<[\w.<>]+ object( at 0x[0-9a-fA-F]+)?>|<[\w.<>]+ at 0x[0-9a-fA-F]+>")
 NO_STDIN_MESSAGE = (
     "This session has no standard input: {what} cannot be answered, because no person "
     "is typing at this kernel. Pass the value in code instead (for example `name = 'value'`)."
@@ -524,18 +529,52 @@ def make_shell(wire, relay, state, capture):
                         % (mime, len(value) * 3 // 4 >> 20, MAX_IMAGE_B64_CHARS * 3 // 4 >> 20)
                     )
                     continue
-            elif isinstance(value, str):
-                value, _ = truncate_middle(value, text_limit)
+            elif mime == "application/json" and not isinstance(value, str) and text_limit is not None:
+                try:
+                    text = json.dumps(value)
+                except (TypeError, ValueError):  # not JSON after all: send what it looks like
+                    text = value = json.dumps(value, default=repr)
+                if len(text) > text_limit:  # sent as its (cut) JSON text instead of the object
+                    value = text
+            if isinstance(value, str) and not mime.startswith("image/"):
+                size = len(value)
+                value, cut = truncate_middle(value, text_limit)
+                if cut:  # said once per kind in the reply's notes (see execute)
+                    count, largest = capture.setdefault("kernel_cuts", {}).get(mime, (0, 0))
+                    capture["kernel_cuts"][mime] = (count + 1, max(largest, size))
             if isinstance(value, str) or mime == "application/json":
                 bundle[mime] = value
         return bundle
 
+    def prepare(data, text_limit=MAX_TEXT_CHARS):
+        """The bundle to send, or None. Our own processing must never raise into the user's
+        cell: what fails here becomes a note, and the cell runs on."""
+        notes = capture.setdefault("notes", [])
+        try:
+            bundle = encode_bundle(data, text_limit)
+        except Exception as exc:
+            notes.append("A display output could not be encoded (%s: %s) and was dropped." % (type(exc).__name__, exc))
+            return None
+        try:
+            shrink_images(bundle, capture.get("image_budget"), notes)
+        except Exception as exc:  # shrink_images guards each image; this is the last resort
+            notes.append("Images of a display output could not be checked (%s: %s); they are sent as they were." % (type(exc).__name__, exc))
+        return bundle
+
+    def send_display(bundle):
+        try:
+            wire.send({"kind": "display", "data": bundle})
+        except (TypeError, ValueError) as exc:  # not JSON-serialisable: nothing was written
+            capture.setdefault("notes", []).append(
+                "A display output could not be sent (%s: %s) and was dropped." % (type(exc).__name__, exc)
+            )
+
     class WireDisplayPublisher(DisplayPublisher):
         def publish(self, data, metadata=None, *args, **kwargs):
             relay.drain()  # what was printed before the display comes first
-            bundle = encode_bundle(data)
-            shrink_images(bundle, capture.get("image_budget"), capture.setdefault("notes", []))
-            wire.send({"kind": "display", "data": bundle})
+            bundle = prepare(data)
+            if bundle is not None:
+                send_display(bundle)
 
         def clear_output(self, wait=False):
             relay.drain()
@@ -551,9 +590,7 @@ def make_shell(wire, relay, state, capture):
             pass
 
         def write_format_data(self, format_dict, md_dict=None):
-            bundle = encode_bundle(format_dict, text_limit=None)  # execute() cuts and saves the repr
-            shrink_images(bundle, capture.get("image_budget"), capture.setdefault("notes", []))
-            capture["result"] = bundle
+            capture["result"] = prepare(format_dict, text_limit=None)  # execute() cuts and saves the text
 
         def finish_displayhook(self):
             self._is_active = False
@@ -638,44 +675,55 @@ def make_shell(wire, relay, state, capture):
 
 
 def shrink_images(bundle, budget, notes):
-    """Downscale (with Pillow, when the env has it) images over the byte/pixel budget."""
+    """Downscale (with Pillow, when the env has it) images over the byte/pixel budget.
+
+    Never raises: an image that cannot be downscaled is sent as it was, with a note.
+    """
     if not budget:
         return
-    max_bytes, max_side = budget
     for mime in ("image/png", "image/jpeg"):
         if mime not in bundle:
             continue
-        import base64
-
-        raw = base64.b64decode(bundle[mime])
         try:
-            import io
+            shrink_image(bundle, mime, budget, notes)
+        except Exception as exc:  # e.g. a truncated file Pillow can open but not decode
+            notes.append("An %s image could not be downscaled (%s: %s); it is sent as it was." % (mime, type(exc).__name__, exc))
 
-            from PIL import Image
 
-            image = Image.open(io.BytesIO(raw))
-            width, height = image.size
-        except Exception:
-            return  # no Pillow or not decodable: the server reports the size
-        if len(raw) <= max_bytes and max(width, height) <= max_side:
-            continue
-        scale = min(1.0, max_side / max(width, height), (max_bytes / len(raw)) ** 0.5)
-        for _ in range(6):
-            size = (max(1, int(width * scale)), max(1, int(height * scale)))
-            out = io.BytesIO()
-            small = image.resize(size)
-            if mime == "image/png":
-                small.save(out, "PNG", optimize=True)
-            else:
-                small.convert("RGB").save(out, "JPEG", quality=85)
-            if out.tell() <= max_bytes:
-                break
-            scale *= 0.7
-        bundle[mime] = base64.b64encode(out.getvalue()).decode("ascii")
-        notes.append(
-            "An image of %dx%d (%d bytes) was downscaled to %dx%d (%d bytes) to fit the image budget."
-            % (width, height, len(raw), size[0], size[1], out.tell())
-        )
+def shrink_image(bundle, mime, budget, notes):
+    """Downscale the bundle's ``mime`` image in place when it is over the budget (may raise)."""
+    max_bytes, max_side = budget
+    import base64
+
+    raw = base64.b64decode(bundle[mime])
+    try:
+        import io
+
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(raw))
+        width, height = image.size
+    except Exception:
+        return  # no Pillow or not an image: the server reports the size
+    if len(raw) <= max_bytes and max(width, height) <= max_side:
+        return
+    scale = min(1.0, max_side / max(width, height), (max_bytes / len(raw)) ** 0.5)
+    for _ in range(6):
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        out = io.BytesIO()
+        small = image.resize(size)
+        if mime == "image/png":
+            small.save(out, "PNG", optimize=True)
+        else:
+            small.convert("RGB").save(out, "JPEG", quality=85)
+        if out.tell() <= max_bytes:
+            break
+        scale *= 0.7
+    bundle[mime] = base64.b64encode(out.getvalue()).decode("ascii")
+    notes.append(
+        "An image of %dx%d (%d bytes) was downscaled to %dx%d (%d bytes) to fit the image budget."
+        % (width, height, len(raw), size[0], size[1], out.tell())
+    )
 
 
 EXIT = os._exit  # the real one: flush_before_exit replaces os._exit for cells
@@ -732,6 +780,41 @@ def truncate_middle(text, limit):
     return text[:half] + "\n... [%d characters cut] ...\n" % cut + text[-half:], cut
 
 
+def best_text(bundle):
+    """The text a reply shows for a mime bundle, by the server's display_text rule: markdown,
+    then a plain repr that says something, then HTML, LaTeX, JSON; else the plain repr."""
+    plain = bundle.get("text/plain")
+    if isinstance(plain, str) and DEFAULT_REPR.fullmatch(plain.strip()):
+        plain = None
+    for text in (bundle.get("text/markdown"), plain, bundle.get("text/html"), bundle.get("text/latex")):
+        if isinstance(text, str) and text:
+            return text
+    if "application/json" in bundle:
+        value = bundle["application/json"]
+        return value if isinstance(value, str) else json.dumps(value, default=repr)
+    return bundle.get("text/plain")
+
+
+def result_text(bundle, notes):
+    """The cell result's text (see best_text); its plain repr if that fails."""
+    try:
+        return best_text(bundle)
+    except Exception as exc:
+        notes.append("The result's rich text form could not be made (%s: %s); its plain repr is shown." % (type(exc).__name__, exc))
+        return bundle.get("text/plain")
+
+
+def cut_notes(capture, notes):
+    """Say what the kernel cut before sending (once per kind), and keep the notes few."""
+    for mime, (count, largest) in sorted(capture.get("kernel_cuts", {}).items()):
+        notes.append(
+            "%d display output(s) of %s were longer than the %d characters a kernel sends (the largest: %d); "
+            "the middle of each was cut before sending and is not kept anywhere." % (count, mime, MAX_TEXT_CHARS, largest)
+        )
+    if len(notes) > MAX_NOTES:
+        notes[MAX_NOTES - 1:] = ["... and %d more notes." % (len(notes) - MAX_NOTES + 1)]
+
+
 def execute(shell, relay, state, capture, request):
     capture.clear()
     notes = capture["notes"] = []
@@ -767,6 +850,7 @@ def execute(shell, relay, state, capture, request):
     if shell.exit_now:
         shell.exit_now = False
         notes.append("exit() was ignored: use the shutdown tool to end a session.")
+    cut_notes(capture, notes)
 
     reply = {
         "kind": "done",
@@ -781,7 +865,7 @@ def execute(shell, relay, state, capture, request):
         reply["error"] = "KeyboardInterrupt"
     elif result.success:
         reply["status"] = "ok"
-        plain = (capture.get("result") or {}).get("text/plain")
+        plain = result_text(capture.get("result") or {}, notes)
         if plain is not None:
             full = plain
             plain, cut = truncate_middle(plain, request.get("max_result_chars"))

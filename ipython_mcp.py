@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -128,6 +129,15 @@ IMAGE_MAX_SIDE_PX = 1568
 # Images still larger than this (no Pillow in the env) are not sent inline; the
 # warning names the file that holds them.
 IMAGE_INLINE_MAX_BYTES = 4_000_000
+# Images sent inline per call, by count and total bytes (a loop of plt.show() must not
+# flood the agent's context); later ones are only saved to files.
+DEFAULT_IMAGE_LIMIT = 10
+DEFAULT_IMAGE_BYTES_LIMIT = 5_000_000
+# Images past the inline budget are held until the reply saves them to files; beyond
+# these they are counted and dropped, so the server's memory stays bounded whatever a
+# cell shows (the byte bound is above the largest image a kernel sends).
+IMAGE_FILE_ONLY_MAX_COUNT = 200
+IMAGE_FILE_ONLY_MAX_BYTES = 40_000_000
 # A traceback longer than this (deep recursion) is cut in the middle.
 ERROR_LIMIT_CHARS = 20_000
 # An automatic `pip install ipykernel` (or conda/uv/pixi) must end within this.
@@ -422,7 +432,8 @@ def descendants(pid: int) -> list[int]:
 # --- Output kept per call: bounded in memory, full text spilled to a file ------------
 
 
-DEFAULT_REPR = re.compile(r"<[\w.]+ object( at 0x[0-9a-fA-F]+)?>")
+# Python's default repr, and IPython's form of it (`<__main__.C at 0x7f...>`).
+DEFAULT_REPR = re.compile(r"<[\w.<>]+ object( at 0x[0-9a-fA-F]+)?>|<[\w.<>]+ at 0x[0-9a-fA-F]+>")
 
 
 def display_text(bundle: dict[str, str]) -> str:
@@ -438,7 +449,8 @@ def display_text(bundle: dict[str, str]) -> str:
         if isinstance(text, str) and text:
             return text
     if "application/json" in bundle:
-        return json.dumps(bundle["application/json"])
+        value = bundle["application/json"]
+        return value if isinstance(value, str) else json.dumps(value)  # a str: JSON the kernel cut to size
     return bundle.get("text/plain") or ""
 
 
@@ -451,6 +463,35 @@ def collapse_redraws(text: str) -> str:
         if "\r" in line:
             lines[i] = next((part for part in reversed(line.split("\r")) if part), "")
     return "\n".join(lines)
+
+
+# Terminal control sequences (ECMA-48): OSC strings such as hyperlinks and window titles
+# (ended by BEL or ST), DCS/SOS/PM/APC strings, CSI sequences (colours, cursor moves,
+# erase), then any other escape (charset, keypad, save cursor; or an introducer whose
+# string was never ended). U+009B is the one-character CSI.
+TERMINAL_SEQUENCE = re.compile(
+    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
+    r"|\x1b[PX^_][^\x1b]*\x1b\\"
+    r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|\x1b[ -/]*[0-~]"
+)
+
+
+def reply_text(text: str) -> str:
+    """Output text as a reply shows it: terminal control sequences removed (the agent
+    reads text, not a terminal). Saved files keep the raw stream."""
+    if "\x1b" not in text and "\x9b" not in text:
+        return text
+    return TERMINAL_SEQUENCE.sub("", text)
+
+
+def cut_middle(text: str, limit: int, where: str = "") -> tuple[str, int]:
+    """``text`` in about ``limit`` characters: head and tail, with a marker saying what was cut."""
+    if len(text) <= limit:
+        return text, 0
+    half = max(limit - 60 - len(where), 2) // 2
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n… [{cut} characters cut{where}] …\n{text[-half:]}", cut
 
 
 class _NullFile:
@@ -558,6 +599,125 @@ class OutputBuffer:
         return f"{self.head}\n… [{self.cut} characters cut{where}] …\n{self._kept_tail}"
 
 
+class DisplayTexts:
+    """The text forms of one call's display() outputs, bounded like a stream.
+
+    The first texts (up to half of ``limit`` characters) and the last ones (the other
+    half) are kept; one text longer than half is cut in its middle; the texts between
+    are only counted. Once anything is cut, the full text of every display goes to a
+    file (through an OutputBuffer, so it is saved exactly as stdout is).
+    """
+
+    name = "display"
+
+    def __init__(self, limit: int, spill_path: Callable[..., Path] | None):
+        self.limit = max(limit, 4)
+        self._full = OutputBuffer(self.name, self.limit // 2, spill_path)
+        self.head: list[str] = []
+        self.tail: collections.deque[str] = collections.deque()
+        self._head_chars = self._tail_chars = 0
+        self._head_open = True
+        self.count = 0  # display() outputs with text
+        self.total = 0  # their characters
+        self.cut = 0  # characters not in the reply
+        self.dropped = 0  # whole texts not in the reply
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        self.total += len(text)
+        self._full.write(text if text.endswith("\n") else text + "\n")
+        keep = self.limit // 2
+        text, cut = cut_middle(text, keep, self._where)
+        self.cut += cut
+        if self._head_open and self._head_chars + len(text) <= keep:
+            self.head.append(text)
+            self._head_chars += len(text)
+            return
+        self._head_open = False
+        self.tail.append(text)
+        self._tail_chars += len(text)
+        while self._tail_chars > keep and len(self.tail) > 1:
+            dropped = self.tail.popleft()
+            self._tail_chars -= len(dropped)
+            self.dropped += 1
+            self.cut += len(dropped)
+
+    @property
+    def _where(self) -> str:
+        return f"; full text in {self.file_path}" if self.file_path else ""
+
+    @property
+    def file_path(self) -> Path | None:
+        return self._full.file_path
+
+    @property
+    def texts(self) -> list[str]:
+        if not self.dropped:
+            return self.head + list(self.tail)
+        marker = f"… [{self.dropped} display outputs cut{self._where}] …"
+        return [*self.head, marker, *self.tail]
+
+    def clear(self) -> None:
+        self._full.clear()
+        self.head, self.tail = [], collections.deque()
+        self._head_chars = self._tail_chars = 0
+        self._head_open = True
+        self.count = self.total = self.cut = self.dropped = 0
+
+    def close(self) -> None:
+        self._full.close()
+
+
+class ShownImages:
+    """The images of one call: the first ones inline, within a count and a byte budget;
+    later ones only saved to files (kept in memory until the reply saves them, up to a
+    bound); beyond that bound they are only counted."""
+
+    def __init__(self, max_inline: int, max_inline_bytes: int):
+        self.max_inline, self.max_inline_bytes = max_inline, max_inline_bytes
+        self.kept: list[tuple[str, str, bool]] = []  # (mime, base64, sent inline)
+        self.inline = self.inline_bytes = 0
+        self.file_only = self.file_only_bytes = 0
+        self.dropped = 0
+
+    def add(self, mime: str, data: str) -> int | None:
+        """Keep an image; its index among the kept ones, or None when it was dropped."""
+        size = len(data) * 3 // 4  # decoded bytes, near enough
+        if self.inline < self.max_inline and self.inline_bytes + size <= self.max_inline_bytes and size <= IMAGE_INLINE_MAX_BYTES:
+            self.inline += 1
+            self.inline_bytes += size
+            inline = True
+        elif self.file_only < IMAGE_FILE_ONLY_MAX_COUNT and self.file_only_bytes + size <= IMAGE_FILE_ONLY_MAX_BYTES:
+            self.file_only += 1
+            self.file_only_bytes += size
+            inline = False
+        else:
+            self.dropped += 1
+            return None
+        self.kept.append((mime, data, inline))
+        return len(self.kept) - 1
+
+    def note(self) -> str | None:
+        """What the warning says when the budget left images out of the reply."""
+        # (an image too big to send inline at all has a warning of its own)
+        over_budget = sum(1 for _, data, inline in self.kept if not inline and len(data) * 3 // 4 <= IMAGE_INLINE_MAX_BYTES)
+        if not over_budget and not self.dropped:
+            return None
+        shown = len(self.kept) + self.dropped
+        note = (
+            f"The cell showed {shown} images; {self.inline} were sent inline (at most {self.max_inline} images "
+            f"and {self.max_inline_bytes} bytes per call)"
+        )
+        if over_budget:
+            note += f", {over_budget} more were only saved to files (see images[].path)"
+        if self.dropped:
+            note += (
+                f", {self.dropped} were dropped (over {IMAGE_FILE_ONLY_MAX_COUNT} images or "
+                f"{IMAGE_FILE_ONLY_MAX_BYTES} bytes per call)"
+            )
+        return note + ". Close figures you do not need (plt.close), or save them with savefig and show a few."
+
+
 # --- The wire: one cell in flight on one kernel --------------------------------------
 
 
@@ -568,7 +728,10 @@ class Execution:
     request_id: int
     stdout: OutputBuffer
     stderr: OutputBuffer
-    displays: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    image_limit: int = DEFAULT_IMAGE_LIMIT  # images sent inline per call
+    image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT
+    displays: DisplayTexts = dataclasses.field(init=False)  # display() text, bounded like stdout
+    images: ShownImages = dataclasses.field(init=False)
     # stdout and display() text interleaved as the cell produced them, for the text block
     transcript: OutputBuffer = dataclasses.field(init=False)
     reply: asyncio.Future[dict[str, Any]] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -591,9 +754,7 @@ class Execution:
             self.lines_seen += 1
         elif kind == "display":
             self._clear_if_pending()
-            bundle = message.get("data") or {}
-            self.displays.append(bundle)
-            self._transcribe(self._display_line(bundle), display=True)
+            self._transcribe(self._display_line(message.get("data") or {}), display=True)
         elif kind == "clear":
             # clear_output(wait=True) clears when the next output arrives, as in Jupyter,
             # so a cell that ends with it keeps its last state.
@@ -605,7 +766,8 @@ class Execution:
 
     def __post_init__(self) -> None:
         self.transcript = OutputBuffer("output", self.stdout.limit, None)
-        self._images_seen = 0
+        self.displays = DisplayTexts(self.stdout.limit, self.stdout._spill_path)
+        self.images = ShownImages(self.image_limit, self.image_bytes_limit)
 
     def _clear_if_pending(self) -> None:
         if not self.clear_pending:
@@ -614,7 +776,7 @@ class Execution:
         self.stdout.clear()
         self.stderr.clear()
         self.displays.clear()
-        self._images_seen = 0
+        self.images = ShownImages(self.image_limit, self.image_bytes_limit)
         self.transcript.clear()
 
     def _transcribe(self, text: str, display: bool = False) -> None:
@@ -624,22 +786,25 @@ class Execution:
             text = "\n" + text
         self.transcript.write(text)
 
-    def _display_line(self, bundle: dict[str, str]) -> str:
-        if any(mime in bundle for mime in IMAGE_MIME_TYPES):
-            mime = next(m for m in IMAGE_MIME_TYPES if m in bundle)
-            self._images_seen += 1
-            return f"[image {self._images_seen - 1}: {mime}]\n"
+    def _display_line(self, bundle: dict[str, Any]) -> str:
+        """Keep a display (its text, or its image within the budget); its line for the transcript."""
+        mime = next((m for m in IMAGE_MIME_TYPES if m in bundle), None)
+        if mime is not None:
+            index = self.images.add(mime, bundle[mime]) if isinstance(bundle[mime], str) else None
+            return f"[image {index}: {mime}]\n" if index is not None else f"[{mime} image not kept: over the image budget]\n"
         text = display_text(bundle)
+        if text:
+            self.displays.add(text)
         return f"{text.rstrip()}\n" if text else ""
 
-    def take_output(self) -> tuple[OutputBuffer, OutputBuffer, list[dict[str, str]]]:
+    def take_output(self) -> tuple[OutputBuffer, OutputBuffer, DisplayTexts, ShownImages]:
         """Hand over what was collected so far and start collecting afresh (for `wait`)."""
-        taken = self.stdout, self.stderr, self.displays
+        taken = self.stdout, self.stderr, self.displays, self.images
         self.stdout = OutputBuffer("stdout", self.stdout.limit, self.stdout._spill_path)
         self.stderr = OutputBuffer("stderr", self.stderr.limit, self.stderr._spill_path)
-        self.displays = []
         self.transcript = OutputBuffer("output", self.stdout.limit, None)
-        self._images_seen = 0
+        self.displays = DisplayTexts(self.stdout.limit, self.stdout._spill_path)
+        self.images = ShownImages(self.image_limit, self.image_bytes_limit)
         return taken
 
     @property
@@ -919,13 +1084,18 @@ class Kernel:
         except (ConnectionError, BrokenPipeError):
             pass  # the exit watcher reports the death
 
-    async def start_execution(self, code: str, output_limit: int, spill_path: Callable[..., Path]) -> Execution:
+    async def start_execution(
+        self, code: str, output_limit: int, spill_path: Callable[..., Path],
+        image_limit: int = DEFAULT_IMAGE_LIMIT, image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT,
+    ) -> Execution:
         request_id = next(self._ids)
         per_stream = max(output_limit // 2, 2)
         execution = Execution(
             request_id,
             OutputBuffer("stdout", per_stream, spill_path),
             OutputBuffer("stderr", per_stream, spill_path),
+            image_limit,
+            image_bytes_limit,
         )
         if not self.alive:
             execution.fail(KernelDied("it had already exited"))
@@ -946,6 +1116,7 @@ class Kernel:
     def finish_execution(self, execution: Execution) -> None:
         execution.stdout.close()
         execution.stderr.close()
+        execution.displays.close()
         if self.current is execution:
             self.current = None
 
@@ -1161,6 +1332,9 @@ class Config:
     envs_dir: Path = dataclasses.field(default_factory=envs_dir_default)
     output_dir: Path = dataclasses.field(default_factory=lambda: Path(tempfile.gettempdir()) / f"ipython-mcp-{os.getuid()}")
     output_limit: int = DEFAULT_OUTPUT_LIMIT_CHARS
+    # Images sent inline per call (count, total bytes); later ones are saved to files only.
+    image_limit: int = DEFAULT_IMAGE_LIMIT
+    image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT
     default_timeout_s: float = dataclasses.field(default_factory=default_timeout_s)
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
     # Kernels of the default env started ahead of need, so a new session starts at once.
@@ -1217,7 +1391,9 @@ class ExecuteResult(BaseModel):
     session: str
     stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")
     stderr: str = Field(description="Everything written to stderr (fd 2), including child processes.")
-    result: str | None = Field(description="text/plain repr of the cell's last expression, or null.")
+    result: str | None = Field(
+        description="Text form of the cell's last expression, as display() would give it (markdown, a meaningful repr, HTML, LaTeX, JSON), or null."
+    )
     error: str | None = Field(description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
     execution_count: int | None = Field(description="IPython's prompt number of this cell (In [n]).")
     warning: str | None = Field(description="Something the agent should know: env ignored, state lost, output cut, ...")
@@ -1544,7 +1720,9 @@ class SessionManager:
         timeout_s = max(deadline - time.monotonic(), MIN_CELL_S)
         try:
             with anyio.fail_after(timeout_s):  # a kernel that stopped reading its pipe must not hang us
-                execution = await kernel.start_execution(code, self.config.output_limit, self._spill_path(session.name))
+                execution = await kernel.start_execution(
+                    code, self.config.output_limit, self._spill_path(session.name), self.config.image_limit, self.config.image_bytes_limit
+                )
         except TimeoutError:
             warnings.append("The kernel did not take the code within timeout_s (stopped or stuck), so it was killed and restarted.")
             await self.restart(session, "killed")
@@ -1663,22 +1841,22 @@ class SessionManager:
     ) -> CellOutcome:
         """Output so far of a cell that runs on; the next `wait` starts after it."""
         transcript = execution.transcript
-        stdout, stderr, bundles = execution.take_output()
+        stdout, stderr, displays, images = execution.take_output()
         warnings.append(
             f"The cell is still running ({time.monotonic() - execution.started:.0f} s so far). "
             f"Call wait(session={session.name!r}) for its further output and final result, or interrupt to stop it."
         )
-        output_files = self._note_cuts((stdout, stderr), warnings)
-        display_texts, image_infos, inline_images = self._sort_displays(session.name, bundles, warnings)
+        output_files = self._note_cuts((stdout, stderr, displays), warnings)
+        image_infos, inline_images = self._save_images(session.name, images, warnings)
         result = ExecuteResult(
-            status="running", session=session.name, stdout=stdout.text, stderr=stderr.text, result=None,
+            status="running", session=session.name, stdout=reply_text(stdout.text), stderr=reply_text(stderr.text), result=None,
             error=None, execution_count=None, warning=" ".join(warnings),
-            duration_s=round(time.monotonic() - started, 3), display=display_texts, images=image_infos,
-            output_files=output_files,
+            duration_s=round(time.monotonic() - started, 3), display=[reply_text(text) for text in displays.texts],
+            images=image_infos, output_files=output_files,
         )
-        return CellOutcome(result, inline_images, transcript.text)
+        return CellOutcome(result, inline_images, reply_text(transcript.text))
 
-    def _note_cuts(self, buffers: tuple[OutputBuffer, ...], warnings: list[str]) -> dict[str, str]:
+    def _note_cuts(self, buffers: tuple[OutputBuffer | DisplayTexts, ...], warnings: list[str]) -> dict[str, str]:
         output_files: dict[str, str] = {}
         for buffer in buffers:
             buffer.close()
@@ -1686,8 +1864,9 @@ class SessionManager:
                 where = f"Full text: {buffer.file_path}" if buffer.file_path else "The full text could not be saved (see the server log)."
                 if buffer.file_path:
                     output_files[buffer.name] = str(buffer.file_path)
+                what = f"display output ({buffer.count} displays)" if isinstance(buffer, DisplayTexts) else buffer.name
                 warnings.append(
-                    f"{buffer.name} was {buffer.total} characters; {buffer.cut} were cut from the middle of this "
+                    f"{what} was {buffer.total} characters; {buffer.cut} were cut from the middle of this "
                     f"reply (limit {self.config.output_limit} per call). {where}"
                 )
         return output_files
@@ -1711,43 +1890,40 @@ class SessionManager:
         if error and len(error) > ERROR_LIMIT_CHARS:
             half = ERROR_LIMIT_CHARS // 2
             error = f"{error[:half]}\n… [{len(error) - 2 * half} characters of traceback cut] …\n{error[-half:]}"
-        output_files = self._note_cuts((execution.stdout, execution.stderr), warnings)
-        bundles = list(execution.displays)
-        if reply and reply.get("result_images"):
-            bundles.append(reply["result_images"])
-        display_texts, image_infos, inline_images = self._sort_displays(session.name, bundles, warnings)
+        output_files = self._note_cuts((execution.stdout, execution.stderr, execution.displays), warnings)
+        result_images = (reply or {}).get("result_images") or {}
+        mime = next((m for m in IMAGE_MIME_TYPES if isinstance(result_images.get(m), str)), None)
+        if mime is not None:
+            execution.images.add(mime, result_images[mime])
+        image_infos, inline_images = self._save_images(session.name, execution.images, warnings)
         result = ExecuteResult(
             status=status,  # type: ignore[arg-type]
             session=session.name,
-            stdout=execution.stdout.text,
-            stderr=execution.stderr.text,
+            stdout=reply_text(execution.stdout.text),
+            stderr=reply_text(execution.stderr.text),
             result=reply.get("result") if reply and status == "ok" else None,
-            error=error if status != "ok" else None,
+            error=reply_text(error) if error and status != "ok" else None,
             execution_count=reply.get("execution_count") if reply else None,
             warning=" ".join(warnings) or None,
             duration_s=round(time.monotonic() - started, 3),
-            display=display_texts,
+            display=[reply_text(text) for text in execution.displays.texts],
             images=image_infos,
             output_files=output_files,
         )
-        return CellOutcome(result, inline_images, execution.transcript.text)
+        return CellOutcome(result, inline_images, reply_text(execution.transcript.text))
 
-    def _sort_displays(
-        self, session: str, bundles: list[dict[str, str]], warnings: list[str]
-    ) -> tuple[list[str], list[ExecuteImage], list[tuple[str, str]]]:
-        """Split display bundles into text forms and images; every image is also saved to a file."""
-        texts: list[str] = []
+    def _save_images(
+        self, session: str, images: ShownImages, warnings: list[str]
+    ) -> tuple[list[ExecuteImage], list[tuple[str, str]]]:
+        """Save every kept image to a file; the ones within the call's budget are also sent inline."""
         infos: list[ExecuteImage] = []
         inline: list[tuple[str, str]] = []
-        for bundle in bundles:
-            mime = next((m for m in IMAGE_MIME_TYPES if m in bundle), None)
-            if mime is None:
-                text = display_text(bundle)
-                if text:
-                    texts.append(text)
-                continue
+        note = images.note()
+        if note:
+            warnings.append(note)
+        for mime, encoded, within_budget in images.kept:
             try:
-                data = base64.b64decode(bundle[mime])
+                data = base64.b64decode(encoded)
             except (binascii.Error, ValueError):
                 warnings.append(f"An {mime} image was not valid base64 and was dropped.")
                 continue
@@ -1764,9 +1940,9 @@ class SessionManager:
                     f"Image {len(infos) - 1} is {len(data)} bytes, over the {IMAGE_INLINE_MAX_BYTES} sent inline; "
                     f"it is saved at {path}. Save figures smaller (lower dpi/size) to see them inline."
                 )
-            else:
-                inline.append((mime, bundle[mime]))
-        return texts, infos, inline
+            elif within_budget:
+                inline.append((mime, encoded))
+        return infos, inline
 
     async def _report_progress(self, execution: Execution, progress: Progress) -> None:
         """Progress for long cells only, at a bounded rate: new output, or a heartbeat."""
@@ -1777,7 +1953,7 @@ class SessionManager:
             if execution.lines_seen != seen or now - last_sent >= PROGRESS_HEARTBEAT_S:
                 seen, last_sent = execution.lines_seen, now
                 elapsed = now - execution.started
-                line = execution.last_line
+                line = reply_text(execution.last_line)
                 try:
                     await progress(elapsed, f"running {elapsed:.1f} s" + (f": {line}" if line else ""))
                 except Exception:  # a client that went away must not break the cell
