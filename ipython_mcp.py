@@ -778,7 +778,7 @@ class Kernel:
         except OSError as exc:
             log.warning("no pip scripts for the kernel of env %r: %s", self.env_label, exc)
             return
-        script = f'#!/bin/sh\nexec {shlex.quote(str(self.python))} {shlex.quote(str(BOOTSTRAP))} --pip "$@"\n'
+        script = f'#!/bin/sh\nexec {shlex.quote(str(self.python))} {shlex.quote(os.path.abspath(BOOTSTRAP))} --pip "$@"\n'
         for name in ("pip", "pip3"):
             path = os.path.join(folder, name)
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "w") as shim:
@@ -1909,10 +1909,8 @@ def build_server(config: Config | None = None) -> MCPServer:
             Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue' it in the background and return status 'running' (follow it with `wait`)."),
         ] = "interrupt",
     ) -> Annotated[CallToolResult, ExecuteResult]:
-        """Run code in a stateful IPython session and return its output, result, error and images.
-
-        To add a package, run `%pip install NAME` in the session: it installs into that session's own Python env and imports right after.
-        """
+        """Run code in a stateful IPython session and return its output, result, error and images. \
+To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
         return execute_result(await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout))
 
     @server.tool(annotations=ToolAnnotations(title="Wait for a cell left running", read_only_hint=True))

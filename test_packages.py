@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def std_venv(env: Path, with_pip: bool) -> Path:
 
 def has_pip(python: Path) -> bool:
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pip') is None)"
-    return subprocess.run([str(python), "-c", probe], timeout=60).returncode == 0
+    return subprocess.run([str(python), "-c", probe], check=False, timeout=60).returncode == 0
 
 
 async def ok(client: Client, session: str, code: str, **arguments: Any) -> dict[str, Any]:
@@ -202,6 +203,27 @@ async def test_failed_install_ends_the_cell_with_error_and_the_installers_last_l
             assert (await ok(client, "f", "1 + 1"))["result"] == "2", "the session lives on"
 
 
+async def test_interrupted_install_stops_the_installer_and_keeps_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The uv the server knows of (its UV) hangs and ignores SIGINT: the kernel kills it, and the cell still ends in time.
+    env = tmp_path / "no-pip"
+    uv_venv(env)
+    pid_file = tmp_path / "installer-pid"
+    hanging_uv = tmp_path / "tools" / "uv"
+    hanging_uv.parent.mkdir()
+    hanging_uv.write_text(f"#!/bin/sh\necho $$ > {pid_file}\necho resolving...\ntrap '' INT\nexec sleep 300\n")
+    hanging_uv.chmod(0o755)
+    monkeypatch.setenv("UV", str(hanging_uv))
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path) as client:
+            await ok(client, "i", "x = 41", env=str(env))
+            started = time.monotonic()
+            out = await run(client, "i", "%pip install anything", timeout_s=3)
+            assert out["status"] == "timeout" and "resolving..." in out["stdout"], out
+            assert time.monotonic() - started < 3 + 3, "ended within the interrupt grace, without killing the kernel"
+            await wait_until_gone(int(pid_file.read_text()))
+            still = await ok(client, "i", "x + 1")
+            assert still["result"] == "42" and still["warning"] is None, still
+
 @pytest.mark.network
 async def test_install_of_a_package_that_is_not_on_pypi_is_an_error_naming_it(tmp_path: Path) -> None:
     env = tmp_path / "no-pip"
@@ -239,3 +261,10 @@ async def test_pip_scripts_are_in_a_private_folder_that_goes_with_the_kernel(tmp
             await wait_until_gone(int(pid))
             while shim.parent.exists():
                 await anyio.sleep(0.02)
+
+
+async def test_execute_tool_description_says_how_to_add_a_package(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path) as client:
+            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert "%pip install NAME" in tools["execute"].description
