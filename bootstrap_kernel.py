@@ -48,6 +48,7 @@ import sys
 import termios
 import threading
 import time
+import warnings
 
 PROTOCOL_VERSION = 1
 MIN_PYTHON = (3, 9)
@@ -689,8 +690,9 @@ def make_shell(wire, relay, state, capture):
             capture["error_name"] = getattr(etype, "__name__", str(etype))
 
         def system(self, cmd):
-            pip_args = shell_pip_args(cmd)
-            if pip_args is not None:  # `!pip install x` is `%pip install x`
+            # `!pip install x` is `%pip install x` (expanded here as system_raw would: `{var}`, `$var`).
+            pip_args = shell_pip_args(self.var_expand(cmd, depth=1))
+            if pip_args is not None:
                 try:
                     run_pip(pip_args)
                 except PipFailed:
@@ -701,7 +703,9 @@ def make_shell(wire, relay, state, capture):
             pth_before = site_pth_files()
             # system_raw lets the command write straight to fds 1 and 2 (our pipes);
             # the default goes through a pty, which mangles newlines.
-            self.system_raw(cmd)
+            with warnings.catch_warnings():  # `pip` in a shell line is the session's pip: no advice to use %pip
+                warnings.filterwarnings("ignore", "You executed the system command !pip ")
+                self.system_raw(cmd)
             refresh_imports(pth_before)  # the command may have installed something
             if self.user_ns.get("_exit_code") == -signal.SIGINT and state.interrupted:
                 # system_raw swallows the KeyboardInterrupt; the cell must stop here.

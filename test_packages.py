@@ -178,8 +178,10 @@ async def test_shell_pip_installs_into_the_sessions_interpreter_not_the_first_pi
     monkeypatch.setenv("PATH", f"{decoys}{os.pathsep}{os.environ['PATH']}")
     with anyio.fail_after(SLOW_S):
         async with connect(tmp_path) as client:
-            await ok(client, "sh", f"!pip install {plain}", env=str(env))
-            await ok(client, "sh", f"!cd {tmp_path} && pip install {in_shell} && echo installed-in-a-shell-line")
+            await ok(client, "sh", f"plain_wheel = {str(plain)!r}", env=str(env))
+            await ok(client, "sh", "!pip install {plain_wheel}")
+            shell_line = await ok(client, "sh", f"!cd {tmp_path} && pip install {in_shell} && echo installed-in-a-shell-line")
+            assert "installed-in-a-shell-line" in shell_line["stdout"] and "command !pip" not in shell_line["stderr"], shell_line
             await ok(client, "sh", f"import subprocess; subprocess.run(['pip', 'install', {str(in_subprocess)!r}], check=True)")
             imported = await ok(client, "sh", "import probe_plain, probe_shell, probe_sub; [m.WHERE for m in (probe_plain, probe_shell, probe_sub)]")
     assert imported["result"].count(str(env)) == 3, imported
