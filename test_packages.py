@@ -183,7 +183,8 @@ async def test_shell_pip_installs_into_the_sessions_interpreter_not_the_first_pi
             shell_line = await ok(client, "sh", f"!cd {tmp_path} && pip install {in_shell} && echo installed-in-a-shell-line")
             assert "installed-in-a-shell-line" in shell_line["stdout"] and "command !pip" not in shell_line["stderr"], shell_line
             await ok(client, "sh", f"import subprocess; subprocess.run(['pip', 'install', {str(in_subprocess)!r}], check=True)")
-            imported = await ok(client, "sh", "import probe_plain, probe_shell, probe_sub; [m.WHERE for m in (probe_plain, probe_shell, probe_sub)]")
+            modules = "probe_plain, probe_shell, probe_sub"
+            imported = await ok(client, "sh", f"import {modules}\n[m.WHERE for m in ({modules})]")
     assert imported["result"].count(str(env)) == 3, imported
     assert not marker.exists(), "the decoy pip first on the server's PATH ran"
 
@@ -200,8 +201,9 @@ async def test_failed_install_ends_the_cell_with_error_and_the_installers_last_l
             assert last.startswith("PipFailed: `pip install --no-index this-package-does-not-exist-xyz` failed with exit code"), last
             assert any("this-package-does-not-exist-xyz" in line for line in installer_lines), failed["error"]
             assert installer_lines[-1] in failed["stderr"], "the error's lines are the installer's own words"
-            shell = await run(client, "f", "!pip install --no-index this-package-does-not-exist-xyz")
-            assert shell["status"] == "error" and "PipFailed" in shell["error"], shell
+            for line in ("!pip install --no-index", "!python -m pip install --no-index"):  # quoted, as shells read it
+                shell = await run(client, "f", f"{line} 'this-package-does-not-exist-xyz<2'")
+                assert shell["status"] == "error" and "PipFailed" in shell["error"], shell
             assert (await ok(client, "f", "1 + 1"))["result"] == "2", "the session lives on"
 
 
