@@ -58,6 +58,7 @@ import sys
 import termios
 import threading
 import time
+import warnings
 
 PROTOCOL_VERSION = 1
 MIN_PYTHON = (3, 9)
@@ -87,6 +88,11 @@ PRIVATE_FD_ROOM = 16  # 7 are used: protocol in/out, log, 2 relay read ends, 2 s
 PROTOCOL_LOST_EXIT = 76
 # The process that speaks the protocol; a child forked by a cell has another pid.
 KERNEL_PID = os.getpid()
+# Installer output kept for the error of a failed `%pip` (its last lines say why).
+PIP_ERROR_TAIL_LINES = 25
+# After an interrupt, time a running installer gets to stop by itself before it is
+# killed; below the server's grace, so the cell still ends on its own.
+PIP_INTERRUPT_GRACE_S = 1.0
 THIS_FILE = os.path.basename(__file__)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # A plain text form that is only Python's default repr says nothing (the server's
@@ -439,6 +445,10 @@ class KernelState:
 def die_with_group():
     """The server is gone: take down this kernel and everything it started."""
     try:
+        if os.path.basename(PIP_SHIMS).startswith("ipython-mcp-pip-"):  # nobody else will remove it
+            import shutil
+
+            shutil.rmtree(PIP_SHIMS, ignore_errors=True)
         if os.getpgid(0) == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
     finally:
@@ -504,6 +514,230 @@ def headless_environment():
     builtins.input = refuse_stdin("input()")
     getpass.getpass = refuse_stdin("getpass()")
     sys.breakpointhook = refuse_stdin("breakpoint() (the debugger)")
+
+
+# --- Packages: `%pip` and `!pip` act on this interpreter, whatever the env --------------
+
+# What uv's pip interface can do for an env that has no pip of its own.
+UV_PIP_COMMANDS = ("install", "uninstall", "list", "freeze", "show", "check", "tree", "sync", "compile")
+# pip options uv refuses although they change nothing that matters here (name -> values taken).
+PIP_ONLY_OPTIONS = {"--no-warn-script-location": 0, "--disable-pip-version-check": 0, "--no-input": 0,
+                    "--progress-bar": 1, "--root-user-action": 1}
+# The folder of `pip` scripts first on PATH (see the server's Kernel._pip_shims); removed
+# by the kernel itself when the server is gone.
+PIP_SHIMS = os.environ.pop("IPYTHON_MCP_PIP_SHIMS", "")
+
+
+class PipFailed(Exception):
+    """A pip command ended with an error; its error text is the installer's last lines."""
+
+    def __init__(self, message, tail):
+        super().__init__(message)
+        self.tail = tail
+
+    def _render_traceback_(self):  # IPython shows this instead of a Python traceback
+        return [self.tail.rstrip("\n"), "PipFailed: %s" % self] if self.tail.strip() else ["PipFailed: %s" % self]
+
+
+def find_uv():
+    """The uv command the server told us of, or uv on PATH, or the env's `uv` package."""
+    import importlib.util
+    import shutil
+
+    for candidate in (os.environ.get("IPYTHON_MCP_UV"), os.environ.get("UV"), shutil.which("uv")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return [candidate]
+    if importlib.util.find_spec("uv") is not None:
+        return [sys.executable, "-m", "uv"]
+    return None
+
+
+def pip_commands(args):
+    """The commands that run `pip ARGS` for this interpreter.
+
+    The env's own pip when it has one; else uv's pip interface (uv-made envs, pixi envs)
+    aimed at this interpreter; else pip after `ensurepip`. Nothing can prompt (no stdin).
+    Raises PipFailed for what only pip does (`download`, `wheel`, ...) when uv stands in.
+    """
+    import importlib
+    import importlib.util
+
+    python = sys.executable
+    position = next((i for i, arg in enumerate(args) if not arg.startswith("-")), None)
+    command = args[position] if position is not None else None
+    if command == "uninstall" and not {"-y", "--yes"} & set(args):
+        args = args + ["-y"]
+    importlib.invalidate_caches()  # ensurepip may have run since the last look
+    if importlib.util.find_spec("pip") is not None:
+        return [[python, "-m", "pip"] + args]
+    uv = find_uv()
+    if uv and command in UV_PIP_COMMANDS:
+        rest, skip = [], 0
+        for arg in args[:position] + args[position + 1:]:
+            name = arg.split("=", 1)[0]
+            if skip:
+                skip -= 1
+            elif arg in ("-y", "--yes"):
+                pass  # uv never asks
+            elif name in PIP_ONLY_OPTIONS:
+                skip = PIP_ONLY_OPTIONS[name] if "=" not in arg else 0
+            else:
+                rest.append(arg)
+        return [uv + ["pip", command, "--python", python] + rest]
+    if uv:  # rather than put pip into the env unasked
+        raise PipFailed(
+            "`pip %s` needs pip, which this env (python: %s) does not have. %%pip uses uv here, which does %s; "
+            "for pip itself: %%pip install pip" % (" ".join(args), python, ", ".join(UV_PIP_COMMANDS)), "")
+    return [[python, "-m", "ensurepip", "--default-pip"], [python, "-m", "pip"] + args]
+
+
+def installer_environment():
+    return dict(os.environ, PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+
+
+def pip_main(args):
+    """`pip ARGS` run by the PATH scripts (`!pip` inside a shell line, subprocess.run(["pip", ...]))."""
+    import subprocess
+
+    try:
+        commands = pip_commands(args)
+    except PipFailed as exc:
+        sys.stderr.write("ERROR: %s\n" % exc)
+        return 1
+    for argv in commands:
+        code = subprocess.call(argv, env=installer_environment())
+        if code:
+            return code
+    return 0
+
+
+def site_pth_files():
+    """The .pth files of the site folders on sys.path: an install may add one (editable installs)."""
+    import site
+
+    try:
+        folders = site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:  # an old virtualenv's site module
+        folders = []
+    found = set()
+    for folder in folders:
+        if folder in sys.path and os.path.isdir(folder):
+            found.update((folder, name) for name in os.listdir(folder) if name.endswith(".pth"))
+    return found
+
+
+def refresh_imports(pth_before):
+    """What was just installed imports in this session now: no stale finder caches, new .pth files read."""
+    import importlib
+    import site
+
+    for folder, name in sorted(site_pth_files() - pth_before):
+        try:
+            site.addpackage(folder, name, None)
+        except Exception:
+            pass
+    importlib.invalidate_caches()
+
+
+def imported_versions(args):
+    """Versions of the packages named in ``args`` that this session has already imported."""
+    from importlib import metadata
+
+    versions = {}
+    for arg in args:
+        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", arg)
+        module = re.sub(r"[-.]+", "_", match.group(0)).lower() if match and not arg.startswith("-") else None
+        if module and module in sys.modules:
+            try:
+                versions[module] = metadata.version(match.group(0))
+            except Exception:
+                versions[module] = None
+    return versions
+
+
+def run_pip(args):
+    """`%pip ARGS` in a cell: the installer's output streams as the cell's; a failure raises PipFailed."""
+    import subprocess
+
+    if not args:
+        print("Usage: %pip install PACKAGE ... (also uninstall, list, show, freeze); installs into " + sys.executable)
+        return
+    commands = pip_commands(args)
+    pth_before, versions_before = site_pth_files(), imported_versions(args) if "install" in args else {}
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    for argv in commands:
+        tail = b""
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=installer_environment())
+        try:
+            streams = {process.stdout.fileno(): 1, process.stderr.fileno(): 2}
+            while streams:
+                ready, _, _ = select.select(list(streams), [], [])
+                for fd in ready:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        del streams[fd]
+                        continue
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(streams[fd], view):]
+                    tail = (tail + chunk)[-65536:]
+            code = process.wait()
+        finally:  # interrupted: the installer got the SIGINT too; give it a moment, then kill it
+            if process.poll() is None:
+                try:
+                    process.wait(PIP_INTERRUPT_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            process.stdout.close()
+            process.stderr.close()
+        if code:
+            lines = tail.decode("utf-8", "replace").splitlines()[-PIP_ERROR_TAIL_LINES:]
+            how = "exit code %d" % code if code > 0 else "signal %d" % -code
+            message = "`pip %s` failed with %s (ran: %s)" % (" ".join(args), how, " ".join(argv))
+            if "ensurepip" in argv:
+                message += "; this env has no pip and no uv was found: install uv, or pip into the env"
+            raise PipFailed(message, ANSI_ESCAPE.sub("", "\n".join(lines)))
+    refresh_imports(pth_before)
+    for module, version in imported_versions(args).items():
+        if module in versions_before and versions_before[module] != version:
+            print("Note: %s %s was imported before this install (now %s): `reset` the session to use the new version."
+                  % (module, versions_before[module], version))
+
+
+def shell_pip_args(cmd):
+    """The pip arguments of a `!pip ...` / `!python -m pip ...` line that is only that, else None.
+
+    Such a line runs like `%pip` (a failure fails the cell); anything with shell syntax runs
+    in the shell, where the PATH scripts still point `pip` at this interpreter.
+    """
+    import shlex
+    import shutil
+
+    unquoted = re.sub(r"'[^']*'|\"[^\"\\$`]*\"", "", cmd)
+    if re.search(r"[;&|<>()`$*?~\\\n#]", unquoted):
+        return None
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return None
+    if not words:
+        return None
+    here = os.path.dirname(sys.executable)
+    program = shutil.which(words[0])
+    if program is None:
+        return None
+    if re.fullmatch(r"pip(3(\.\d+)?)?", words[0]) and os.path.dirname(program) in (PIP_SHIMS, here):
+        return words[1:]
+    if words[1:3] == ["-m", "pip"] and os.path.dirname(os.path.abspath(program)) == here:
+        try:
+            if os.path.samefile(program, sys.executable):
+                return words[3:]
+        except OSError:
+            pass
+    return None
 
 
 def make_shell(wire, relay, state, capture):
@@ -631,9 +865,23 @@ def make_shell(wire, relay, state, capture):
             capture["error_name"] = getattr(etype, "__name__", str(etype))
 
         def system(self, cmd):
+            # `!pip install x` is `%pip install x` (expanded here as system_raw would: `{var}`, `$var`).
+            pip_args = shell_pip_args(self.var_expand(cmd, depth=1))
+            if pip_args is not None:
+                try:
+                    run_pip(pip_args)
+                except PipFailed:
+                    self.user_ns["_exit_code"] = 1
+                    raise
+                self.user_ns["_exit_code"] = 0
+                return
+            pth_before = site_pth_files()
             # system_raw lets the command write straight to fds 1 and 2 (our pipes);
             # the default goes through a pty, which mangles newlines.
-            self.system_raw(cmd)
+            with warnings.catch_warnings():  # `pip` in a shell line is the session's pip: no advice to use %pip
+                warnings.filterwarnings("ignore", "You executed the system command !pip ")
+                self.system_raw(cmd)
+            refresh_imports(pth_before)  # the command may have installed something
             if self.user_ns.get("_exit_code") == -signal.SIGINT and state.interrupted:
                 # system_raw swallows the KeyboardInterrupt; the cell must stop here.
                 raise KeyboardInterrupt
@@ -657,6 +905,24 @@ def make_shell(wire, relay, state, capture):
     config.InteractiveShell.autoindent = False
     config.InteractiveShell.autocall = 0
     shell = HeadlessShell.instance(config=config)
+
+    def pip_magic(line):
+        """Run pip for this session's own interpreter (its pip, else uv, else pip after ensurepip).
+
+        Usage: %pip install PACKAGE ...  (also uninstall, list, show, freeze). The package
+        imports right after; a failed command fails the cell with the installer's last lines.
+        """
+        import shlex
+
+        from IPython.core.error import UsageError
+
+        try:
+            args = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError("%%pip: %s" % exc)
+        run_pip(args)
+
+    shell.register_magic_function(pip_magic, "line", "pip")
     # Remember what a cell showed, so the end-of-cell flush of open figures (matplotlib's
     # inline backend has one in post_execute, and we have one) does not show it again.
     format_for_display = shell.display_formatter.format
@@ -991,4 +1257,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--pip"]:  # run by the `pip` scripts on a session's PATH
+        sys.exit(pip_main(sys.argv[2:]))
     sys.exit(main())

@@ -55,6 +55,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -839,6 +840,7 @@ class Kernel:
         self._sends: set[asyncio.Task[None]] = set()
         self._output_read_ends: dict[str, int] = {}
         self._startup_output = ""  # what the env printed on stdout before the hello (a banner)
+        self._pip_shims: str | None = None  # private folder of `pip` scripts, while the kernel lives
 
     @property
     def pid(self) -> int | None:
@@ -853,10 +855,22 @@ class Kernel:
         return self.current is not None and not self.current.reply.done()
 
     def _child_environment(self) -> dict[str, str]:
+        """The kernel's environment: the session's env activated, as a person's shell has it.
+
+        `!python`, `!jupyter` and the like are the env's own (its bin first on PATH), and
+        `!pip` is a script that installs into the session's interpreter even in an env
+        without pip (the pip-shim folder comes first). The kernel learns where uv is, for
+        `%pip` in such envs.
+        """
         environ = dict(os.environ)
-        # `!pip install x` and `!python` in a cell should mean the session's env, not ours.
         bin_dir = str(self.python.parent)
-        environ["PATH"] = bin_dir + os.pathsep + environ.get("PATH", "")
+        shims = [self._pip_shims] if self._pip_shims else []
+        environ["PATH"] = os.pathsep.join([*shims, bin_dir, environ.get("PATH", "")])
+        if self._pip_shims:
+            environ["IPYTHON_MCP_PIP_SHIMS"] = self._pip_shims
+        uv = environ.get("UV") or shutil.which("uv")
+        if uv:
+            environ["IPYTHON_MCP_UV"] = uv
         prefix = self.python.parent.parent
         for variable in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME"):
             environ.pop(variable, None)
@@ -888,6 +902,7 @@ class Kernel:
                 os.close(fd)
             raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
         pipes = [(handed[0], handed[1]), (handed[2], handed[3])]
+        self._make_pip_shims()
         environ = self._child_environment()
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         try:
@@ -906,6 +921,7 @@ class Kernel:
         except BaseException as exc:  # OSError, or cancelled while spawning: no fd may leak
             for fd in handed:
                 os.close(fd)
+            self._remove_pip_shims()
             if isinstance(exc, OSError):
                 raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
             raise
@@ -976,6 +992,25 @@ class Kernel:
         """For a start error: what the env wrote on stdout before the hello, quoted."""
         text = self._startup_output.strip()
         return f"\nBefore it was ready it printed on stdout:\n{text}" if text else ""
+    def _make_pip_shims(self) -> None:
+        """Write `pip` and `pip3` scripts that run pip for this kernel's interpreter (through
+        the bootstrap: the env's pip, else uv, else pip after ensurepip) into a private folder."""
+        try:
+            folder = tempfile.mkdtemp(prefix="ipython-mcp-pip-")  # 0700, a fresh name
+        except OSError as exc:
+            log.warning("no pip scripts for the kernel of env %r: %s", self.env_label, exc)
+            return
+        script = f'#!/bin/sh\nexec {shlex.quote(str(self.python))} {shlex.quote(os.path.abspath(BOOTSTRAP))} --pip "$@"\n'
+        for name in ("pip", "pip3"):
+            path = os.path.join(folder, name)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "w") as shim:
+                shim.write(script)
+        self._pip_shims = folder
+
+    def _remove_pip_shims(self) -> None:
+        folder, self._pip_shims = self._pip_shims, None
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
     async def _read_protocol(self) -> None:
         assert self.process and self.process.stdout
@@ -1152,6 +1187,7 @@ class Kernel:
         for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        self._remove_pip_shims()
 
     async def kill(self, reason: str) -> None:
         """Kill the kernel and its process group, and wait until it is reaped."""
@@ -2155,9 +2191,13 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
             Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue' it in the background and return status 'running' (follow it with `wait`)."),
         ] = "interrupt",
     ) -> Annotated[CallToolResult, ExecuteResult]:
-        """Run code in a stateful IPython session and return its output, result, error and images."""
+        """Run code in a stateful IPython session and return its output, result, error and images. \
+To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
         call = manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
         return execute_result(await unless_client_leaves(ctx, call))
+        """Run code in a stateful IPython session and return its output, result, error and images. \
+To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
+        return execute_result(await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout))
 
     @server.tool(annotations=ToolAnnotations(title="Wait for a cell left running", read_only_hint=True))
     async def wait(
