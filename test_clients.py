@@ -157,7 +157,7 @@ async def test_every_tool_advertises_a_plain_type_for_each_argument(tmp_path: Pa
             assert prop.get("type") in {"string", "number", "integer", "boolean"}, where
             assert prop.get("default", "") is not None, f"{where}: a default of null contradicts the type"
             if argument not in schema.get("required", []):
-                assert "default" in prop or re.search(r"default|omit", prop.get("description", ""), re.I), f"{where}: say what omitting it means"
+                assert "default" in prop or re.search(r"default|omit", prop.get("description", ""), re.IGNORECASE), f"{where}: say what omitting it means"
     assert tools["execute"].input_schema["properties"]["timeout_s"]["type"] == "number"
     assert tools["execute"].input_schema["properties"]["env"]["type"] == "string"
     assert tools["wait"].input_schema["properties"]["timeout_s"]["type"] == "number"
