@@ -50,9 +50,15 @@ def text_of(result: Any) -> str:
 
 
 async def run(client: Client, session: str, code: str, **arguments: Any) -> dict[str, Any]:
-    """``execute`` and return its structured result (the call itself must not be a tool error)."""
+    """``execute`` and return its structured result.
+
+    The call must answer with structured content, and be an MCP tool error (``is_error``)
+    exactly when its status is a failure: error, timeout, env_error or busy.
+    """
     result = await client.call_tool("execute", {"session": session, "code": code, **arguments})
-    assert not result.is_error, text_of(result)
+    assert result.structured_content is not None, text_of(result)
+    status = result.structured_content["status"]
+    assert result.is_error == (status in {"error", "timeout", "env_error", "busy"}), (status, result.is_error)
     assert result.content[0].type == "text", "every result carries a readable text block"
     return result.structured_content
 

@@ -1406,6 +1406,10 @@ class Session:
         return "busy" if self.kernel.busy else "idle"
 
 
+# Statuses of an execute/wait result that are also MCP tool errors (isError: true).
+FAILED_STATUSES = frozenset({"error", "timeout", "env_error", "busy"})
+
+
 class ExecuteImage(BaseModel):
     index: int = Field(description="Position among the images of this call (0-based).")
     mime_type: str
@@ -1433,7 +1437,7 @@ class ExecuteResult(BaseModel):
     error: str | None = Field(description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
     execution_count: int | None = Field(description="IPython's prompt number of this cell (In [n]).")
     warning: str | None = Field(description="Something the agent should know: env ignored, state lost, output cut, ...")
-    duration_s: float
+    duration_s: float = Field(description="Seconds this call took (waiting for the session and starting its kernel included).")
     display: list[str] = Field(default_factory=list, description="Text form of each display() output, in order.")
     images: list[ExecuteImage] = Field(default_factory=list, description="Images shown by the cell, sent as image content.")
     output_files: dict[str, str] = Field(default_factory=dict, description="Stream name -> file with its full text, when cut.")
@@ -1878,8 +1882,15 @@ class SessionManager:
         """Output so far of a cell that runs on; the next `wait` starts after it."""
         transcript = execution.transcript
         stdout, stderr, displays, images = execution.take_output()
+        # "so far" is this call's duration_s (one clock reading for both); a `wait` also says
+        # how long the cell has run in all, since it started before this call.
+        now = time.monotonic()
+        duration_s = round(now - started, 3)
+        so_far = f"{duration_s:.0f} s so far"
+        if execution.started < started:
+            so_far += f" in this call; the cell has run {now - execution.started:.0f} s in all"
         warnings.append(
-            f"The cell is still running ({time.monotonic() - execution.started:.0f} s so far). "
+            f"The cell is still running ({so_far}). "
             f"Call wait(session={session.name!r}) for its further output and final result, or interrupt to stop it."
         )
         output_files = self._note_cuts((stdout, stderr, displays), warnings)
@@ -1887,7 +1898,7 @@ class SessionManager:
         result = ExecuteResult(
             status="running", session=session.name, stdout=reply_text(stdout.text), stderr=reply_text(stderr.text), result=None,
             error=None, execution_count=None, warning=" ".join(warnings),
-            duration_s=round(time.monotonic() - started, 3), display=[reply_text(text) for text in displays.texts],
+            duration_s=duration_s, display=[reply_text(text) for text in displays.texts],
             images=image_infos, output_files=output_files,
         )
         return CellOutcome(result, inline_images, reply_text(transcript.text))
@@ -2102,9 +2113,30 @@ def render_sessions(infos: list[SessionInfo]) -> str:
 
 INSTRUCTIONS = """Stateful IPython sessions. `execute(session, code)` runs code in a named session that keeps
 variables, imports and the working directory between calls (created on first use; `env` picks the
-Python env: a name under ~/envs, a path, or the server's own Python by default). Use one session
-per task, iterate in small cells, and use `interrupt`, `reset`, `shutdown`, `list_sessions` to
-manage them. Nobody can type into a session: input() fails, so pass values in code."""
+Python env: a name under ~/envs, a path, or the server's own Python by default; `list_envs` shows
+which envs there are). Use one session per task, iterate in small cells, and use `interrupt`,
+`reset`, `shutdown`, `list_sessions` to manage them. A long cell can keep running past its call with
+`on_timeout="continue"`; follow it with `wait`. A failed cell (status error, timeout, env_error,
+busy) is a tool error that still carries the full result. Nobody can type into a session: input()
+fails, so pass values in code."""
+
+
+def plain_optional(json_type: str, description: str, **constraints: Any) -> Any:
+    """The Field of an optional argument, advertised as its plain JSON type.
+
+    pydantic advertises ``float | None = None`` as ``anyOf: [number, null]`` with
+    ``default: null``, which some clients cannot handle (one sends ``{"anyOf": [2]}``,
+    another shows the type as unknown and suggests the string "null"). So the schema says
+    ``{"type": "number"}`` and the description says what leaving it out means; an explicit
+    null is still accepted, because validation uses the real annotation.
+    """
+
+    def advertise(schema: dict[str, Any]) -> None:
+        schema.pop("anyOf", None)
+        schema.pop("default", None)
+        schema.update(type=json_type, **constraints)
+
+    return Field(description=description, json_schema_extra=advertise)
 
 
 class IPythonMCP(MCPServer):
@@ -2171,20 +2203,43 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
     def execute_result(outcome: CellOutcome) -> CallToolResult:
         content: list[TextContent | ImageContent] = [TextContent(type="text", text=render_execute(outcome))]
         content += [ImageContent(type="image", data=data, mime_type=mime) for mime, data in outcome.images]
-        return CallToolResult(content=content, structured_content=outcome.result.model_dump(mode="json"))
+        # A failed cell is a tool error too, so a client can mark it failed; the structured
+        # content stays whole (clients skip output-schema validation for error results).
+        return CallToolResult(
+            content=content,
+            structured_content=outcome.result.model_dump(mode="json"),
+            is_error=outcome.result.status in FAILED_STATUSES,
+        )
 
-    @server.tool(annotations=ToolAnnotations(title="Run code in an IPython session", open_world_hint=True))
+    # Every tool states all four hints; clients assume the worst of a hint left out.
+    @server.tool(
+        annotations=ToolAnnotations(
+            title="Run code in an IPython session",
+            read_only_hint=False,
+            destructive_hint=True,  # the code can do anything: delete files, overwrite variables
+            idempotent_hint=False,
+            open_world_hint=True,  # ... and reach the network
+        )
+    )
     async def execute(
         session: Annotated[str, Field(description=f"Session name: {SESSION_NAME_RULE}. Created on first use.")],
         code: Annotated[str, Field(description="Python/IPython code (magics and !shell commands work).")],
         ctx: Context,
         env: Annotated[
             str | None,
-            Field(description="Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name>, or a path (env folder, project folder with .venv, or interpreter)."),
+            plain_optional(
+                "string",
+                "Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name>, or a path (env folder, project folder with .venv, or interpreter).",
+            ),
         ] = None,
         timeout_s: Annotated[
             float | None,
-            Field(description="Seconds before the cell is interrupted (partial output is returned, state kept). Default: MCP_TOOL_TIMEOUT minus 2 s, or 58 s."),
+            plain_optional(
+                "number",
+                "Seconds before the cell is interrupted (partial output is returned, state kept). Default when omitted: "
+                "MCP_TOOL_TIMEOUT minus 2 s, or 58 s when it is unset.",
+                exclusiveMinimum=0,
+            ),
         ] = None,
         on_timeout: Annotated[
             Literal["interrupt", "continue"],
@@ -2195,20 +2250,32 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
 To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
         call = manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
         return execute_result(await unless_client_leaves(ctx, call))
-        """Run code in a stateful IPython session and return its output, result, error and images. \
-To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
-        return execute_result(await manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout))
 
-    @server.tool(annotations=ToolAnnotations(title="Wait for a cell left running", read_only_hint=True))
+    @server.tool(
+        annotations=ToolAnnotations(
+            title="Wait for a cell left running",
+            read_only_hint=True,  # it only watches a cell that runs anyway
+            destructive_hint=False,
+            idempotent_hint=False,  # each wait takes the output since the last one
+            open_world_hint=False,
+        )
+    )
     async def wait(
         session: str,
         ctx: Context,
-        timeout_s: Annotated[float | None, Field(description="Seconds to wait for the cell to end (default as for execute).")] = None,
+        timeout_s: Annotated[
+            float | None,
+            plain_optional("number", "Seconds to wait for the cell to end. Default when omitted: as for execute.", exclusiveMinimum=0),
+        ] = None,
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Follow a cell started with on_timeout='continue': output since the last call, and its final result once it ends."""
         return execute_result(await unless_client_leaves(ctx, manager_of(ctx).wait(session, timeout_s, progress_to(ctx))))
 
-    @server.tool(annotations=ToolAnnotations(title="List IPython sessions", read_only_hint=True))
+    @server.tool(
+        annotations=ToolAnnotations(
+            title="List IPython sessions", read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def list_sessions(ctx: Context) -> Annotated[CallToolResult, SessionList]:
         """List live sessions: name, env, python, status (starting/idle/busy/dead), uptime, cells run."""
         infos = manager_of(ctx).describe()
@@ -2217,7 +2284,11 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
             structured_content=SessionList(sessions=infos, spare_kernels=manager_of(ctx).spare_count).model_dump(mode="json"),
         )
 
-    @server.tool(annotations=ToolAnnotations(title="List Python envs", read_only_hint=True))
+    @server.tool(
+        annotations=ToolAnnotations(
+            title="List Python envs", read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def list_envs(ctx: Context) -> Annotated[CallToolResult, EnvList]:
         """Python envs a session can use (pass the name as `env`): the server's own and each under the envs folder, with versions and whether IPython is there."""
         manager = manager_of(ctx)
@@ -2234,7 +2305,11 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         result = SessionAction(session=session, outcome=outcome, message=message, pid=pid)  # type: ignore[arg-type]
         return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=result.model_dump(mode="json"))
 
-    @server.tool(annotations=ToolAnnotations(title="Restart a session's kernel", destructive_hint=True))
+    @server.tool(  # idempotent: a second reset wipes an already empty session again
+        annotations=ToolAnnotations(
+            title="Restart a session's kernel", read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def reset(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Restart the session's kernel: all state is wiped; the name and env are kept."""
         manager = manager_of(ctx)
@@ -2246,13 +2321,21 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         message = f"Session {session!r} was reset: a fresh kernel in env {entry.env_label!r} ({entry.python}) is ready."
         return action_result(session, "reset", message, entry.kernel.pid if entry.kernel else None)
 
-    @server.tool(annotations=ToolAnnotations(title="Shut down a session", destructive_hint=True))
+    @server.tool(  # idempotent: shutting down a session that is gone changes nothing (it answers a tool error)
+        annotations=ToolAnnotations(
+            title="Shut down a session", read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def shutdown(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Kill the session's kernel (and everything it started) and forget the session."""
         await manager_of(ctx).shutdown(session)
         return action_result(session, "shut_down", f"Session {session!r} was shut down.")
 
-    @server.tool(annotations=ToolAnnotations(title="Interrupt a running cell"))
+    @server.tool(  # not destructive: the session keeps its state; a second interrupt of an idle session does nothing
+        annotations=ToolAnnotations(
+            title="Interrupt a running cell", read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def interrupt(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Interrupt the cell running in a session (like Ctrl-C); the session keeps its state."""
         entry = manager_of(ctx).get(session)
@@ -2668,6 +2751,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not BOOTSTRAP.is_file():  # say so now, not as a puzzling env_error at the first call
+        sys.exit(
+            f"ipython-mcp: {BOOTSTRAP.name} is missing: it must sit beside {Path(__file__).name} "
+            f"(looked for {BOOTSTRAP}). The two files go together: copy both, or run from a clone of the repository."
+        )
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = Config()
     if args.envs_dir is not None:

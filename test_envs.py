@@ -80,7 +80,8 @@ async def connect(tmp_path: Path, envs_dir: Path, **config: Any) -> AsyncIterato
 
 async def run(client: Client, session: str, code: str, **arguments: Any) -> dict[str, Any]:
     result = await client.call_tool("execute", {"session": session, "code": code, **arguments})
-    assert not result.is_error, result.content[0].text
+    assert result.structured_content is not None, result.content[0].text
+    assert result.is_error == (result.structured_content["status"] in {"error", "timeout", "env_error", "busy"})
     return result.structured_content
 
 

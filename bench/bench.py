@@ -237,7 +237,7 @@ class Ours:
 
     async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
         result = await asyncio.wait_for(self.client.call_tool(tool, arguments, read_timeout_seconds=timeout), timeout + 5)
-        if result.is_error:
+        if result.is_error and result.structured_content is None:  # a failed cell is is_error too, with its reply
             text = " ".join(getattr(block, "text", "") for block in result.content)
             raise RuntimeError(f"tool {tool} failed: {text[:500]}")
         return result
