@@ -18,6 +18,10 @@ Session lifecycle::
        +-- env_error (nothing kept)    +-- reset: fresh kernel, same      +-- next execute:
                                        |   name and env                       fresh kernel,
                                        +-- shutdown: killed, forgotten        warning "state lost"
+                                       +-- idle past --idle-timeout-s: stopped (like dead)
+
+A kernel start runs on its own (``SessionManager._ensure_kernel``): a call waits for it
+until its deadline, then answers ``busy`` while the start goes on for the next call.
 
 A cell ends ``ok`` or ``error``; past ``timeout_s`` it is interrupted (``timeout``), or,
 with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanwhile
@@ -27,12 +31,15 @@ pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``)
 kernels, locks), the MCP tools, ``main``.
 
 Guarantees:
-- Every call returns: cells are bounded by ``timeout_s``; a cell that ignores SIGINT
-  is killed (and its kernel restarted) after a short grace period.
+- Every call returns by ``timeout_s`` plus a grace: cells are bounded by ``timeout_s``;
+  a cell that ignores SIGINT is killed after a short grace period and its kernel
+  restarted in the background, after the reply; a kernel start no call waits for
+  longer than its deadline (or a short start grace).
 - No orphan processes: each kernel leads its own process group, and the whole group
-  is killed on shutdown, reset, server exit (stdin EOF, SIGTERM, SIGINT, SIGHUP).
-  A kernel whose server vanished (SIGKILL) sees EOF on its protocol pipe and kills
-  its own group.
+  is killed on shutdown, reset, server exit (stdin EOF, SIGTERM, SIGINT, SIGHUP, a
+  client that closed our stdout), kernels still starting included. A server that
+  vanished (SIGKILL) takes its kernels too: PR_SET_PDEATHSIG on Linux, an orphan guard
+  process that kills each kernel's group, and the kernel's own watch of its pipe.
 - Nothing but JSON-RPC reaches the server's stdout; logs go to stderr.
 """
 
@@ -43,7 +50,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import json
@@ -447,44 +453,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _libc_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_prctl = _libc_prctl()
-
-
-def die_with_this_process() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the child SIGKILLed when this process ends (Linux; else None).
-
-    It covers what the kernel's own watch of its protocol pipe cannot: a kernel whose
-    cell holds the GIL in C code (a catastrophic regex) has no thread that can run, and
-    a kernel still starting (importing IPython) watches nothing yet. The signal comes
-    when the spawning *thread* ends: kernels are spawned by the event loop's thread,
-    which lives as long as the server. The getppid() re-check closes the race of this
-    process dying between fork and prctl.
-    """
-    prctl = _prctl
-    if prctl is None:
-        return None
-    parent, sigkill = os.getpid(), int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), sigkill)
-
-    return preexec
-
-
 # --- Output kept per call: bounded in memory, full text spilled to a file ------------
 
 
@@ -793,6 +761,7 @@ class Kernel:
         pipes = [(handed[0], handed[1]), (handed[2], handed[3])]
         environ = self._child_environment()
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
+        environ["IPYTHON_MCP_SERVER_PID"] = str(os.getpid())  # the kernel dies with us (PR_SET_PDEATHSIG, Linux)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 str(self.python),
@@ -805,7 +774,6 @@ class Kernel:
                 env=environ,
                 limit=WIRE_LINE_LIMIT,
                 pass_fds=handed,
-                preexec_fn=die_with_this_process(),  # None off Linux
             )
         except BaseException as exc:  # OSError, or cancelled while spawning: no fd may leak
             for fd in handed:
@@ -1345,8 +1313,8 @@ class ExecuteResult(BaseModel):
         "(see `error`). timeout: ran past timeout_s and was interrupted; partial output kept, "
         "session alive. env_error: the env cannot run a kernel (see `error` for the fix). "
         "running: on_timeout='continue' and the cell still runs; call `wait` for more output and "
-        "its final result. busy: nothing was executed, because a cell left running earlier still runs "
-        "or other calls kept the session busy for all of timeout_s."
+        "its final result. busy: nothing was executed, because a cell left running earlier still runs, "
+        "other calls kept the session busy for all of timeout_s, or its kernel is still starting (call again)."
     )
     session: str
     stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")

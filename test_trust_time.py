@@ -218,7 +218,7 @@ async def test_a_start_that_fails_after_its_call_returned_is_reported_to_the_nex
 # --- No kernel outlives the server ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=["SIGTERM", "SIGHUP", "SIGKILL"])
 async def test_a_signal_while_a_kernel_is_still_starting_leaves_nothing_behind(tmp_path: Path, signum: int) -> None:
     env = gated_env(tmp_path / "slow", tmp_path / "never")
     with anyio.fail_after(QUICK_S):
@@ -230,6 +230,23 @@ async def test_a_signal_while_a_kernel_is_still_starting_leaves_nothing_behind(t
             with anyio.fail_after(10):
                 await server.process.wait()
             await wait_until_group_gone(starting)
+
+
+async def test_a_kernel_holding_the_gil_dies_with_its_server_by_itself(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG alone: the orphan guard is killed first, and the kernel has no thread that can run."""
+    marker = tmp_path / "matching"
+    code = f"open({str(marker)!r}, 'w').close()\nimport re\nre.match(r'(a+)+$', 'a' * 40 + 'b')"
+    with anyio.fail_after(SLOW_S):
+        async with stdio_server(tmp_path) as server:
+            kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
+            (guard,) = {pid for pid in ipython_mcp.descendants(server.process.pid) if b"killpg" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+            await server.start_execute("s", code)
+            await wait_for_file(marker)
+            os.kill(guard, signal.SIGKILL)
+            await wait_until_gone(guard)
+            server.process.kill()
+            await server.process.wait()
+            await wait_until_gone(kernel)
 
 
 async def test_a_server_sigkilled_while_a_cell_holds_the_gil_leaves_no_kernel_and_no_child(tmp_path: Path) -> None:
