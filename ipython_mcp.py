@@ -1048,25 +1048,33 @@ class OrphanGuard:
     of kernel process groups (``+pid`` / ``-pid`` lines on its stdin); when its stdin
     reaches end of file, which happens however the server ends (SIGKILL included, on any
     system), it kills every group still listed and exits. One per manager, started with
-    the first kernel.
+    the server (so its start-up does not compete with a first kernel's), or else with the
+    first kernel.
     """
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._broken = False
 
-    def _send(self, line: str) -> None:
-        if self._broken:
+    def start(self) -> None:
+        if self._process is not None or self._broken:
             return
         try:
-            if self._process is None:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-S", "-I", "-c", GUARD_SOURCE], stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                )
-            assert self._process.stdin is not None
+            self._process = subprocess.Popen(
+                [sys.executable, "-S", "-I", "-c", GUARD_SOURCE], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("the orphan guard could not start: %s", exc)
+            self._broken = True
+
+    def _send(self, line: str) -> None:
+        self.start()
+        if self._broken or self._process is None or self._process.stdin is None:
+            return
+        try:
             os.write(self._process.stdin.fileno(), line.encode())
-        except (OSError, ValueError) as exc:  # it could not start, or was killed: PDEATHSIG still covers kernels
+        except (OSError, ValueError) as exc:  # killed, or closed: PDEATHSIG still covers the kernels
             log.warning("the orphan guard is not available: %s", exc)
             self._broken = True
 
@@ -2159,6 +2167,7 @@ def build_server(config: Config | None = None) -> MCPServer:
     async def lifespan(_: MCPServer):
         manager = SessionManager(config)
         _live_managers.add(manager)
+        manager.guard.start()
         manager.start_spares()
         manager.start_idle_watch()
         try:
