@@ -2383,7 +2383,7 @@ async def serve(config: Config) -> None:
                 # the client closed its end of our stdout (EPIPE). The lifespan has ended every
                 # kernel on the way out; the stdin reader thread may block in read() for as long
                 # as the client keeps stdin open, so leave now instead of lingering.
-                log.warning("stdout is closed (the client stopped reading); stopping")
+                log.warning("the stdio transport broke (the client closed its end of our stdout, or stdin failed); stopping")
                 logging.shutdown()
                 os._exit(0)
         group.cancel_scope.cancel()

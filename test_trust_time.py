@@ -309,7 +309,7 @@ async def test_a_client_that_stops_reading_makes_the_server_exit_and_take_its_ke
             process.kill()
         process.wait(5)
         stdin.close()
-    assert "stdout is closed" in (tmp_path / "server-stderr.txt").read_text()
+    assert "the client closed its end of our stdout" in (tmp_path / "server-stderr.txt").read_text()
 
 
 # --- Envs the server may not read -------------------------------------------------------------------------
