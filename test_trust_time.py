@@ -68,7 +68,9 @@ def group_members(pgid: int) -> set[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid and process_running(int(entry)):
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid and process_running(
+                    int(entry)
+                ):
                     found.add(int(entry))
     return found
 
@@ -201,7 +203,9 @@ async def test_a_start_that_fails_after_its_call_returned_is_reported_to_the_nex
     gate = tmp_path / "gate"
     env = tmp_path / "broken"
     (env / "bin").mkdir(parents=True)
-    (env / "bin" / "python").write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\necho 'no python here' >&2\nexit 3\n")
+    (env / "bin" / "python").write_text(
+        f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\necho 'no python here' >&2\nexit 3\n"
+    )
     (env / "bin" / "python").chmod(0o755)
     with anyio.fail_after(QUICK_S):
         async with connect(tmp_path, start_grace_s=0.5) as client:
@@ -239,7 +243,11 @@ async def test_a_kernel_holding_the_gil_dies_with_its_server_by_itself(tmp_path:
     with anyio.fail_after(SLOW_S):
         async with stdio_server(tmp_path) as server:
             kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
-            (guard,) = {pid for pid in ipython_mcp.descendants(server.process.pid) if b"killpg" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+            (guard,) = {
+                pid
+                for pid in ipython_mcp.descendants(server.process.pid)
+                if b"killpg" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            }
             await server.start_execute("s", code)
             await wait_for_file(marker)
             os.kill(guard, signal.SIGKILL)
@@ -273,8 +281,8 @@ async def test_a_server_sigkilled_while_a_cell_holds_the_gil_leaves_no_kernel_an
 async def test_a_client_that_stops_reading_makes_the_server_exit_and_take_its_kernels(tmp_path: Path) -> None:
     # Plain pipes, so the test can really close its read end of the server's stdout.
     command = [sys.executable, str(SERVER), "--envs-dir", str(tmp_path / "envs"), "--spare-kernels", "0"]
-    with open(tmp_path / "server-stderr.txt", "wb") as stderr:
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+    with open(tmp_path / "server-stderr.txt", "wb") as stderr:  # noqa: ASYNC230 (a local file, opened once)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)  # noqa: ASYNC220
     assert process.stdin is not None and process.stdout is not None
     stdin, stdout = process.stdin, process.stdout
 
@@ -365,7 +373,12 @@ async def test_a_session_past_max_sessions_is_a_tool_error_naming_the_live_ones_
 
 @pytest.mark.parametrize(
     ("environ", "expected"),
-    [({}, 32), ({"IPYTHON_MCP_MAX_SESSIONS": "5"}, 5), ({"IPYTHON_MCP_MAX_SESSIONS": "0"}, 32), ({"IPYTHON_MCP_MAX_SESSIONS": "x"}, 32)],
+    [
+        ({}, 32),
+        ({"IPYTHON_MCP_MAX_SESSIONS": "5"}, 5),
+        ({"IPYTHON_MCP_MAX_SESSIONS": "0"}, 32),
+        ({"IPYTHON_MCP_MAX_SESSIONS": "x"}, 32),
+    ],
 )
 def test_max_sessions_comes_from_its_environment_variable(environ: dict[str, str], expected: int) -> None:
     assert ipython_mcp.max_sessions_default(environ) == expected
@@ -373,9 +386,16 @@ def test_max_sessions_comes_from_its_environment_variable(environ: dict[str, str
 
 @pytest.mark.parametrize(
     ("environ", "expected"),
-    [({}, None), ({"IPYTHON_MCP_IDLE_TIMEOUT_S": "600"}, 600.0), ({"IPYTHON_MCP_IDLE_TIMEOUT_S": "0"}, None), ({"IPYTHON_MCP_IDLE_TIMEOUT_S": "soon"}, None)],
+    [
+        ({}, None),
+        ({"IPYTHON_MCP_IDLE_TIMEOUT_S": "600"}, 600.0),
+        ({"IPYTHON_MCP_IDLE_TIMEOUT_S": "0"}, None),
+        ({"IPYTHON_MCP_IDLE_TIMEOUT_S": "soon"}, None),
+    ],
 )
-def test_idle_timeout_comes_from_its_environment_variable_and_is_off_by_default(environ: dict[str, str], expected: float | None) -> None:
+def test_idle_timeout_comes_from_its_environment_variable_and_is_off_by_default(
+    environ: dict[str, str], expected: float | None
+) -> None:
     assert ipython_mcp.idle_timeout_default(environ) == expected
 
 
