@@ -41,6 +41,8 @@ When the protocol input reaches end of file the server is gone: the kernel kills
 its own process group (itself and anything it started) so no process outlives it.
 The hello is preceded by a newline, so start-up output of the env (a sitecustomize
 banner without a newline) stays on a line of its own.
+On Linux the kernel also asks to be SIGKILLed when the server ends (PR_SET_PDEATHSIG),
+for when no thread of it can run (a cell holding the GIL in C code).
 """
 
 import codecs
@@ -453,6 +455,36 @@ def die_with_group():
             os.killpg(os.getpid(), signal.SIGKILL)
     finally:
         os._exit(0)
+
+
+def die_with_server():
+    """Linux: have this kernel SIGKILLed the moment the server that spawned it ends.
+
+    The watch of the protocol pipe (read_requests) needs a thread that can run: a cell
+    holding the GIL in C code (a catastrophic regex) would keep the kernel alive for
+    hours after its server was killed. PR_SET_PDEATHSIG needs nothing of us. Set here,
+    first thing, rather than in the server's preexec_fn, which would make every spawn a
+    full fork() of the server (~30 ms with its event loop blocked). The server names
+    itself in IPYTHON_MCP_SERVER_PID (local children only); a parent other than it means
+    either a wrapper script that did not exec (its own death then kills us, which is
+    right too) or a server that died before the prctl: then leave now.
+    """
+    server = os.environ.pop("IPYTHON_MCP_SERVER_PID", "")
+    if not server.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except Exception:
+        return  # no prctl: the pipe watch still covers a responsive kernel
+    if os.getppid() != int(server):
+        try:
+            os.kill(int(server), 0)
+        except ProcessLookupError:
+            die_with_group()
+        except OSError:
+            pass
 
 
 def read_requests(proto_in, inbox, state, private):
@@ -1163,6 +1195,7 @@ def execute(shell, relay, state, capture, request):
 
 
 def main():
+    die_with_server()
     private, proto_in, proto_out, log, readers, spares = take_standard_fds()
     state = KernelState()
     wire = Wire(proto_out, state, private)

@@ -19,6 +19,10 @@ Session lifecycle::
        +-- env_error (nothing kept)    +-- reset: fresh kernel, same      +-- next execute:
                                        |   name and env                       fresh kernel,
                                        +-- shutdown: killed, forgotten        warning "state lost"
+                                       +-- idle past --idle-timeout-s: stopped (like dead)
+
+A kernel start runs on its own (``SessionManager._ensure_kernel``): a call waits for it
+until its deadline, then answers ``busy`` while the start goes on for the next call.
 
 A cell ends ``ok`` or ``error``; past ``timeout_s`` it is interrupted (``timeout``), or,
 with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanwhile
@@ -28,12 +32,15 @@ pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``)
 kernels, locks), the MCP tools, ``main``.
 
 Guarantees:
-- Every call returns: cells are bounded by ``timeout_s``; a cell that ignores SIGINT
-  is killed (and its kernel restarted) after a short grace period.
+- Every call returns by ``timeout_s`` plus a grace: cells are bounded by ``timeout_s``;
+  a cell that ignores SIGINT is killed after a short grace period and its kernel
+  restarted in the background, after the reply; a kernel start no call waits for
+  longer than its deadline (or a short start grace).
 - No orphan processes: each kernel leads its own process group, and the whole group
-  is killed on shutdown, reset, server exit (stdin EOF, SIGTERM, SIGINT, SIGHUP).
-  A kernel whose server vanished (SIGKILL) sees EOF on its protocol pipe and kills
-  its own group.
+  is killed on shutdown, reset, server exit (stdin EOF, SIGTERM, SIGINT, SIGHUP, a
+  client that closed our stdout), kernels still starting included. A server that
+  vanished (SIGKILL) takes its kernels too: PR_SET_PDEATHSIG on Linux, an orphan guard
+  process that kills each kernel's group, and the kernel's own watch of its pipe.
 - Nothing but JSON-RPC reaches the server's stdout; logs go to stderr.
 """
 
@@ -60,6 +67,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,6 +107,10 @@ log = logging.getLogger("ipython_mcp")
 BOOTSTRAP = Path(__file__).with_name("bootstrap_kernel.py")
 # A cold start imports IPython, which can take seconds in a big env on a busy disk.
 KERNEL_START_TIMEOUT_S = 60.0
+# A call that has to start its session's kernel waits for it this long even when its
+# timeout_s is shorter (a start takes well under a second on an idle machine, a few on a
+# busy one); past that, or past timeout_s when longer, it answers busy and the start goes on.
+KERNEL_START_GRACE_S = 5.0
 # What clients allow a tool call when MCP_TOOL_TIMEOUT is unset (Claude Code: 60 s).
 DEFAULT_TIMEOUT_S = 58.0
 # Return this long before the client's own timeout, so partial output reaches it.
@@ -107,6 +119,11 @@ TIMEOUT_MARGIN_S = 2.0
 MIN_CELL_S = 1.0
 # After SIGINT, time for a cell to unwind (finally blocks, traceback) before we kill.
 INTERRUPT_GRACE_S = 3.0
+# Sessions alive at once, by default: each kernel costs ~20-60 MB, and a runaway agent
+# loop creating sessions must hit a clear error long before it takes the machine.
+DEFAULT_MAX_SESSIONS = 32
+# The idle-kernel check runs this often at most (a quarter of the idle timeout when shorter).
+IDLE_CHECK_MAX_S = 5.0
 # After SIGKILL, time for the kernel to be reaped; it cannot ignore SIGKILL.
 KILL_REAP_TIMEOUT_S = 5.0
 # After a dead kernel's process exits, time to read what is still in its pipe.
@@ -181,8 +198,12 @@ class EnvError(Exception):
         return self.reason + (f"\n{self.hint}" if self.hint else "")
 
 
-class SessionBusy(Exception):
-    """Another call kept the session (its kernel starting or restarting) past this call's deadline."""
+class KernelStarting(Exception):
+    """The session's kernel was still starting at this call's deadline; it keeps starting."""
+
+    def __init__(self, session: str, env: str, python: Path, since: float):
+        self.session, self.env, self.python, self.since = session, env, python, since
+        super().__init__(session)
 
 
 class KernelDied(Exception):
@@ -227,8 +248,38 @@ def interpreter_for(env: str | None, envs_dir: Path) -> tuple[str, Path]:
 
     None or "" -> this server's own Python; a bare name -> ``<envs_dir>/<name>/bin/python``;
     anything with ``/`` or ``~`` -> that path (an interpreter, or an env/project folder).
-    Raises EnvError when there is no interpreter, naming what was looked for.
+    Raises EnvError when there is no interpreter, naming what was looked for, and when a
+    folder on the way cannot be entered (PermissionError), naming that folder.
     """
+    try:
+        return _interpreter_for(env, envs_dir)
+    except OSError as exc:
+        raise unreachable_env_error(env or "default", exc) from exc
+
+
+def unreachable_env_error(env: str, exc: OSError) -> EnvError:
+    """An env this server's user may not read: say which folder stops it, and who it is."""
+    target = Path(exc.filename) if isinstance(exc.filename, str) else None
+    blocked = next((folder for folder in reversed(target.parents) if not os.access(folder, os.X_OK)), None) if target else None
+    try:
+        import pwd
+
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name!r}"
+    except (ImportError, KeyError):
+        user = f"uid {os.geteuid()}"
+    if isinstance(exc, PermissionError):
+        where = f"the folder {blocked}" if blocked else (str(target) if target else "a folder on the way")
+        reason = (
+            f"Env {env!r} cannot be used: permission denied. This server runs as {user}, which may not enter {where}"
+            + (f", so it cannot reach {target}" if target and blocked else "")
+            + ". Make it readable for this user, or use an env this user can read."
+        )
+    else:
+        reason = f"Env {env!r} cannot be used: {exc.strerror or exc} ({target or 'its path'})."
+    return EnvError(env, str(target) if target else None, reason, kind="no_interpreter")
+
+
+def _interpreter_for(env: str | None, envs_dir: Path) -> tuple[str, Path]:
     if env is None or env.strip() == "":
         return "default", Path(sys.executable)
     if "/" in env or "~" in env or "\\" in env:
@@ -347,6 +398,34 @@ def spare_kernels_default(environ: Mapping[str, str]) -> int:
     except ValueError:
         log.warning("IPYTHON_MCP_SPARE_KERNELS=%r is not a number; keeping 1 spare kernel", raw)
         return 1
+
+
+def max_sessions_default(environ: Mapping[str, str]) -> int:
+    """IPYTHON_MCP_MAX_SESSIONS, or 32; a value that is not a positive count is reported and ignored."""
+    raw = environ.get("IPYTHON_MCP_MAX_SESSIONS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_SESSIONS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        log.warning("IPYTHON_MCP_MAX_SESSIONS=%r is not a positive number; keeping %d", raw, DEFAULT_MAX_SESSIONS)
+        return DEFAULT_MAX_SESSIONS
+    return value
+
+
+def idle_timeout_default(environ: Mapping[str, str]) -> float | None:
+    """IPYTHON_MCP_IDLE_TIMEOUT_S in seconds, or None: off (so are 0 and values that are not numbers)."""
+    raw = environ.get("IPYTHON_MCP_IDLE_TIMEOUT_S", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("IPYTHON_MCP_IDLE_TIMEOUT_S=%r is not a number of seconds; idle kernels are kept", raw)
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def memory_to_spare() -> bool:
@@ -824,13 +903,13 @@ class Execution:
 class Kernel:
     """The target env's Python running bootstrap_kernel.py, in its own process group."""
 
-    def __init__(self, python: Path, env_label: str):
-        self.python, self.env_label = python, env_label
+    def __init__(self, python: Path, env_label: str, guard: OrphanGuard | None = None):
+        self.python, self.env_label, self.guard = python, env_label, guard
         self.process: asyncio.subprocess.Process | None = None
         self.hello: dict[str, Any] = {}
         self.current: Execution | None = None
         self.exited = asyncio.Event()
-        self.stop_reason: str | None = None  # "reset" / "shutdown" / "killed": we ended it on purpose
+        self.stop_reason: str | None = None  # "reset" / "shutdown" / "killed" / "idle": we ended it on purpose
         self._ids = itertools.count(1)
         self._log_tail = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -884,7 +963,11 @@ class Kernel:
 
     async def start(self) -> dict[str, Any]:
         """Spawn and wait for the kernel's hello. Raises EnvError or KernelDied."""
-        if not self.python.is_file():
+        try:
+            found = self.python.is_file()
+        except OSError as exc:  # a folder on the way became unreadable since the session was made
+            raise unreachable_env_error(self.env_label, exc) from exc
+        if not found:
             raise EnvError(self.env_label, str(self.python), f"No Python interpreter at {self.python}.", kind="no_interpreter")
         if not os.access(self.python, os.X_OK):
             raise EnvError(self.env_label, str(self.python), f"{self.python} is not executable.", kind="no_interpreter")
@@ -905,6 +988,7 @@ class Kernel:
         self._make_pip_shims()
         environ = self._child_environment()
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
+        environ["IPYTHON_MCP_SERVER_PID"] = str(os.getpid())  # the kernel dies with us (PR_SET_PDEATHSIG, Linux)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 str(self.python),
@@ -925,6 +1009,8 @@ class Kernel:
             if isinstance(exc, OSError):
                 raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
             raise
+        if self.guard is not None:
+            self.guard.watch(self.process.pid)
         for read_end, write_end in pipes:
             os.close(write_end)
             os.set_blocking(read_end, False)
@@ -1084,6 +1170,8 @@ class Kernel:
             await self._reader_done.wait()
             await self._log_done.wait()
         self.kill_now()  # whatever the kernel left behind goes with it
+        if self.guard is not None:
+            self.guard.forget(self.process.pid)
         self._collect_leftover_output()
         died = KernelDied(describe_exit(returncode), self._log_tail.strip(), self.stop_reason)
         if self._hello_future and not self._hello_future.done():
@@ -1210,6 +1298,90 @@ class Kernel:
             self.exited.set()
         if self.process.stdin:
             self.process.stdin.close()
+
+
+GUARD_SOURCE = """
+import os, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the server is not for us
+groups, pending = set(), b""
+while True:
+    try:
+        data = os.read(0, 65536)
+    except InterruptedError:
+        continue
+    if not data:
+        break
+    pending += data
+    *lines, pending = pending.split(b"\\n")
+    for line in lines:
+        (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class OrphanGuard:
+    """A small process that ends every kernel's process group once this server is gone.
+
+    PR_SET_PDEATHSIG kills a kernel when the server dies, but only the kernel: what its
+    cells started (``!sleep 100 &``, a Popen) would live on, and a kernel whose cell holds
+    the GIL cannot run its own clean-up. This process, in its own session, holds the list
+    of kernel process groups (``+pid`` / ``-pid`` lines on its stdin); when its stdin
+    reaches end of file, which happens however the server ends (SIGKILL included, on any
+    system), it kills every group still listed and exits. One per manager, started with
+    the server (so its start-up does not compete with a first kernel's), or else with the
+    first kernel.
+    """
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._broken = False
+
+    def start(self) -> None:
+        if self._process is not None or self._broken:
+            return
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-S", "-I", "-c", GUARD_SOURCE], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("the orphan guard could not start: %s", exc)
+            self._broken = True
+
+    def _send(self, line: str) -> None:
+        self.start()
+        if self._broken or self._process is None or self._process.stdin is None:
+            return
+        try:
+            os.write(self._process.stdin.fileno(), line.encode())
+        except (OSError, ValueError) as exc:  # killed, or closed: PDEATHSIG still covers the kernels
+            log.warning("the orphan guard is not available: %s", exc)
+            self._broken = True
+
+    def watch(self, pid: int) -> None:
+        self._send(f"+{pid}\n")
+
+    def forget(self, pid: int) -> None:
+        if self._process is not None:
+            self._send(f"-{pid}\n")
+
+    def close_now(self) -> None:
+        """End the guard (it kills any group still listed) without waiting for it."""
+        if self._process is not None and self._process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+
+    async def close(self) -> None:
+        self.close_now()
+        if self._process is None:
+            return
+        with anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+            while self._process.poll() is None:
+                await anyio.sleep(0.01)
 
 
 # --- Envs: installing the prerequisite, and finding what is there ----------------------
@@ -1375,6 +1547,14 @@ class Config:
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
     # Kernels of the default env started ahead of need, so a new session starts at once.
     spare_kernels: int = dataclasses.field(default_factory=lambda: spare_kernels_default(os.environ))
+    # Sessions alive at once; a new one past this is a tool error naming the live ones.
+    max_sessions: int = dataclasses.field(default_factory=lambda: max_sessions_default(os.environ))
+    # Seconds a session may sit idle before its kernel is stopped (its state lost); None: never.
+    idle_timeout_s: float | None = dataclasses.field(default_factory=lambda: idle_timeout_default(os.environ))
+    # After an interrupt, how long a cell may take to stop before its kernel is killed.
+    interrupt_grace_s: float = INTERRUPT_GRACE_S
+    # How long a call that begins a kernel start waits for it at least (a call joining one waits its own timeout_s).
+    start_grace_s: float = KERNEL_START_GRACE_S
 
 
 @dataclasses.dataclass
@@ -1386,7 +1566,14 @@ class Session:
     created: float = dataclasses.field(default_factory=time.monotonic)
     exec_count: int = 0
     run_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one cell at a time
-    kernel_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one (re)start at a time
+    # The kernel start under way, if any: it runs on its own, outliving the call that began it,
+    # so no call waits past its deadline for a kernel (see SessionManager._ensure_kernel).
+    starting: asyncio.Task[None] | None = None
+    start_began: float = 0.0
+    start_failure: Exception | None = None  # a restart that failed, for the next call to report
+    start_progress: Progress | None = None  # the call now waiting for the start hears the installer
+    calls: int = 0  # execute/wait calls in flight
+    last_active: float = dataclasses.field(default_factory=time.monotonic)  # end of the last call
     lost_state: str | None = None  # why the next call runs in a fresh kernel
     closed: Exception | None = None  # shut down, or never created: what waiting calls are told
     notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
@@ -1399,10 +1586,10 @@ class Session:
 
     @property
     def status(self) -> str:
-        if self.kernel is None:
+        if self.kernel is None or self.starting is not None:
             return "starting"
         if not self.kernel.alive:
-            return "dead"
+            return "stopped" if self.kernel.stop_reason == "idle" else "dead"
         return "busy" if self.kernel.busy else "idle"
 
 
@@ -1425,8 +1612,8 @@ class ExecuteResult(BaseModel):
         "(see `error`). timeout: ran past timeout_s and was interrupted; partial output kept, "
         "session alive. env_error: the env cannot run a kernel (see `error` for the fix). "
         "running: on_timeout='continue' and the cell still runs; call `wait` for more output and "
-        "its final result. busy: nothing was executed, because a cell left running earlier still runs "
-        "or other calls kept the session busy for all of timeout_s."
+        "its final result. busy: nothing was executed, because a cell left running earlier still runs, "
+        "other calls kept the session busy for all of timeout_s, or its kernel is still starting (call again)."
     )
     session: str
     stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")
@@ -1458,7 +1645,9 @@ class SessionInfo(BaseModel):
     python: str
     python_version: str | None
     ipython_version: str | None
-    status: Literal["starting", "idle", "busy", "dead"]
+    status: Literal["starting", "idle", "busy", "dead", "stopped"] = Field(
+        description="stopped: its kernel was stopped after idle_timeout_s; the next execute starts a fresh one."
+    )
     pid: int | None
     uptime_s: float
     exec_count: int = Field(description="Cells executed in this session, across kernel restarts.")
@@ -1489,44 +1678,50 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.helpers: set[int] = set()  # installer and probe pids (own process groups)
         self.envs = EnvCatalog(self.helpers)
+        self.guard = OrphanGuard()  # kills every kernel's group if this server dies without cleaning up
         self._closing = False
         self._spares: list[Kernel] = []
         self._refill: asyncio.Task[None] | None = None
+        self._starting: set[Kernel] = set()  # spawned but not ready yet: every shutdown path kills these too
+        self._start_tasks: set[asyncio.Task[None]] = set()
+        # A new session whose start failed after every call waiting for it had returned: the next call gets the error.
+        self._failed_first_starts: dict[str, Session] = {}
+        self._idle_watch: asyncio.Task[None] | None = None
         self._spill_counter = itertools.count(1)
 
-    # -- lifecycle
+    # -- lifecycle: one place ensures a kernel, and no call waits for one past its deadline
+    #
+    # A session's kernel is started by a task of its own (``_begin_start``) that calls wait
+    # for, each until its own deadline (``_ensure_kernel``): a call whose deadline comes
+    # first answers ``busy`` (still starting) while the start goes on, so the next call finds
+    # the kernel. A call starts a kernel only when it needs one (first use, after a death or
+    # an idle stop) or asked for one (``reset``); a kernel this server killed because a cell
+    # ignored its interrupt is restarted in the background, after that call's reply.
 
-    async def _open(
-        self, name: str, env: str | None, progress: Progress | None = None, deadline: float | None = None
-    ) -> tuple[Session, list[str]]:
-        """The session called ``name``, created (with its kernel) if new."""
+    def _open(self, name: str, env: str | None) -> tuple[Session, list[str]]:
+        """The session called ``name``, created (its kernel not yet started) if new."""
         warnings: list[str] = []
         session = self.sessions.get(name)
         if session is None:
             if self._closing:
                 raise ToolError("The server is shutting down; no new session can start.")
             label, python = interpreter_for(env, self.config.envs_dir)  # EnvError: nothing created
+            failed = self._failed_first_starts.pop(name, None)
+            if failed is not None and failed.python == python and isinstance(failed.closed, EnvError):
+                raise failed.closed
+            if len(self.sessions) >= self.config.max_sessions:
+                raise ToolError(
+                    f"Session {name!r} was not created: {len(self.sessions)} sessions are live, the most this server allows "
+                    f"(--max-sessions, IPYTHON_MCP_MAX_SESSIONS). Live sessions: {', '.join(sorted(self.sessions))}. "
+                    "Call shutdown(session=...) on one you no longer need, or use one of them."
+                )
             session = self.sessions[name] = Session(name, label, python)
-            try:
-                await self._replace_kernel(session, progress=progress)
-            except BaseException as exc:
-                # Calls waiting for this session's first kernel get the same answer.
-                if isinstance(exc, (EnvError, ToolError)):
-                    session.closed = exc
-                elif isinstance(exc, anyio.get_cancelled_exc_class()):
-                    session.closed = ToolError(f"Session {name!r} was not created: the call creating it was cancelled. Call execute again.")
-                else:
-                    session.closed = ToolError(f"Session {name!r} was not created: {type(exc).__name__}: {exc}")
-                if self.sessions.get(name) is session:
-                    del self.sessions[name]
-                raise
             return session, warnings
         if env is not None and env.strip() and env != session.env_label and not self._same_interpreter(env, session):
             warnings.append(
                 f"Session {name!r} already runs in env {session.env_label!r} ({session.python}); "
                 f"env {env!r} was ignored. Use a new session name, or shutdown this one first, to change env."
             )
-        await self._replace_kernel(session, progress=progress, deadline=deadline)
         return session, warnings
 
     def _same_interpreter(self, env: str, session: Session) -> bool:
@@ -1535,80 +1730,190 @@ class SessionManager:
         except EnvError:
             return False
 
-    async def _replace_kernel(
-        self, session: Session, reason: str | None = None, progress: Progress | None = None, deadline: float | None = None
-    ) -> Kernel:
-        """The one place a session gets a new kernel.
+    async def _ensure_kernel(self, session: Session, deadline: float, progress: Progress | None = None) -> Kernel:
+        """The session's live kernel; if it has none, its start (begun now, or joined) until ``deadline``.
 
-        ``reason=None``: make sure the session has a live kernel (first start, or after a
-        death, noting the lost state). ``reason="reset"``/``"killed"``: kill the current one
-        and start afresh. A session shut down meanwhile never keeps a kernel.
+        A call that begins the start waits at least ``start_grace_s``, so a short timeout_s still
+        gets a kernel on a session's first call. Raises KernelStarting at the deadline (the start
+        goes on), or what the start raised: EnvError, or the ToolError of a session shut down meanwhile.
         """
-        if deadline is None:
-            await session.kernel_lock.acquire()
-        else:  # another call may be starting this kernel: wait no longer than our timeout
-            with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as waited:
-                await session.kernel_lock.acquire()
-            if waited.cancelled_caught:
-                raise SessionBusy
+        session.check_open()
+        kernel = session.kernel
+        if kernel is not None and kernel.alive and kernel.stop_reason is None:
+            return kernel
+        if kernel is not None and kernel.stop_reason is None and session.lost_state is None:  # it died on its own
+            how = describe_exit(kernel.process.returncode) if kernel.process and kernel.process.returncode is not None else "it exited"
+            session.lost_state = (
+                f"The previous kernel of session {session.name!r} died ({how}); this call ran in a fresh kernel, "
+                "so variables and imports from before are gone."
+            )
+        task = session.starting
+        if task is None or task.done():
+            task = self._begin_start(session)
+            deadline = max(deadline, time.monotonic() + self.config.start_grace_s)
+        session.start_progress = progress
         try:
-            session.check_open()
-            old = session.kernel
-            if reason is None:
-                if old is not None and old.alive:
-                    return old
-                if old is not None and session.lost_state is None:
-                    how = describe_exit(old.process.returncode) if old.process and old.process.returncode is not None else "it exited"
-                    session.lost_state = (
-                        f"The previous kernel of session {session.name!r} died ({how}); this call ran in a fresh kernel, "
-                        "so variables and imports from before are gone."
-                    )
-            else:
-                session.background = None  # a cell left running dies with its kernel
-                if old is not None:
-                    await old.kill(reason)
-            kernel = await self._start_kernel(session, progress)
+            await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0))
+        finally:
+            if session.start_progress is progress:
+                session.start_progress = None
+        if not task.done():
+            raise KernelStarting(session.name, session.env_label, session.python, session.start_began)
+        if session.closed is not None:  # shut down meanwhile, or its first start failed
+            if self._failed_first_starts.get(session.name) is session:
+                del self._failed_first_starts[session.name]  # told now, not again
+            raise session.closed
+        failure, session.start_failure = session.start_failure, None
+        if failure is not None:
+            raise failure
+        if session.kernel is None:  # a start ends with a kernel, a failure or a closed session; this is a bug
+            raise ToolError(f"Session {session.name!r} has no kernel after its start; call execute again.")
+        return session.kernel
+
+    def _begin_start(self, session: Session) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._start_for(session), name=f"start-{session.name}")
+        session.starting, session.start_began, session.start_failure = task, time.monotonic(), None
+        self._start_tasks.add(task)
+
+        def finished(done: asyncio.Task[None]) -> None:  # also when cancelled before it ever ran
+            self._start_tasks.discard(done)
+            if session.starting is done:
+                session.starting = None
+
+        task.add_done_callback(finished)
+        return task
+
+    async def _start_for(self, session: Session) -> None:
+        """Body of a session's start task: the session gets a fresh kernel, or the failure is kept for the calls."""
+        first = session.kernel is None
+        try:
+            try:
+                kernel = await self._start_kernel(session)
+            except BaseException as exc:
+                failure = exc if isinstance(exc, (EnvError, ToolError)) else ToolError(
+                    f"The kernel of session {session.name!r} could not start: {type(exc).__name__}: {exc}"
+                )
+                if first:  # the session never came to be: every call waiting for it gets this answer
+                    if session.closed is None:
+                        session.closed = failure
+                    if self.sessions.get(session.name) is session:
+                        del self.sessions[session.name]
+                        if isinstance(failure, EnvError):
+                            self._failed_first_starts[session.name] = session
+                            while len(self._failed_first_starts) > self.config.max_sessions:
+                                del self._failed_first_starts[next(iter(self._failed_first_starts))]
+                else:
+                    session.start_failure = failure
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: a shutdown, or the server stopping
+                return
             if self._closing and session.closed is None:
                 session.closed = ToolError("The server is shutting down.")
             if session.closed is not None:  # shut down while the kernel started
                 await kernel.kill("shutdown")
-                session.check_open()
+                return
             session.kernel = kernel
-            return kernel
         finally:
-            session.kernel_lock.release()
+            if session.starting is asyncio.current_task():
+                session.starting = None
 
-    async def _start_kernel(self, session: Session, progress: Progress | None = None) -> Kernel:
+    async def _start_kernel(self, session: Session) -> Kernel:
         """A ready kernel in the session's env, installing ipykernel first if allowed and needed."""
         spare = self._take_spare(session.python)
         if spare is not None:
             return spare
-        kernel = Kernel(session.python, session.env_label)
         try:
-            await kernel.start()
-            return kernel
+            return await self._spawn(session.python, session.env_label)
         except EnvError as missing:
             # Never install into the server's own env, and never unless asked to.
             if missing.kind != "missing_ipython" or not self.config.auto_install or session.python == Path(sys.executable):
                 raise
+
+            async def progress(elapsed: float, message: str) -> None:  # heard by whichever call waits now
+                if session.start_progress is not None:
+                    await session.start_progress(elapsed, message)
+
             await install_ipykernel(missing, progress, self.helpers)
-        kernel = Kernel(session.python, session.env_label)
-        await kernel.start()
+        kernel = await self._spawn(session.python, session.env_label)
         session.notices.append(
             f"ipykernel was installed into env {session.env_label!r} ({session.python}) because auto_install_ipykernel is on."
         )
         return kernel
 
-    async def restart(self, session: Session, reason: str) -> None:
-        await self._replace_kernel(session, reason=reason)
+    async def _spawn(self, python: Path, env_label: str) -> Kernel:
+        """A started kernel; while it starts, every shutdown path finds it in ``_starting``."""
+        kernel = Kernel(python, env_label, self.guard)
+        self._starting.add(kernel)
+        try:
+            await kernel.start()
+        finally:
+            self._starting.discard(kernel)
+        return kernel
+
+    def _restart_later(self, session: Session, lost_state: str) -> None:
+        """After a kill no caller asked for: the fresh kernel starts now, and the next call (not this one) waits for it."""
+        session.background = None
+        session.lost_state = lost_state
+        if not self._closing and session.closed is None and (session.starting is None or session.starting.done()):
+            self._begin_start(session)
+
+    async def reset(self, session: Session) -> Kernel | None:
+        """Kill the session's kernel and start a fresh one, waited for up to the default timeout.
+
+        Returns None when the fresh kernel is still starting by then; it goes on starting.
+        """
+        session.check_open()
+        session.background = None  # a cell left running dies with its kernel
+        if session.kernel is not None:
+            await session.kernel.kill("reset")
+        session.lost_state = None  # asked for: no warning on the next call
+        try:
+            return await self._ensure_kernel(session, time.monotonic() + self.config.default_timeout_s)
+        except KernelStarting:
+            return None
+        finally:
+            session.last_active = time.monotonic()
 
     async def shutdown(self, name: str) -> Session:
         session = self.get(name)
         del self.sessions[name]
         session.closed = ToolError(f"Session {name!r} was shut down while this call waited for it.")
+        starting = session.starting
+        if starting is not None:
+            starting.cancel()  # its kernel, if spawned, is killed and reaped by Kernel.start
         if session.kernel is not None:
             await session.kernel.kill("shutdown")
+        if starting is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({starting}, timeout=KILL_REAP_TIMEOUT_S)
         return session
+
+    # -- idle sessions: their kernels stopped after idle_timeout_s, like a death the next call reports
+
+    def start_idle_watch(self) -> None:
+        if self.config.idle_timeout_s is not None and not self._closing:
+            self._idle_watch = asyncio.get_running_loop().create_task(self._stop_idle_kernels(), name="idle-kernels")
+
+    async def _stop_idle_kernels(self) -> None:
+        idle_s = self.config.idle_timeout_s
+        assert idle_s is not None
+        while True:
+            await anyio.sleep(min(idle_s / 4, IDLE_CHECK_MAX_S))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                kernel = session.kernel
+                if (
+                    kernel is None or not kernel.alive or kernel.stop_reason is not None or kernel.busy
+                    or session.calls or session.starting is not None or session.background is not None
+                    or now - session.last_active < idle_s
+                ):
+                    continue
+                session.lost_state = (
+                    f"Session {session.name!r} was idle for {now - session.last_active:.0f} s, so its kernel was stopped "
+                    f"(idle timeout {idle_s:g} s); this call ran in a fresh kernel, so variables and imports from before are gone."
+                )
+                log.info("stopping the idle kernel %s of session %r", kernel.pid, session.name)
+                await kernel.kill("idle")  # its SIGKILL goes out before any other call can take the kernel
 
     # -- spare kernels: the default env's next kernel, started before anyone asks
 
@@ -1633,9 +1938,8 @@ class SessionManager:
 
     async def _fill_spares(self) -> None:
         while len(self._spares) < self.config.spare_kernels:
-            kernel = Kernel(Path(sys.executable), "default")
             try:
-                await kernel.start()
+                kernel = await self._spawn(Path(sys.executable), "default")
             except (EnvError, OSError) as exc:
                 log.warning("no spare kernel: %s", exc)
                 return
@@ -1643,22 +1947,28 @@ class SessionManager:
 
     async def close_all(self) -> None:
         self._closing = True
-        for session in self.sessions.values():  # a kernel still starting is killed when it arrives
+        for session in self.sessions.values():
             session.closed = ToolError("The server is shutting down.")
         self._kill_helpers()
-        if self._refill is not None:
-            self._refill.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
-                await self._refill
+        for kernel in self._starting:  # kernels still starting belong to no session yet
+            kernel.kill_now()
+        tasks = [task for task in (*self._start_tasks, self._refill, self._idle_watch) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks, timeout=KILL_REAP_TIMEOUT_S)
         sessions = list(self.sessions.values())
         self.sessions.clear()
-        kernels = [s.kernel for s in sessions if s.kernel is not None] + self._spares
+        kernels = [s.kernel for s in sessions if s.kernel is not None] + self._spares + list(self._starting)
         self._spares = []
         for kernel in kernels:
             kernel.kill_now()
         async with anyio.create_task_group() as group:
             for kernel in kernels:
                 group.start_soon(kernel.kill, "shutdown")
+        with anyio.CancelScope(shield=True):
+            await self.guard.close()
 
     def _kill_helpers(self) -> None:
         for pid in list(self.helpers):
@@ -1667,11 +1977,9 @@ class SessionManager:
 
     def kill_all_now(self) -> None:
         self._kill_helpers()
-        for spare in self._spares:
-            spare.kill_now()
-        for session in self.sessions.values():
-            if session.kernel is not None:
-                session.kernel.kill_now()
+        for kernel in [*self._spares, *self._starting, *(s.kernel for s in self.sessions.values() if s.kernel is not None)]:
+            kernel.kill_now()
+        self.guard.close_now()
 
     def get(self, name: str) -> Session:
         check_session_name(name)
@@ -1714,23 +2022,34 @@ class SessionManager:
             raise ToolError("The code contains a NUL character (\\x00), which Python source cannot hold; remove it.")
         started = time.monotonic()
         deadline = started + timeout_s  # the whole call, waiting for the session included
+        warnings: list[str] = []
         try:
-            session, warnings = await self._open(name, env, progress, deadline)
-            if self._running_on(session):
-                return CellOutcome(self._busy_result(session, started, warnings))
-            with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as queued:
-                await session.run_lock.acquire()  # one cell at a time per session
-            if queued.cancelled_caught:
-                return CellOutcome(self._busy_result(session, started, warnings, queued_s=time.monotonic() - started))
+            session, warnings = self._open(name, env)
+            session.calls += 1
             try:
-                return await self._run(session, code, deadline, on_timeout, warnings, started, progress)
+                await self._ensure_kernel(session, deadline, progress)  # a first start, or a restart after a death
+                if self._running_on(session):
+                    return CellOutcome(self._busy_result(session, started, warnings))
+                with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as queued:
+                    await session.run_lock.acquire()  # one cell at a time per session
+                if queued.cancelled_caught:
+                    return CellOutcome(self._busy_result(session, started, warnings, queued_s=time.monotonic() - started))
+                try:
+                    return await self._run(session, code, deadline, on_timeout, warnings, started, progress)
+                finally:
+                    session.run_lock.release()
             finally:
-                session.run_lock.release()
-        except SessionBusy:
+                session.calls -= 1
+                session.last_active = time.monotonic()
+        except KernelStarting as starting:
             result = ExecuteResult(
                 status="busy", session=name, stdout="", stderr="", result=None,
-                error=f"Session {name!r} was busy starting or restarting its kernel for all of this call's timeout_s; this code was not run.",
-                execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
+                error=(
+                    f"The kernel of session {name!r} is still starting in env {starting.env!r} (python: {starting.python}), "
+                    f"{time.monotonic() - starting.since:.0f} s so far; this code was not run. It goes on starting in the "
+                    "background: call execute again (each call waits for it up to its own timeout_s)."
+                ),
+                execution_count=None, warning=" ".join(warnings) or None, duration_s=round(time.monotonic() - started, 3),
             )
             return CellOutcome(result)
         except EnvError as exc:
@@ -1750,7 +2069,7 @@ class SessionManager:
         if session.background is not None:  # finished on its own since; nobody fetched the end
             warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
             self._release_background(session)
-        kernel = await self._replace_kernel(session, progress=progress, deadline=deadline)
+        kernel = await self._ensure_kernel(session, deadline, progress)  # killed while this call queued: restarted
         if session.lost_state:
             warnings.append(session.lost_state)
             session.lost_state = None
@@ -1764,8 +2083,16 @@ class SessionManager:
                     code, self.config.output_limit, self._spill_path(session.name), self.config.image_limit, self.config.image_bytes_limit
                 )
         except TimeoutError:
-            warnings.append("The kernel did not take the code within timeout_s (stopped or stuck), so it was killed and restarted.")
-            await self.restart(session, "killed")
+            warnings.append(
+                "The kernel did not take the code within timeout_s (stopped or stuck), so it was killed; a fresh kernel "
+                "is being restarted for the next call: variables and imports from before are gone."
+            )
+            await kernel.kill("killed")
+            self._restart_later(
+                session,
+                f"The previous kernel of session {session.name!r} stopped taking code and was killed; this call ran in a fresh "
+                "kernel, so variables and imports from before are gone.",
+            )
             result = ExecuteResult(
                 status="timeout", session=session.name, stdout="", stderr="", result=None,
                 error="The kernel did not accept the cell in time; the cell did not run.", execution_count=None,
@@ -1786,11 +2113,16 @@ class SessionManager:
         session = self.get(name)
         timeout_s = self._checked_timeout(timeout_s)
         started = time.monotonic()
-        async with session.wait_lock:
-            execution = session.background
-            if execution is None or session.kernel is None:
-                raise ToolError(f"Session {name!r} has no cell running on (started with on_timeout='continue'); nothing to wait for.")
-            return await self._follow(session, session.kernel, execution, timeout_s, "continue", [], started, progress)
+        session.calls += 1
+        try:
+            async with session.wait_lock:
+                execution = session.background
+                if execution is None or session.kernel is None:
+                    raise ToolError(f"Session {name!r} has no cell running on (started with on_timeout='continue'); nothing to wait for.")
+                return await self._follow(session, session.kernel, execution, timeout_s, "continue", [], started, progress)
+        finally:
+            session.calls -= 1
+            session.last_active = time.monotonic()
 
     def _checked_timeout(self, timeout_s: float | None) -> float:
         if timeout_s is None:
@@ -1852,7 +2184,10 @@ class SessionManager:
                 status = "timeout"
                 reply = await self._interrupt_or_kill(session, kernel, execution, warnings)
                 if reply is None:
-                    error = f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed and restarted."
+                    error = (
+                        f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed "
+                        "(a fresh one is starting for the next call)."
+                    )
                 else:
                     error = f"The cell ran past timeout_s={timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
             except anyio.get_cancelled_exc_class():
@@ -2011,24 +2346,26 @@ class SessionManager:
     async def _interrupt_or_kill(
         self, session: Session, kernel: Kernel, execution: Execution, warnings: list[str]
     ) -> dict[str, Any] | None:
-        """SIGINT, then kill and restart if the cell ignores it. Returns the reply, if any."""
+        """SIGINT, then, if the cell ignores it, kill (the restart goes on after this call). Returns the reply, if any."""
         kernel.interrupt()
+        grace_s = self.config.interrupt_grace_s
         try:
-            with anyio.fail_after(INTERRUPT_GRACE_S):
+            with anyio.fail_after(grace_s):
                 return await asyncio.shield(execution.reply)
         except TimeoutError:
             pass
         except KernelDied:
             raise
         warnings.append(
-            f"The cell did not stop within {INTERRUPT_GRACE_S:g} s of an interrupt, so its kernel was killed and "
-            "restarted: variables and imports from before are gone."
+            f"The cell did not stop within {grace_s:g} s of an interrupt, so its kernel was killed; a fresh kernel is "
+            "being restarted for the next call: variables and imports from before are gone."
         )
         await kernel.kill("killed")
-        try:
-            await self.restart(session, "killed")
-        except EnvError as exc:
-            warnings.append(f"The restart failed: {exc.message}")
+        self._restart_later(
+            session,
+            f"The previous cell of session {session.name!r} did not stop on interrupt, so its kernel was killed; this call "
+            "ran in a fresh kernel, so variables and imports from before are gone.",
+        )
         return None
 
     def _death_message(self, session: Session, died: KernelDied) -> str:
@@ -2176,7 +2513,9 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
     async def lifespan(_: MCPServer):
         manager = SessionManager(config)
         _live_managers.add(manager)
+        manager.guard.start()
         manager.start_spares()
+        manager.start_idle_watch()
         try:
             yield manager
         finally:
@@ -2277,7 +2616,7 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         )
     )
     async def list_sessions(ctx: Context) -> Annotated[CallToolResult, SessionList]:
-        """List live sessions: name, env, python, status (starting/idle/busy/dead), uptime, cells run."""
+        """List live sessions: name, env, python, status (starting/idle/busy/dead/stopped), uptime, cells run."""
         infos = manager_of(ctx).describe()
         return CallToolResult(
             content=[TextContent(type="text", text=render_sessions(infos))],
@@ -2315,11 +2654,17 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         manager = manager_of(ctx)
         entry = manager.get(session)
         try:
-            await manager.restart(entry, "reset")
+            kernel = await manager.reset(entry)
         except EnvError as exc:
             raise ToolError(f"Session {session!r} could not restart: {exc.message}") from exc
+        if kernel is None:
+            message = (
+                f"Session {session!r} was reset: its fresh kernel in env {entry.env_label!r} ({entry.python}) is still "
+                "starting, and the next execute waits for it."
+            )
+            return action_result(session, "reset", message)
         message = f"Session {session!r} was reset: a fresh kernel in env {entry.env_label!r} ({entry.python}) is ready."
-        return action_result(session, "reset", message, entry.kernel.pid if entry.kernel else None)
+        return action_result(session, "reset", message, kernel.pid)
 
     @server.tool(  # idempotent: shutting down a session that is gone changes nothing (it answers a tool error)
         annotations=ToolAnnotations(
@@ -2438,7 +2783,16 @@ async def serve(config: Config) -> None:
         group.start_soon(stop_on_signal)
         lowlevel = server._lowlevel_server  # the SDK has no public hook for the read side
         async with stdio_server() as (read_stream, write_stream):
-            await lowlevel.run(AnswerParseErrors(read_stream, write_stream), write_stream, lowlevel.create_initialization_options())
+            try:
+                await lowlevel.run(AnswerParseErrors(read_stream, write_stream), write_stream, lowlevel.create_initialization_options())
+            except anyio.get_cancelled_exc_class():
+                # Nothing here cancels this but the SDK's stdio task group, when its writer failed:
+                # the client closed its end of our stdout (EPIPE). The lifespan has ended every
+                # kernel on the way out; the stdin reader thread may block in read() for as long
+                # as the client keeps stdin open, so leave now instead of lingering.
+                log.warning("the stdio transport broke (the client closed its end of our stdout, or stdin failed); stopping")
+                logging.shutdown()
+                os._exit(0)
         group.cancel_scope.cancel()
 
 
@@ -2728,6 +3082,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="default-env kernels kept started ahead of need, so a new session starts at once (default 1, or $IPYTHON_MCP_SPARE_KERNELS; 0 turns it off)",
     )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        help=f"most sessions alive at once (default {DEFAULT_MAX_SESSIONS}, or $IPYTHON_MCP_MAX_SESSIONS)",
+    )
+    parser.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=None,
+        help="stop a session's kernel after this many idle seconds; its next call starts a fresh one (default: never, or $IPYTHON_MCP_IDLE_TIMEOUT_S)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("IPYTHON_MCP_LOG_LEVEL", "WARNING"), help="stderr log level (default WARNING)")
     http = parser.add_argument_group("over HTTP", "with --transport http (MCP streamable HTTP at /mcp)")
     http.add_argument("--transport", choices=("stdio", "http"), default="stdio", help="stdio (default) or http")
@@ -2768,6 +3134,10 @@ def main(argv: list[str] | None = None) -> None:
         config.auto_install = True
     if args.spare_kernels is not None:
         config.spare_kernels = max(args.spare_kernels, 0)
+    if args.max_sessions is not None:
+        config.max_sessions = max(args.max_sessions, 1)
+    if args.idle_timeout_s is not None:
+        config.idle_timeout_s = args.idle_timeout_s if math.isfinite(args.idle_timeout_s) and args.idle_timeout_s > 0 else None
     if args.transport == "stdio" and sys.stdin.isatty():
         print(greeting(), file=sys.stderr)
     try:
