@@ -34,6 +34,9 @@ Guarantees:
   A kernel whose server vanished (SIGKILL) sees EOF on its protocol pipe and kills
   its own group.
 - Nothing but JSON-RPC reaches the server's stdout; logs go to stderr.
+- Saved output (the full text of cut output, images) is private: folders 0700, files
+  0600 created new, never through a folder or link someone else planted; it is capped
+  per file and per server, and removed at a session's shutdown and the server's exit.
 """
 
 from __future__ import annotations
@@ -766,7 +769,6 @@ class SpillTarget:
         """The execute message's ``spill_path`` and ``spill_limit``: where the kernel saves a cut result."""
         target = self.files.kernel_file(self.session)
         return {"spill_path": target[0], "spill_limit": target[1]} if target else {"spill_path": None, "spill_limit": 0}
-
 
 
 # --- Output kept per call: bounded in memory, full text spilled to a file ------------
