@@ -600,7 +600,7 @@ def save_text(text, path, limit):
     else:
         cut_at = None
     if not data and cut_at is not None:
-        return " The full text was not saved: the output folder is full.", None
+        return " The full text was not saved: no room is left under the limits for saved output.", None
     try:
         fd = create_private_file(path)
     except OSError as exc:

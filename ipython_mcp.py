@@ -475,7 +475,7 @@ class SavedFile:
     session: str
     size: int = 0  # bytes written (or about to be)
     writing: bool = True  # still open: never deleted under its writer
-    named: bool = True  # named by the last reply of its session, or not replied about yet: kept
+    kept: bool = True  # named by the last reply of its session, or made since: never deleted to make room
 
 
 class OutputFiles:
@@ -498,6 +498,8 @@ class OutputFiles:
         self._fd: int | None = None  # of self.folder
         self._session_fds: dict[str, int] = {}
         self._files: dict[Path, SavedFile] = {}  # oldest first
+        self._fresh: dict[str, set[Path]] = {}  # per session: made since its last reply
+        self._named: dict[str, set[Path]] = {}  # per session: named by its last reply
         self._counter = itertools.count(1)
         self._made_root = False  # the root is a fallback of our own: removed at exit too
         self._open()
@@ -572,6 +574,7 @@ class OutputFiles:
                 continue
             path = self.folder / session / name  # type: ignore[operator]
             self._files[path] = SavedFile(session)
+            self._fresh.setdefault(session, set()).add(path)
             return path, fd
         raise OSError(errno.EEXIST, "no free file name in the output folder")
 
@@ -591,7 +594,7 @@ class OutputFiles:
         for path, entry in list(self._files.items()):
             if need <= 0:
                 return
-            if not entry.writing and not entry.named:
+            if not entry.writing and not entry.kept:
                 need -= entry.size
                 self._delete(path)
 
@@ -644,6 +647,7 @@ class OutputFiles:
         if self.folder is None or saved.parent != self.folder / session or saved in self._files:
             return
         self._files[saved] = SavedFile(session, size, writing=False)
+        self._fresh.setdefault(session, set()).add(saved)
         self.total += size
         if self.total > self.folder_limit:
             self._free(self.total - self.folder_limit)
@@ -651,15 +655,24 @@ class OutputFiles:
     def keep_named(self, session: str, paths: list[str | None]) -> None:
         """The last reply of ``session`` named ``paths``: keep them; its older files may go when room is short."""
         named = {Path(path) for path in paths if path}
-        for path, entry in self._files.items():
-            if entry.session == session and not entry.writing:
-                entry.named = path in named
+        fresh = self._fresh.get(session, set())
+        still_writing = set()
+        for path in fresh | self._named.get(session, set()):  # only these can change: no scan of every file
+            entry = self._files.get(path)
+            if entry is not None and entry.writing:  # a cell left running still writes it
+                still_writing.add(path)
+            elif entry is not None:
+                entry.kept = path in named
+        self._fresh[session] = still_writing
+        self._named[session] = {path for path in named if path in self._files}
 
     def remove_session(self, session: str) -> None:
         """Delete a session's files and folder (at its shutdown)."""
         for path in [path for path, entry in self._files.items() if entry.session == session]:
             entry = self._files.pop(path)
             self.total -= entry.size
+        self._fresh.pop(session, None)
+        self._named.pop(session, None)
         fd = self._session_fds.pop(session, None)
         if fd is not None:
             os.close(fd)
@@ -678,6 +691,8 @@ class OutputFiles:
                 os.close(fd)
         self._session_fds.clear()
         self._files.clear()
+        self._fresh.clear()
+        self._named.clear()
         self._fd, self.total = None, 0
         folder, self.folder = self.folder, None
         if folder is not None:
