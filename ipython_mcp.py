@@ -563,6 +563,25 @@ class OutputFiles:
 
     def create(self, session: str, what: str) -> tuple[Path, int]:
         """A new private file for ``what`` (``stdout.txt``, ``image0.png``) in the session's folder."""
+        try:
+            return self._create(session, what)
+        except FileNotFoundError:
+            if self._fd is None:
+                raise
+        # Our folder was deleted under us (say `rm -rf` in a cell): start a new one.
+        log.warning("the output folder %s was removed while in use; making a new one", self.folder)
+        for fd in [*self._session_fds.values(), self._fd]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._session_fds.clear()
+        self._files.clear()
+        self._fresh.clear()
+        self._named.clear()
+        self._fd, self.folder, self.total = None, None, 0
+        self._open_in(self.root)
+        return self._create(session, what)
+
+    def _create(self, session: str, what: str) -> tuple[Path, int]:
         dir_fd = self._session_fd(session)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for _ in range(100):

@@ -413,6 +413,18 @@ async def test_a_stale_folder_of_a_dead_server_is_removed_at_start_and_a_live_on
     assert (victim / "notes.txt").read_text() == "precious"
 
 
+async def test_an_output_folder_a_cell_deleted_is_made_again(tmp_path: Path) -> None:
+    root = tmp_path / "output"
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path, output_dir=root) as client:
+            before = Path((await run(client, "s", BIG_PRINT))["output_files"]["stdout"])
+            out = await run(client, "s", f"import shutil\nshutil.rmtree({str(root)!r})\n{BIG_PRINT}")
+            after = Path(out["output_files"]["stdout"])
+            assert after.read_text().startswith("HEAD") and f"Full text: {after}" in out["warning"]
+            assert not before.exists() and after.parents[2] == root
+            assert [mode(root), mode(after.parent), mode(after)] == [0o700, 0o700, 0o600]
+
+
 # --- a full disk -------------------------------------------------------------------------------
 
 
