@@ -732,6 +732,7 @@ class SpillFile:
         self.path, self._files, self._fd = path, files, fd
         self._pending = bytearray()
         self.size = 0  # bytes taken so far (written, or waiting in the buffer)
+        self._granted = 0  # bytes the caps allow beyond size, asked for in blocks (not on every write)
         self.cut_at: int | None = None  # where a cap stopped the file
         self.cut_by = ""  # "file" or "folder": which cap
         self.error: str | None = None  # a write that failed (disk full, file too large)
@@ -740,19 +741,29 @@ class SpillFile:
         if self._fd < 0 or self.cut_at is not None or not text:
             return
         data = text.encode("utf-8", "replace")
-        room = max(self._files.file_limit - self.size, 0)
-        allowed = self._files.reserve(self.path, min(len(data), room))
-        if allowed < len(data):
-            self.cut_by = "file" if allowed == room else "folder"
-            data = data[:allowed]
-            self.cut_at = self.size + allowed
+        if len(data) > self._granted:
+            room = max(self._files.file_limit - self.size - self._granted, 0)
+            ask = min(max(len(data) - self._granted, SPILL_BUFFER_BYTES), room)
+            got = self._files.reserve(self.path, ask)
+            self._granted += got
+            if len(data) > self._granted:
+                self.cut_by = "folder" if got < ask else "file"
+                data = data[: self._granted]
+                self.cut_at = self.size + len(data)
+        self._granted -= len(data)
         self.size += len(data)
+        if not self._pending and len(data) >= SPILL_BUFFER_BYTES:
+            self._write_out(data)  # a big chunk goes straight out, uncopied
+            return
         self._pending += data
         if len(self._pending) >= SPILL_BUFFER_BYTES or self.cut_at is not None:
             self._flush()
 
     def _flush(self) -> None:
         data, self._pending = self._pending, bytearray()
+        self._write_out(data)
+
+    def _write_out(self, data: bytes | bytearray) -> None:
         written = 0
         try:
             while written < len(data):
