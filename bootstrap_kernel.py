@@ -22,7 +22,9 @@ Only the kernel process speaks the protocol: a child forked by a cell sends
 nothing, and ends (``os._exit``) when it comes back from the cell.
 
 Messages (one JSON object per line, ``kind`` says which):
-    server -> kernel   execute {id, code, max_result_chars, image_budget, spill_path}
+    server -> kernel   execute {id, code, max_result_chars, image_budget, spill_path,
+                                spill_limit}   (where to save a cut result's full
+                                text, new and private, and at most how many bytes)
                        interrupt {id, group_signalled}
                            stops cell ``id`` (now, or when it would start); when the
                            server could not signal the process group itself, the
@@ -35,7 +37,7 @@ Messages (one JSON object per line, ``kind`` says which):
                        display {data}          mime bundle shown by the cell
                        clear {wait}            clear_output() was called
                        done {id, status, result, result_images, error,
-                             execution_count, notes}
+                             execution_count, notes, result_file {path, bytes}}
 
 When the protocol input reaches end of file the server is gone: the kernel kills
 its own process group (itself and anything it started) so no process outlives it.
@@ -1111,6 +1113,42 @@ def cut_notes(capture, notes):
         )
     if len(notes) > MAX_NOTES:
         notes[MAX_NOTES - 1:] = ["... and %d more notes." % (len(notes) - MAX_NOTES + 1)]
+def create_private_file(path):
+    """A new file only this user can read or write (0600); never an existing file, nor
+    through a symlink planted under that name (O_EXCL and O_NOFOLLOW)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def save_text(text, path, limit):
+    """Save ``text`` (at most ``limit`` bytes of it) in a new private file at ``path``.
+
+    Returns (a sentence for the note, bytes written or None). A full disk or a cap cuts
+    the file, and the sentence says so: it never claims more than the file holds.
+    """
+    if not path:
+        return " The full text could not be saved (no output folder).", None
+    data = text.encode("utf-8", "replace")
+    if limit is not None and len(data) > limit:
+        data, cut_at = data[:limit], limit
+    else:
+        cut_at = None
+    if not data and cut_at is not None:
+        return " The full text was not saved: no room is left under the limits for saved output.", None
+    try:
+        fd = create_private_file(path)
+    except OSError as exc:
+        return " The full text could not be saved (%s)." % (exc.strerror or exc), None
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:] if written else data)
+    except OSError as exc:
+        return " The saved text in %s is incomplete: writing it failed after %d bytes (%s)." % (path, written, exc.strerror or exc), written
+    finally:
+        os.close(fd)
+    if cut_at is not None:
+        return " The saved text in %s was cut at %d bytes (the limit for saved output)." % (path, cut_at), written
+    return " Full text: %s" % path, written
 
 
 def execute(shell, relay, state, capture, request):
@@ -1169,14 +1207,10 @@ def execute(shell, relay, state, capture, request):
             plain, cut = truncate_middle(plain, request.get("max_result_chars"))
             if cut:
                 note = "The result's repr was %d characters long; %d were cut from its middle." % (len(full), cut)
-                try:
-                    os.makedirs(os.path.dirname(request["spill_path"]), exist_ok=True)
-                    with open(request["spill_path"], "w", encoding="utf-8", errors="replace") as spill:
-                        spill.write(full)
-                    note += " Full text: %s" % request["spill_path"]
-                except (KeyError, OSError):
-                    pass
-                notes.append(note)
+                saved, size = save_text(full, request.get("spill_path"), request.get("spill_limit"))
+                if size is not None:
+                    reply["result_file"] = {"path": request["spill_path"], "bytes": size}
+                notes.append(note + saved)
             reply["result"] = plain
         bundle = capture.get("result") or {}
         images = {k: v for k, v in bundle.items() if k in ("image/png", "image/jpeg")}

@@ -42,6 +42,9 @@ Guarantees:
   vanished (SIGKILL) takes its kernels too: PR_SET_PDEATHSIG on Linux, an orphan guard
   process that kills each kernel's group, and the kernel's own watch of its pipe.
 - Nothing but JSON-RPC reaches the server's stdout; logs go to stderr.
+- Saved output (the full text of cut output, images) is private: folders 0700, files
+  0600 created new, never through a folder or link someone else planted; it is capped
+  per file and per server, and removed at a session's shutdown and the server's exit.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import errno
 import hmac
 import ipaddress
 import itertools
@@ -173,6 +177,16 @@ SESSION_NAME_RULE = "1-64 characters of letters, digits, '_', '-', '.', not star
 SESSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 IMAGE_MIME_TYPES = ("image/png", "image/jpeg")
+# A saved output file (spilled stdout/stderr, a result's full repr, an image) stops
+# growing here: a runaway print loop writes ~58 MB/s, into a /tmp that is often RAM.
+DEFAULT_SPILL_FILE_LIMIT_BYTES = 50 * 1024**2
+# Everything one server keeps in its output folder; past it the oldest files go first,
+# never those the last reply of a session named.
+DEFAULT_OUTPUT_DIR_LIMIT_BYTES = 1024**3
+# Spilled text is gathered up to this before a write(2): a million tiny prints are not a million syscalls.
+SPILL_BUFFER_BYTES = 64 * 1024
+# One server's folder inside the output folder: its pid says when it is stale.
+SERVER_FOLDER = re.compile(r"server-(\d+)-[0-9a-f]+")
 
 
 Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> a progress notification
@@ -426,6 +440,25 @@ def idle_timeout_default(environ: Mapping[str, str]) -> float | None:
         log.warning("IPYTHON_MCP_IDLE_TIMEOUT_S=%r is not a number of seconds; idle kernels are kept", raw)
         return None
     return value if math.isfinite(value) and value > 0 else None
+def byte_count(text: str) -> int:
+    """``52428800``, ``50M``, ``50MB``, ``1G``, ``64k`` (binary units) -> bytes. Raises ValueError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size in bytes (e.g. 50M, 1G, 1048576)")
+    scale = 1024 ** ("KMGT".find(match[2].upper()) + 1) if match[2] else 1
+    return int(float(match[1]) * scale)
+
+
+def byte_limit_default(variable: str, default: int, environ: Mapping[str, str] = os.environ) -> int:
+    """A size from an environment variable, or ``default``; a value that is not a size is reported and ignored."""
+    raw = environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        return byte_count(raw)
+    except ValueError:
+        log.warning("%s=%r is not a size in bytes (e.g. 50M, 1G); using %d", variable, raw, default)
+        return default
 
 
 def memory_to_spare() -> bool:
@@ -507,6 +540,411 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             stack.append(child)
     return found
+
+
+# --- Saved output: one private folder per server, files made safely, capped ------------
+
+
+class UnsafeFolder(OSError):
+    """A folder we must not write into: a link, not a folder, another user's, or writable by others."""
+
+
+def create_private_file(name: str | Path, dir_fd: int | None = None) -> int:
+    """A new file that only this user can read or write (0600), open for writing.
+
+    Never an existing file, nor a symlink planted under that name: O_EXCL makes both a
+    FileExistsError, and O_NOFOLLOW guards systems where O_EXCL alone would follow it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
+def open_private_folder(name: str | Path, dir_fd: int | None = None) -> int:
+    """Open (creating it 0700 if missing) a folder that only this user can write to; returns its fd.
+
+    Refuses (UnsafeFolder) a symlink, anything that is not a folder, another user's folder
+    and a folder others can write to: whoever can write there can plant a link where our
+    next file goes. A folder of ours that others may only read is used as it is: every
+    folder we make inside is 0700, so they see names, never contents.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise
+        try:
+            is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            is_link = False
+        raise UnsafeFolder(exc.errno, f"{name} is {'a symbolic link' if is_link else 'not a folder'}") from None
+    info = os.fstat(fd)  # of what was opened, so nothing can be swapped in after the check
+    problem = None
+    if info.st_uid != os.getuid():
+        problem = f"{name} belongs to another user (uid {info.st_uid})"
+    elif info.st_mode & 0o022:
+        problem = f"{name} can be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    if problem is not None:
+        os.close(fd)
+        raise UnsafeFolder(errno.EPERM, problem)
+    return fd
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@dataclasses.dataclass
+class SavedFile:
+    session: str
+    size: int = 0  # bytes written (or about to be)
+    writing: bool = True  # still open: never deleted under its writer
+    kept: bool = True  # named by the last reply of its session, or made since: never deleted to make room
+
+
+class OutputFiles:
+    """This server's saved output: ``<output_dir>/server-<pid>-<random>/<session>/<file>``.
+
+    Private: every folder 0700, every file 0600 and new (``create_private_file``); an
+    output folder that is a link, not a folder, another user's or writable by others is
+    refused, with a warning, for a fresh private one. Capped: bytes per file and bytes
+    for all of this server's files; past the latter the oldest files go first, never one
+    the last reply of its session named. Cleaned up: a session's files at its shutdown,
+    the server's folder at exit, folders of servers that are gone at start.
+    """
+
+    def __init__(self, output_dir: Path, file_limit: int, folder_limit: int):
+        self.file_limit, self.folder_limit = max(file_limit, 0), max(folder_limit, 0)
+        self.root = output_dir
+        self.folder: Path | None = None  # this server's folder, once made
+        self.problem: str | None = None  # why nothing can be saved
+        self.total = 0  # bytes of all files in self._files
+        self._fd: int | None = None  # of self.folder
+        self._session_fds: dict[str, int] = {}
+        self._files: dict[Path, SavedFile] = {}  # oldest first
+        self._fresh: dict[str, set[Path]] = {}  # per session: made since its last reply
+        self._named: dict[str, set[Path]] = {}  # per session: named by its last reply
+        self._counter = itertools.count(1)
+        self._made_root = False  # the root is a fallback of our own: removed at exit too
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._open_in(self.root)
+            return
+        except OSError as exc:
+            reason = exc.strerror if isinstance(exc, UnsafeFolder) else str(exc)
+        try:
+            fallback = Path(tempfile.mkdtemp(prefix=f"ipython-mcp-{os.getuid()}-"))
+            self._made_root = True
+            self._open_in(fallback)
+        except OSError as exc:
+            self.problem = f"the output folder {self.root} cannot be used ({reason}), nor a fresh private one ({exc})"
+            log.warning("%s: the full text of cut output is not saved", self.problem)
+            return
+        log.warning("the output folder %s is not used: %s. Saving output in a fresh private folder, %s, instead.", self.root, reason, fallback)
+        self.root = fallback
+
+    def _open_in(self, root: Path) -> None:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root_fd = open_private_folder(root)
+        try:
+            self._remove_stale(root, root_fd)
+            for _ in range(100):
+                name = f"server-{os.getpid()}-{secrets.token_hex(4)}"
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=root_fd)
+                    break
+            else:
+                raise OSError(errno.EEXIST, f"no free folder name in {root}")
+            self._fd = open_private_folder(name, root_fd)
+            self.folder = root / name
+        finally:
+            os.close(root_fd)
+
+    @staticmethod
+    def _remove_stale(root: Path, root_fd: int) -> None:
+        """Remove folders that servers now gone left behind (SIGKILL, a crash): only real folders of ours."""
+        for name in os.listdir(root_fd):
+            match = SERVER_FOLDER.fullmatch(name)
+            if match is None or process_alive(int(match[1])):
+                continue
+            try:
+                info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                    shutil.rmtree(root / name)  # never follows a link inside
+                    log.info("removed %s, left by a server that is gone", root / name)
+            except OSError as exc:
+                log.warning("could not remove %s, left by a server that is gone: %s", root / name, exc)
+
+    def _session_fd(self, session: str) -> int:
+        fd = self._session_fds.get(session)
+        if fd is None:
+            if self._fd is None:
+                raise OSError(errno.ENOENT, self.problem or "the server's output folder was removed")
+            fd = self._session_fds[session] = open_private_folder(session, self._fd)
+        return fd
+
+    def create(self, session: str, what: str) -> tuple[Path, int]:
+        """A new private file for ``what`` (``stdout.txt``, ``image0.png``) in the session's folder."""
+        try:
+            return self._create(session, what)
+        except FileNotFoundError:
+            if self._fd is None:
+                raise
+        # Our folder was deleted under us (say `rm -rf` in a cell): start a new one.
+        log.warning("the output folder %s was removed while in use; making a new one", self.folder)
+        for fd in [*self._session_fds.values(), self._fd]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._session_fds.clear()
+        self._files.clear()
+        self._fresh.clear()
+        self._named.clear()
+        self._fd, self.folder, self.total = None, None, 0
+        self._open_in(self.root)
+        return self._create(session, what)
+
+    def _create(self, session: str, what: str) -> tuple[Path, int]:
+        dir_fd = self._session_fd(session)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for _ in range(100):
+            name = f"{stamp}-{next(self._counter)}-{what}"
+            try:
+                fd = create_private_file(name, dir_fd)
+            except FileExistsError:  # not ours: never written through, never reused
+                log.warning("%s already exists in the output folder; not touching it", name)
+                continue
+            path = self.folder / session / name  # type: ignore[operator]
+            self._files[path] = SavedFile(session)
+            self._fresh.setdefault(session, set()).add(path)
+            return path, fd
+        raise OSError(errno.EEXIST, "no free file name in the output folder")
+
+    def reserve(self, path: Path, size: int) -> int:
+        """How many of ``size`` more bytes ``path`` may take under the folder's cap (old files are deleted to make room)."""
+        entry = self._files.get(path)
+        if entry is None:  # its session was shut down meanwhile
+            return 0
+        if self.total + size > self.folder_limit:
+            self._free(self.total + size - self.folder_limit)
+            size = max(min(size, self.folder_limit - self.total), 0)
+        entry.size += size
+        self.total += size
+        return size
+
+    def _free(self, need: int) -> None:
+        for path, entry in list(self._files.items()):
+            if need <= 0:
+                return
+            if not entry.writing and not entry.kept:
+                need -= entry.size
+                self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        entry = self._files.pop(path)
+        self.total -= entry.size
+        fd = self._session_fds.get(entry.session)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path.name, dir_fd=fd)
+
+    def closed(self, path: Path, size: int) -> None:
+        """The writer of ``path`` is done; ``size`` bytes are on disk."""
+        entry = self._files.get(path)
+        if entry is not None:
+            self.total += size - entry.size
+            entry.size, entry.writing = size, False
+
+    def save(self, session: str, what: str, data: bytes) -> Path:
+        """Save ``data`` whole in a new private file, or raise OSError saying why not."""
+        if len(data) > self.file_limit:
+            raise OSError(errno.EFBIG, f"{len(data)} bytes is over the limit per saved file, --spill-file-limit {self.file_limit}")
+        path, fd = self.create(session, what)
+        written = 0
+        try:
+            if self.reserve(path, len(data)) < len(data):
+                raise OSError(errno.ENOSPC, f"the output folder is full (--output-dir-limit {self.folder_limit})")
+            while written < len(data):
+                written += os.write(fd, data[written:] if written else data)
+        except OSError:
+            self._delete(path)
+            raise
+        finally:
+            os.close(fd)
+        self.closed(path, written)
+        return path
+
+    def kernel_file(self, session: str) -> tuple[str, int] | None:
+        """Where the kernel may save a cut result's full text, and how many bytes of it at most."""
+        try:
+            self._session_fd(session)
+        except OSError:
+            return None
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter)}-result.txt"
+        return str(self.folder / session / name), max(min(self.file_limit, self.folder_limit - self.total), 0)  # type: ignore[operator]
+
+    def adopt(self, session: str, path: str, size: int) -> None:
+        """Count a file the kernel saved (see ``kernel_file``)."""
+        saved = Path(path)
+        if self.folder is None or saved.parent != self.folder / session or saved in self._files:
+            return
+        self._files[saved] = SavedFile(session, size, writing=False)
+        self._fresh.setdefault(session, set()).add(saved)
+        self.total += size
+        if self.total > self.folder_limit:
+            self._free(self.total - self.folder_limit)
+
+    def keep_named(self, session: str, paths: list[str | None]) -> None:
+        """The last reply of ``session`` named ``paths``: keep them; its older files may go when room is short."""
+        named = {Path(path) for path in paths if path}
+        fresh = self._fresh.get(session, set())
+        still_writing = set()
+        for path in fresh | self._named.get(session, set()):  # only these can change: no scan of every file
+            entry = self._files.get(path)
+            if entry is not None and entry.writing:  # a cell left running still writes it
+                still_writing.add(path)
+            elif entry is not None:
+                entry.kept = path in named
+        self._fresh[session] = still_writing
+        self._named[session] = {path for path in named if path in self._files}
+
+    def remove_session(self, session: str) -> None:
+        """Delete a session's files and folder (at its shutdown)."""
+        for path in [path for path, entry in self._files.items() if entry.session == session]:
+            entry = self._files.pop(path)
+            self.total -= entry.size
+        self._fresh.pop(session, None)
+        self._named.pop(session, None)
+        fd = self._session_fds.pop(session, None)
+        if fd is not None:
+            os.close(fd)
+        if self.folder is not None:
+            try:
+                shutil.rmtree(self.folder / session)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove the files of session %r: %s", session, exc)
+
+    def remove_all(self) -> None:
+        """Delete this server's folder (at exit); nothing is saved after this."""
+        for fd in [*self._session_fds.values(), *([self._fd] if self._fd is not None else [])]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._session_fds.clear()
+        self._files.clear()
+        self._fresh.clear()
+        self._named.clear()
+        self._fd, self.total = None, 0
+        folder, self.folder = self.folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            if self._made_root:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.root)
+
+
+class SpillFile:
+    """One file of saved text, written through a small buffer, within the caps.
+
+    It never raises: a cap or a full disk costs the end of the file, never the reply's
+    head and tail; ``problem`` says what the file lacks.
+    """
+
+    def __init__(self, files: OutputFiles, path: Path, fd: int):
+        self.path, self._files, self._fd = path, files, fd
+        self._pending = bytearray()
+        self.size = 0  # bytes taken so far (written, or waiting in the buffer)
+        self._granted = 0  # bytes the caps allow beyond size, asked for in blocks (not on every write)
+        self.cut_at: int | None = None  # where a cap stopped the file
+        self.cut_by = ""  # "file" or "folder": which cap
+        self.error: str | None = None  # a write that failed (disk full, file too large)
+
+    def write(self, text: str) -> None:
+        if self._fd < 0 or self.cut_at is not None or not text:
+            return
+        data = text.encode("utf-8", "replace")
+        if len(data) > self._granted:
+            room = max(self._files.file_limit - self.size - self._granted, 0)
+            ask = min(max(len(data) - self._granted, SPILL_BUFFER_BYTES), room)
+            got = self._files.reserve(self.path, ask)
+            self._granted += got
+            if len(data) > self._granted:
+                self.cut_by = "folder" if got < ask else "file"
+                data = data[: self._granted]
+                self.cut_at = self.size + len(data)
+        self._granted -= len(data)
+        self.size += len(data)
+        if not self._pending and len(data) >= SPILL_BUFFER_BYTES:
+            self._write_out(data)  # a big chunk goes straight out, uncopied
+            return
+        self._pending += data
+        if len(self._pending) >= SPILL_BUFFER_BYTES or self.cut_at is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        data, self._pending = self._pending, bytearray()
+        self._write_out(data)
+
+    def _write_out(self, data: bytes | bytearray) -> None:
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:] if written else data)
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+            self.size -= len(data) - written
+            self._close_fd()
+
+    def close(self) -> None:
+        if self._fd >= 0 and self._pending:
+            self._flush()
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+            self._files.closed(self.path, self.size)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the file does not hold the full text, or None."""
+        if self.error is not None:
+            return f"The saved text in {self.path} is incomplete: writing it failed after {self.size} bytes ({self.error})."
+        if self.cut_at is not None:
+            if self.cut_by == "file":
+                limit = f"the limit per saved file, --spill-file-limit {self._files.file_limit}"
+            else:
+                limit = f"the output folder is full, --output-dir-limit {self._files.folder_limit}"
+            return f"The saved text in {self.path} was cut at {self.cut_at} bytes ({limit})."
+        return None
+
+
+@dataclasses.dataclass
+class SpillTarget:
+    """Where one call's cut output goes: a new file in its session's folder."""
+
+    files: OutputFiles
+    session: str
+
+    def __call__(self, stream: str) -> SpillFile:
+        path, fd = self.files.create(self.session, f"{stream}.txt")
+        return SpillFile(self.files, path, fd)
+
+    def for_kernel(self) -> dict[str, Any]:
+        """The execute message's ``spill_path`` and ``spill_limit``: where the kernel saves a cut result."""
+        target = self.files.kernel_file(self.session)
+        return {"spill_path": target[0], "spill_limit": target[1]} if target else {"spill_path": None, "spill_limit": 0}
 
 
 # --- Output kept per call: bounded in memory, full text spilled to a file ------------
@@ -592,7 +1030,7 @@ class OutputBuffer:
     redraw with ``\r`` are collapsed to their last state as they arrive.
     """
 
-    def __init__(self, name: str, limit: int, spill_path: Callable[..., Path] | None):
+    def __init__(self, name: str, limit: int, spill_path: Callable[[str], SpillFile] | None):
         self.name, self.limit, self._spill_path = name, max(limit, 2), spill_path
         self.head = ""
         self.tail = ""
@@ -636,8 +1074,8 @@ class OutputBuffer:
     def _spill(self) -> None:
         if self._spill_path is not None:
             try:
-                self.file_path = self._spill_path(self.name)
-                self._file = open(self.file_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed in close())
+                self._file = self._spill_path(self.name)  # never raises once made: a full disk cuts the file only
+                self.file_path = self._file.path
                 self._file.write(self.head)
             except OSError as exc:  # an unwritable output folder costs the full text, not the call
                 log.warning("cannot save the full %s: %s", self.name, exc)
@@ -664,6 +1102,11 @@ class OutputBuffer:
             self._file.close()
 
     @property
+    def saved_problem(self) -> str | None:
+        """Why the file named does not hold the full text (a cap, a full disk), or None."""
+        return getattr(self._file, "problem", None) if self.file_path else None
+
+    @property
     def cut(self) -> int:
         return max(self.total - len(self.head) - len(self._kept_tail), 0) if self._file is not None else 0
 
@@ -675,7 +1118,9 @@ class OutputBuffer:
     def text(self) -> str:
         if self._file is None:
             return self.head
-        where = f"; full text in {self.file_path}" if self.file_path else ""
+        where = ""
+        if self.file_path:
+            where = f"; saved text in {self.file_path} is incomplete" if self.saved_problem else f"; full text in {self.file_path}"
         return f"{self.head}\n… [{self.cut} characters cut{where}] …\n{self._kept_tail}"
 
 
@@ -1208,7 +1653,7 @@ class Kernel:
             pass  # the exit watcher reports the death
 
     async def start_execution(
-        self, code: str, output_limit: int, spill_path: Callable[..., Path],
+        self, code: str, output_limit: int, spill_path: SpillTarget,
         image_limit: int = DEFAULT_IMAGE_LIMIT, image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT,
     ) -> Execution:
         request_id = next(self._ids)
@@ -1231,7 +1676,7 @@ class Kernel:
                 "code": code,
                 "max_result_chars": output_limit,
                 "image_budget": [IMAGE_MAX_BYTES, IMAGE_MAX_SIDE_PX],
-                "spill_path": str(spill_path("result", create=False)),  # the kernel creates it if needed
+                **spill_path.for_kernel(),  # where the kernel saves a cut result, and how much of it
             }
         )
         return execution
@@ -1543,6 +1988,13 @@ class Config:
     # Images sent inline per call (count, total bytes); later ones are saved to files only.
     image_limit: int = DEFAULT_IMAGE_LIMIT
     image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT
+    # Bytes one saved file may hold, and all files of one server (see OutputFiles).
+    spill_file_limit: int = dataclasses.field(
+        default_factory=lambda: byte_limit_default("IPYTHON_MCP_SPILL_FILE_LIMIT", DEFAULT_SPILL_FILE_LIMIT_BYTES)
+    )
+    output_dir_limit: int = dataclasses.field(
+        default_factory=lambda: byte_limit_default("IPYTHON_MCP_OUTPUT_DIR_LIMIT", DEFAULT_OUTPUT_DIR_LIMIT_BYTES)
+    )
     default_timeout_s: float = dataclasses.field(default_factory=default_timeout_s)
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
     # Kernels of the default env started ahead of need, so a new session starts at once.
@@ -1555,6 +2007,11 @@ class Config:
     interrupt_grace_s: float = INTERRUPT_GRACE_S
     # How long a call that begins a kernel start waits for it at least (a call joining one waits its own timeout_s).
     start_grace_s: float = KERNEL_START_GRACE_S
+
+    def __post_init__(self) -> None:
+        # Absolute once, here: replies never hold relative paths, and the kernel (whose
+        # working directory the user changes) writes where the server means.
+        self.output_dir = Path(os.path.abspath(Path(self.output_dir).expanduser()))
 
 
 @dataclasses.dataclass
@@ -1687,7 +2144,7 @@ class SessionManager:
         # A new session whose start failed after every call waiting for it had returned: the next call gets the error.
         self._failed_first_starts: dict[str, Session] = {}
         self._idle_watch: asyncio.Task[None] | None = None
-        self._spill_counter = itertools.count(1)
+        self.files = OutputFiles(config.output_dir, config.spill_file_limit, config.output_dir_limit)
 
     # -- lifecycle: one place ensures a kernel, and no call waits for one past its deadline
     #
@@ -1886,6 +2343,7 @@ class SessionManager:
         if starting is not None:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait({starting}, timeout=KILL_REAP_TIMEOUT_S)
+        self.files.remove_session(name)
         return session
 
     # -- idle sessions: their kernels stopped after idle_timeout_s, like a death the next call reports
@@ -1969,6 +2427,7 @@ class SessionManager:
                 group.start_soon(kernel.kill, "shutdown")
         with anyio.CancelScope(shield=True):
             await self.guard.close()
+        self.files.remove_all()
 
     def _kill_helpers(self) -> None:
         for pid in list(self.helpers):
@@ -1980,6 +2439,7 @@ class SessionManager:
         for kernel in [*self._spares, *self._starting, *(s.kernel for s in self.sessions.values() if s.kernel is not None)]:
             kernel.kill_now()
         self.guard.close_now()
+        self.files.remove_all()
 
     def get(self, name: str) -> Session:
         check_session_name(name)
@@ -1991,18 +2451,8 @@ class SessionManager:
 
     # -- running cells
 
-    def _session_dir(self, session: str) -> Path:
-        folder = self.config.output_dir / session
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def _spill_path(self, session: str) -> Callable[..., Path]:
-        def path(stream: str, create: bool = True) -> Path:
-            folder = self._session_dir(session) if create else self.config.output_dir / session
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            return folder / f"{stamp}-{os.getpid()}-{next(self._spill_counter)}-{stream}.txt"
-
-        return path
+    def _spill_path(self, session: str) -> SpillTarget:
+        return SpillTarget(self.files, session)
 
     async def execute(
         self,
@@ -2236,6 +2686,7 @@ class SessionManager:
             duration_s=duration_s, display=[reply_text(text) for text in displays.texts],
             images=image_infos, output_files=output_files,
         )
+        self._keep_named(session.name, result)
         return CellOutcome(result, inline_images, reply_text(transcript.text))
 
     def _note_cuts(self, buffers: tuple[OutputBuffer | DisplayTexts, ...], warnings: list[str]) -> dict[str, str]:
@@ -2244,6 +2695,7 @@ class SessionManager:
             buffer.close()
             if buffer.cut:
                 where = f"Full text: {buffer.file_path}" if buffer.file_path else "The full text could not be saved (see the server log)."
+                where = buffer.saved_problem or where
                 if buffer.file_path:
                     output_files[buffer.name] = str(buffer.file_path)
                 what = f"display output ({buffer.count} displays)" if isinstance(buffer, DisplayTexts) else buffer.name
@@ -2292,7 +2744,18 @@ class SessionManager:
             images=image_infos,
             output_files=output_files,
         )
+        self._keep_named(session.name, result, reply)
         return CellOutcome(result, inline_images, reply_text(execution.transcript.text))
+
+
+    def _keep_named(self, session: str, result: ExecuteResult, reply: dict[str, Any] | None = None) -> None:
+        """The files this reply names stay until the session's next reply, whatever the folder's cap."""
+        named = [*result.output_files.values(), *(image.path for image in result.images)]
+        saved = (reply or {}).get("result_file")
+        if isinstance(saved, dict) and isinstance(saved.get("path"), str) and isinstance(saved.get("bytes"), int):
+            self.files.adopt(session, saved["path"], saved["bytes"])
+            named.append(saved["path"])
+        self.files.keep_named(session, named)
 
     def _save_images(
         self, session: str, images: ShownImages, warnings: list[str]
@@ -2311,8 +2774,7 @@ class SessionManager:
                 continue
             suffix = ".png" if mime == "image/png" else ".jpg"
             try:
-                path: Path | None = self._spill_path(session)(f"image{len(infos)}").with_suffix(suffix)
-                path.write_bytes(data)
+                path: Path | None = self.files.save(session, f"image{len(infos)}{suffix}", data)
             except OSError as exc:
                 warnings.append(f"Image {len(infos)} could not be saved to a file ({exc}).")
                 path = None
@@ -3068,7 +3530,21 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ipython-mcp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs-dir", type=Path, default=None, help="folder of named envs (default: $IPYTHON_MCP_ENVS_DIR or ~/envs)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where full text of cut output is saved")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where the full text of cut output, and images, are saved (default: $TMPDIR/ipython-mcp-<uid>)"
+    )
+    parser.add_argument(
+        "--spill-file-limit",
+        type=byte_count,
+        default=None,
+        help="bytes one saved file may hold, e.g. 50M (default 50M, or $IPYTHON_MCP_SPILL_FILE_LIMIT)",
+    )
+    parser.add_argument(
+        "--output-dir-limit",
+        type=byte_count,
+        default=None,
+        help="bytes all of this server's saved files may hold; the oldest go first (default 1G, or $IPYTHON_MCP_OUTPUT_DIR_LIMIT)",
+    )
     parser.add_argument("--output-limit", type=int, default=DEFAULT_OUTPUT_LIMIT_CHARS, help="characters of output returned per call (default %(default)s)")
     parser.add_argument(
         "--auto-install-ipykernel",
@@ -3128,7 +3604,11 @@ def main(argv: list[str] | None = None) -> None:
         config.envs_dir = args.envs_dir.expanduser()
         os.environ["IPYTHON_MCP_ENVS_DIR"] = str(config.envs_dir)  # so hints name the right folder
     if args.output_dir is not None:
-        config.output_dir = args.output_dir.expanduser()
+        config.output_dir = Path(os.path.abspath(args.output_dir.expanduser()))  # as Config does
+    if args.spill_file_limit is not None:
+        config.spill_file_limit = args.spill_file_limit
+    if args.output_dir_limit is not None:
+        config.output_dir_limit = args.output_dir_limit
     config.output_limit = max(args.output_limit, 100)
     if args.auto_install_ipykernel:
         config.auto_install = True
