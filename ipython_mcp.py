@@ -1135,7 +1135,7 @@ class DisplayTexts:
 
     name = "display"
 
-    def __init__(self, limit: int, spill_path: Callable[..., Path] | None):
+    def __init__(self, limit: int, spill_path: SpillTarget | None):
         self.limit = max(limit, 4)
         self._full = OutputBuffer(self.name, self.limit // 2, spill_path)
         self.head: list[str] = []
@@ -1174,6 +1174,10 @@ class DisplayTexts:
     @property
     def file_path(self) -> Path | None:
         return self._full.file_path
+
+    @property
+    def saved_problem(self) -> str | None:
+        return self._full.saved_problem
 
     @property
     def texts(self) -> list[str]:

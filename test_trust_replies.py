@@ -70,16 +70,16 @@ async def test_ten_thousand_displays_keep_the_reply_and_the_server_memory_bounde
             before_kib = memory_kib(server_pid, "VmRSS")
             result = await call(client, "s", code, timeout_s=SLOW_S - 10)
             peak_kib = memory_kib(server_pid, "VmHWM")
-    out = result.structured_content
-    assert out["status"] == "ok", out
-    assert len(json.dumps(out)) < 200_000  # the default --output-limit is 100 000 characters
-    assert len(text_of(result)) < 200_000
-    assert out["display"][0].startswith("00000m") and out["display"][-1].startswith("09999m")  # head and tail
-    assert any("display outputs cut" in text for text in out["display"])
-    assert "10000 displays" in out["warning"] and out["output_files"]["display"] in out["warning"]
-    saved = Path(out["output_files"]["display"]).read_text()
-    assert len(saved) >= 20_000_000 and "05000m" in saved and "09999m" in saved
-    assert (peak_kib - before_kib) * 1024 < 40 * MIB, f"server RSS grew from {before_kib} KiB to a peak of {peak_kib} KiB"
+            out = result.structured_content
+            assert out["status"] == "ok", out
+            assert len(json.dumps(out)) < 200_000  # the default --output-limit is 100 000 characters
+            assert len(text_of(result)) < 200_000
+            assert out["display"][0].startswith("00000m") and out["display"][-1].startswith("09999m")  # head and tail
+            assert any("display outputs cut" in text for text in out["display"])
+            assert "10000 displays" in out["warning"] and out["output_files"]["display"] in out["warning"]
+            saved = Path(out["output_files"]["display"]).read_text()
+            assert len(saved) >= 20_000_000 and "05000m" in saved and "09999m" in saved
+            assert (peak_kib - before_kib) * 1024 < 40 * MIB, f"server RSS grew from {before_kib} KiB to a peak of {peak_kib} KiB"
 
 
 async def test_a_thirty_megabyte_json_display_is_not_sent_whole(tmp_path: Path) -> None:
@@ -115,14 +115,14 @@ async def test_many_open_figures_give_at_most_the_image_budget_inline(tmp_path: 
     async with connect(tmp_path) as client:
         with anyio.fail_after(SLOW_S):
             result = await call(client, "s", code, timeout_s=SLOW_S - 10)
-    out = result.structured_content
-    assert out["status"] == "ok", out
-    assert len(image_blocks(result)) == 10
-    assert len(out["images"]) == 40  # every figure is still in a file
-    assert all(Path(image["path"]).is_file() for image in out["images"])
-    assert "The cell showed 40 images; 10 were sent inline" in out["warning"]
-    assert "30 more were only saved to files" in out["warning"]
-    assert "[image 10: image/png]" in text_of(result)
+        out = result.structured_content
+        assert out["status"] == "ok", out
+        assert len(image_blocks(result)) == 10
+        assert len(out["images"]) == 40  # every figure is still in a file
+        assert all(Path(image["path"]).is_file() for image in out["images"])
+        assert "The cell showed 40 images; 10 were sent inline" in out["warning"]
+        assert "30 more were only saved to files" in out["warning"]
+        assert "[image 10: image/png]" in text_of(result)
 
 
 async def test_images_past_the_count_bound_are_dropped_with_a_count(tmp_path: Path) -> None:
@@ -158,11 +158,11 @@ async def test_images_past_the_byte_budget_are_saved_to_files_only(tmp_path: Pat
     async with connect(tmp_path, image_bytes_limit=500_000) as client:
         with anyio.fail_after(QUICK_S):
             result = await call(client, "s", code)
-    out = result.structured_content
-    assert len(image_blocks(result)) == 2
-    assert [Path(image["path"]).stat().st_size for image in out["images"]] == [image["bytes"] for image in out["images"]]
-    assert len(out["images"]) == 5
-    assert "3 more were only saved to files" in out["warning"] and "500000 bytes per call" in out["warning"]
+        out = result.structured_content
+        assert len(image_blocks(result)) == 2
+        assert [Path(image["path"]).stat().st_size for image in out["images"]] == [image["bytes"] for image in out["images"]]
+        assert len(out["images"]) == 5
+        assert "3 more were only saved to files" in out["warning"] and "500000 bytes per call" in out["warning"]
 
 
 # --- Our own post-processing never becomes the user's exception ---------------------------------
@@ -184,13 +184,13 @@ async def test_a_truncated_image_pillow_cannot_decode_does_not_stop_the_cell(tmp
             await run(client, "s", TRUNCATED_PNG)
             shown = await call(client, "s", "display(Image(data=truncated))\nprint('the rest of the cell ran')")
             as_result = await call(client, "s", "Image(data=truncated)")
-    out = shown.structured_content
-    assert out["status"] == "ok", out
-    assert out["stdout"] == "the rest of the cell ran\n"
-    assert "could not be downscaled" in out["warning"] and "sent as it was" in out["warning"]
-    assert len(out["images"]) == 1 and Path(out["images"][0]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert as_result.structured_content["status"] == "ok"
-    assert "could not be downscaled" in as_result.structured_content["warning"]
+        out = shown.structured_content
+        assert out["status"] == "ok", out
+        assert out["stdout"] == "the rest of the cell ran\n"
+        assert "could not be downscaled" in out["warning"] and "sent as it was" in out["warning"]
+        assert len(out["images"]) == 1 and Path(out["images"][0]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert as_result.structured_content["status"] == "ok"
+        assert "could not be downscaled" in as_result.structured_content["warning"]
 
 
 async def test_a_display_that_is_not_json_does_not_raise_in_the_cell(tmp_path: Path) -> None:
@@ -255,11 +255,11 @@ async def test_a_rich_result_is_cut_in_the_middle_and_saved_like_a_plain_one(tmp
     async with connect(tmp_path, output_limit=1000) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
-    assert out["status"] == "ok"
-    assert len(out["result"]) < 1200
-    assert out["result"].startswith("<p>hhh") and out["result"].endswith("hhh</p>")
-    saved = out["warning"].split("Full text: ")[1].split()[0]
-    assert Path(saved).read_text() == "<p>" + "h" * 50_000 + "</p>"
+        assert out["status"] == "ok"
+        assert len(out["result"]) < 1200
+        assert out["result"].startswith("<p>hhh") and out["result"].endswith("hhh</p>")
+        saved = out["warning"].split("Full text: ")[1].split()[0]
+        assert Path(saved).read_text() == "<p>" + "h" * 50_000 + "</p>"
 
 
 async def test_plain_results_are_unchanged(tmp_path: Path) -> None:
@@ -298,9 +298,9 @@ async def test_the_saved_full_text_keeps_the_raw_escape_sequences(tmp_path: Path
     async with connect(tmp_path, output_limit=1000) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
-    assert "\x1b" not in out["stdout"] and out["stdout"].startswith("line 0\n")
-    saved = Path(out["output_files"]["stdout"]).read_text()
-    assert "\x1b[31mline 199\x1b[0m" in saved
+        assert "\x1b" not in out["stdout"] and out["stdout"].startswith("line 0\n")
+        saved = Path(out["output_files"]["stdout"]).read_text()
+        assert "\x1b[31mline 199\x1b[0m" in saved
 
 
 def test_reply_text_removes_every_kind_of_terminal_sequence() -> None:
