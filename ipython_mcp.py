@@ -2403,11 +2403,11 @@ class SessionRecord:
     """One session's record: its last cells and restarts in memory, all of them on disk.
 
     The file is ``<session folder>/<stamp>-record.jsonl``, made like every saved file
-    (new, 0600, counted in the folder's cap, never deleted while the session lives): a
-    first line about the session, then one line per entry; a cell that changes (a cell
-    left running, completed by `wait`) is written again, and the last line of an index
-    wins. When the file cannot grow (its cap, a full folder, a full disk) the record goes
-    on in memory only, and exports say so.
+    (new, 0600, at most --spill-file-limit bytes) but never deleted while the session
+    lives, so outside the folder's cap: a first line about the session, then one line per
+    entry; a cell that changes (a cell left running, completed by `wait`) is written
+    again, and the last line of an index wins. When the file cannot grow (its cap, a full
+    disk) the record goes on in memory only, and exports say so.
     """
 
     def __init__(self, name: str, files: OutputFiles, about: dict[str, Any]):
@@ -2505,10 +2505,10 @@ class SessionRecord:
             self._write(record_line(entry.to_json()))
 
     def _write(self, data: bytes) -> None:
+        # Capped per file, like every saved file, but outside the folder's cap: that cap
+        # makes room by deleting old output, and a live session's record is never deleted.
         if self._size + len(data) > self._files.file_limit:
             raise OSError(errno.EFBIG, f"it reached the limit per saved file, --spill-file-limit {self._files.file_limit}")
-        if self._files.reserve(self.path, len(data)) < len(data):  # type: ignore[arg-type]
-            raise OSError(errno.ENOSPC, f"the output folder is full, --output-dir-limit {self._files.folder_limit}")
         written = 0
         while written < len(data):
             written += os.write(self._fd, data[written:] if written else data)
@@ -2519,7 +2519,6 @@ class SessionRecord:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-            self._files.closed(self.path, self._size)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._close_file()
@@ -2651,7 +2650,7 @@ class NotebookExport(BaseModel):
     note: str | None = Field(None, description="What the notebook lacks, if anything (an incomplete record).")
 
 
-def output_excerpt(cell: CellRecord) -> str:
+def output_excerpt(cell: CellRecord) -> str | None:
     if cell.error:
         lines = [line for line in cell.error.strip().splitlines() if line.strip()]
         return clip(lines[-1] if lines else "", HISTORY_EXCERPT_CHARS)
@@ -2664,7 +2663,7 @@ def output_excerpt(cell: CellRecord) -> str:
     if len(text) > HISTORY_EXCERPT_CHARS:
         head = HISTORY_EXCERPT_CHARS * 2 // 3
         text = f"{text[:head]} … {text[-(HISTORY_EXCERPT_CHARS - head):]}"
-    return text
+    return text or None
 
 
 def history_of(record: SessionRecord | None, session: str, last: int) -> HistoryResult:
