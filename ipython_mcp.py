@@ -5,8 +5,10 @@
 """ipython-mcp: stateful IPython sessions for AI agents, one per name, in any Python env.
 
 An MCP server (stdio) with the five tools of the spec, ``execute``, ``list_sessions``,
-``reset``, ``shutdown``, ``interrupt``, plus ``wait`` (follow a cell left running) and
-``list_envs``. Each named session is one child process: the target env's Python running
+``reset``, ``shutdown``, ``interrupt``, plus ``wait`` (follow a cell left running),
+``list_envs``, and ``history`` / ``export_notebook`` (the session record, also served as
+resources and exported by ``ipython-mcp export SESSION [PATH]`` from a terminal). Each
+named session is one child process: the target env's Python running
 ``bootstrap_kernel.py`` beside this file, which embeds IPython's ``InteractiveShell``
 and speaks JSON lines over its stdin/stdout (that file documents the messages). No
 jupyter_client, no ZeroMQ.
@@ -24,7 +26,7 @@ with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanw
 ``execute`` answers ``busy``). How the file reads, top to bottom: constants, exceptions,
 pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``),
 ``Kernel`` (one child process), envs (install, list), ``SessionManager`` (names ->
-kernels, locks), the MCP tools, ``main``.
+kernels, locks), the session record, the MCP tools, ``main``.
 
 Guarantees:
 - Every call returns: cells are bounded by ``timeout_s``; a cell that ignores SIGINT
@@ -69,9 +71,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import NotificationOptions
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
@@ -2314,7 +2316,7 @@ class CellRecord:
         names = {field.name for field in dataclasses.fields(cls)}
         cell = cls(**{key: value for key, value in data.items() if key in names})
         if not isinstance(cell.index, int) or not isinstance(cell.code, str) or not isinstance(cell.outputs, list):
-            raise ValueError("not a cell")
+            raise TypeError("not a cell")
         return cell
 
 
@@ -2336,7 +2338,7 @@ class RestartMark:
     def from_json(cls, data: dict[str, Any]) -> RestartMark:
         mark = cls(index=data["index"], at=data["at"], reason=data["reason"])
         if not isinstance(mark.index, int) or not isinstance(mark.reason, str):
-            raise ValueError("not a restart mark")
+            raise TypeError("not a restart mark")
         return mark
 
 
@@ -2365,7 +2367,9 @@ def outputs_of(outcome: CellOutcome) -> list[dict[str, Any]]:
     return ordered
 
 
-def _interleaved(transcript: str, stdout: str, displays: list[dict[str, Any]], images: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+def _interleaved(
+    transcript: str, stdout: str, displays: list[dict[str, Any]], images: list[dict[str, Any]]
+) -> list[dict[str, Any]] | None:
     ordered: list[dict[str, Any]] = []
     printed: list[str] = []
     position = 0
@@ -2431,18 +2435,27 @@ class SessionRecord:
             last.warnings.append("It ended without `wait` fetching its end; its last output was not returned.")
             self._chars += last.chars - before
             self._changed(last)
-        counts = [entry.execution_count for entry in reversed(self.entries) if isinstance(entry, CellRecord) and entry.execution_count]
+        counts = [
+            entry.execution_count for entry in reversed(self.entries) if isinstance(entry, CellRecord) and entry.execution_count
+        ]
         if (
-            result.execution_count is not None and counts and result.execution_count <= counts[0]
+            result.execution_count is not None
+            and counts
+            and result.execution_count <= counts[0]
             and not isinstance(self.entries[-1], RestartMark)
         ):
             self.add_restart("the kernel restarted (it died, or was killed after a timeout): the state before is gone")
         cell = CellRecord(
-            index=self.count + 1, code=clip(code, RECORD_CODE_CHARS), status=result.status,
-            started=time.time() - result.duration_s, duration_s=result.duration_s, execution_count=result.execution_count,
+            index=self.count + 1,
+            code=clip(code, RECORD_CODE_CHARS),
+            status=result.status,
+            started=time.time() - result.duration_s,
+            duration_s=result.duration_s,
+            execution_count=result.execution_count,
             result=clip(result.result, RECORD_TEXT_CHARS) if result.result is not None else None,
             error=clip(result.error, RECORD_TEXT_CHARS) if result.error else None,
-            warnings=[result.warning] if result.warning else [], by=by,
+            warnings=[result.warning] if result.warning else [],
+            by=by,
         )
         cell.add_outputs(outputs_of(outcome))
         self._append(cell)
@@ -2595,9 +2608,13 @@ class SessionRecords:
         """The record's first line: which session, env and Python."""
         hello = session.kernel.hello if session.kernel is not None else {}
         return {
-            "session": session.name, "env": session.env_label, "python": str(session.python),
-            "python_version": hello.get("python_version"), "ipython_version": hello.get("ipython"),
-            "server_pid": os.getpid(), "created": time.time(),
+            "session": session.name,
+            "env": session.env_label,
+            "python": str(session.python),
+            "python_version": hello.get("python_version"),
+            "ipython_version": hello.get("ipython"),
+            "server_pid": os.getpid(),
+            "created": time.time(),
         }
 
     def restarted(self, name: str, reason: str) -> None:
@@ -2625,7 +2642,9 @@ class HistoryEntry(BaseModel):
     execution_count: int | None = None
     status: str | None = Field(None, description="ok, error, timeout, running (left running), ended (ended without wait).")
     code: str | None = None
-    output: str | None = Field(None, description="A short excerpt of what the cell returned: its output, result, or the error's last line.")
+    output: str | None = Field(
+        None, description="A short excerpt of what the cell returned: its output, result, or the error's last line."
+    )
     duration_s: float | None = None
     by: str | None = Field(None, description="Who ran the cell: 'agent'.")
     reason: str | None = Field(None, description="Why the kernel restarted.")
@@ -2662,7 +2681,7 @@ def output_excerpt(cell: CellRecord) -> str | None:
     text = "\n".join(part for part in parts if part)
     if len(text) > HISTORY_EXCERPT_CHARS:
         head = HISTORY_EXCERPT_CHARS * 2 // 3
-        text = f"{text[:head]} … {text[-(HISTORY_EXCERPT_CHARS - head):]}"
+        text = f"{text[:head]} … {text[-(HISTORY_EXCERPT_CHARS - head) :]}"
     return text or None
 
 
@@ -2675,13 +2694,21 @@ def history_of(record: SessionRecord | None, session: str, last: int) -> History
         else:
             shown.append(
                 HistoryEntry(
-                    index=entry.index, kind="cell", time=local_time(entry.started), execution_count=entry.execution_count,
-                    status=entry.status, code=clip(entry.code, HISTORY_CODE_CHARS), output=output_excerpt(entry),
-                    duration_s=entry.duration_s, by=entry.by,
+                    index=entry.index,
+                    kind="cell",
+                    time=local_time(entry.started),
+                    execution_count=entry.execution_count,
+                    status=entry.status,
+                    code=clip(entry.code, HISTORY_CODE_CHARS),
+                    output=output_excerpt(entry),
+                    duration_s=entry.duration_s,
+                    by=entry.by,
                 )
             )
     return HistoryResult(
-        session=session, entries=shown, recorded=record.count if record else 0,
+        session=session,
+        entries=shown,
+        recorded=record.count if record else 0,
         record_file=str(record.path) if record and record.path else None,
     )
 
@@ -2712,9 +2739,14 @@ def render_history_markdown(record: SessionRecord | None, session: str) -> str:
     lines = [f"# Session `{session}`", ""]
     if record is not None:
         about = record.about
-        lines += [f"Env `{about.get('env')}` ({about.get('python')}, Python {about.get('python_version')}); "
-                  f"{record.count} entries recorded" + (f", the last {len(entries)} here" if len(entries) < record.count else "")
-                  + (f"; whole record: `{record.path}`" if record.path else "") + ".", ""]
+        lines += [
+            f"Env `{about.get('env')}` ({about.get('python')}, Python {about.get('python_version')}); "
+            f"{record.count} entries recorded"
+            + (f", the last {len(entries)} here" if len(entries) < record.count else "")
+            + (f"; whole record: `{record.path}`" if record.path else "")
+            + ".",
+            "",
+        ]
     if not entries:
         lines.append("No cells yet.")
     for entry in entries:
@@ -2722,8 +2754,14 @@ def render_history_markdown(record: SessionRecord | None, session: str) -> str:
             lines += [f"---\n**Kernel restarted** at {local_time(entry.at)}: {entry.reason}.\n", ""]
             continue
         prompt = entry.execution_count if entry.execution_count is not None else " "
-        lines += [f"### In [{prompt}] · {entry.status} · {local_time(entry.started)} · {entry.duration_s:.3g} s · {entry.by}", "",
-                  "```python", entry.code.rstrip(), "```", ""]
+        lines += [
+            f"### In [{prompt}] · {entry.status} · {local_time(entry.started)} · {entry.duration_s:.3g} s · {entry.by}",
+            "",
+            "```python",
+            entry.code.rstrip(),
+            "```",
+            "",
+        ]
         for output in entry.outputs:
             if output["type"] == "image":
                 lines += [f"*image ({output['mime']}, {output['bytes']} bytes): `{output['path']}`*", ""]
@@ -2750,14 +2788,18 @@ def _image_data(path: str | None, folder_fd: int | None) -> str | None:
     if not path:
         return None
     try:
-        fd = os.open(Path(path).name if folder_fd is not None else path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+        fd = os.open(
+            Path(path).name if folder_fd is not None else path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd
+        )
         with os.fdopen(fd, "rb") as file:
             return base64.b64encode(file.read()).decode("ascii")
     except OSError:
         return None
 
 
-def notebook_of(about: dict[str, Any], entries: list[RecordEntry], note: str | None = None, folder_fd: int | None = None) -> dict[str, Any]:
+def notebook_of(
+    about: dict[str, Any], entries: list[RecordEntry], note: str | None = None, folder_fd: int | None = None
+) -> dict[str, Any]:
     """A record as an nbformat 4.5 notebook (written by hand: the runtime needs no nbformat).
 
     Code cells in order with their execution counts and outputs (streams, displays with
@@ -2787,7 +2829,12 @@ def notebook_of(about: dict[str, Any], entries: list[RecordEntry], note: str | N
                 outputs.append({"output_type": "display_data", "data": bundle, "metadata": {}})
         if entry.result is not None:
             outputs.append(
-                {"output_type": "execute_result", "execution_count": entry.execution_count, "data": {"text/plain": entry.result}, "metadata": {}}
+                {
+                    "output_type": "execute_result",
+                    "execution_count": entry.execution_count,
+                    "data": {"text/plain": entry.result},
+                    "metadata": {},
+                }
             )
         if entry.error:
             outputs.append(_error_output(entry.error))
@@ -2796,8 +2843,12 @@ def notebook_of(about: dict[str, Any], entries: list[RecordEntry], note: str | N
             meta["warnings"] = entry.warnings
         cells.append(
             {
-                "cell_type": "code", "id": f"cell-{entry.index}", "metadata": {"ipython_mcp": meta},
-                "execution_count": entry.execution_count, "source": entry.code, "outputs": outputs,
+                "cell_type": "code",
+                "id": f"cell-{entry.index}",
+                "metadata": {"ipython_mcp": meta},
+                "execution_count": entry.execution_count,
+                "source": entry.code,
+                "outputs": outputs,
             }
         )
     version = about.get("python_version") or ""
@@ -2807,8 +2858,13 @@ def notebook_of(about: dict[str, Any], entries: list[RecordEntry], note: str | N
         "metadata": {
             "kernelspec": {"name": "python3", "display_name": f"Python 3 ({about.get('env', 'default')})", "language": "python"},
             "language_info": {
-                "name": "python", "version": version, "mimetype": "text/x-python", "file_extension": ".py",
-                "pygments_lexer": "ipython3", "codemirror_mode": {"name": "ipython", "version": 3}, "nbconvert_exporter": "python",
+                "name": "python",
+                "version": version,
+                "mimetype": "text/x-python",
+                "file_extension": ".py",
+                "pygments_lexer": "ipython3",
+                "codemirror_mode": {"name": "ipython", "version": 3},
+                "nbconvert_exporter": "python",
             },
             "ipython_mcp": {key: about.get(key) for key in ("session", "env", "python", "python_version", "ipython_version")},
         },
@@ -2883,7 +2939,9 @@ def find_records(roots: list[Path]) -> list[FoundRecord]:
                                     continue
                                 info = os.stat(name, dir_fd=session_fd, follow_symlinks=False)
                                 if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
-                                    found.append(FoundRecord(session, int(match[1]), root / server / session, name, info.st_mtime))
+                                    found.append(
+                                        FoundRecord(session, int(match[1]), root / server / session, name, info.st_mtime)
+                                    )
     return found
 
 
@@ -2891,7 +2949,9 @@ class ExportFailed(Exception):
     """Why `ipython-mcp export` wrote nothing."""
 
 
-def export_session(session: str, path: Path | None, output_dir: Path, overwrite: bool = False) -> tuple[FoundRecord, Path, int, int, str | None]:
+def export_session(
+    session: str, path: Path | None, output_dir: Path, overwrite: bool = False
+) -> tuple[FoundRecord, Path, int, int, str | None]:
     """Write a live session's record (read from disk, in this process) as a notebook.
 
     Returns what was exported, where, how many cells and bytes, and a note when several
@@ -2911,7 +2971,10 @@ def export_session(session: str, path: Path | None, output_dir: Path, overwrite:
     note = None
     if len(matches) > 1:
         pids = ", ".join(str(record.server_pid) for record in matches)
-        note = f"{len(matches)} live servers have a session named {session!r} (pids {pids}); exported the most recently active one, pid {chosen.server_pid}."
+        note = (
+            f"{len(matches)} live servers have a session named {session!r} (pids {pids}); "
+            f"exported the most recently active one, pid {chosen.server_pid}."
+        )
     target = Path(os.path.abspath(path.expanduser() if path is not None else Path(f"{session}.ipynb")))
     try:
         folder_fd = os.open(chosen.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -2979,7 +3042,8 @@ INSTRUCTIONS = """Stateful IPython sessions. `execute(session, code)` runs code 
 variables, imports and the working directory between calls (created on first use; `env` picks the
 Python env: a name under ~/envs, a path, or the server's own Python by default). Use one session
 per task, iterate in small cells, and use `interrupt`, `reset`, `shutdown`, `list_sessions` to
-manage them. Nobody can type into a session: input() fails, so pass values in code."""
+manage them. Nobody can type into a session: input() fails, so pass values in code. `history(session)`
+shows the cells a session already ran (after your context was compacted, say)."""
 
 
 # Managers alive in this process (one per connection), so a signal handler can kill
@@ -3037,11 +3101,15 @@ def build_server(config: Config | None = None) -> MCPServer:
         if names == manager.records.announced:
             return
         manager.records.announced = names
+        # Advisory: a client that went away must not fail the call.
         try:
             await ctx.request_context.session.send_resource_list_changed()  # handshake-era clients
+        except Exception:
+            log.debug("notifications/resources/list_changed not sent", exc_info=True)
+        try:
             await ctx.notify_resources_changed()  # 2026-07-28 clients, on their `subscriptions/listen` stream
-        except Exception:  # advisory: a client that went away must not fail the call
-            log.debug("resources/list_changed not sent", exc_info=True)
+        except Exception:
+            log.debug("resources list change not published", exc_info=True)
 
     @server.tool(annotations=ToolAnnotations(title="Run code in an IPython session", open_world_hint=True))
     async def execute(
@@ -3072,7 +3140,8 @@ def build_server(config: Config | None = None) -> MCPServer:
         timeout_s: Annotated[float | None, Field(description="Seconds to wait for the cell to end (default as for execute).")] = None,
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Follow a cell started with on_timeout='continue': output since the last call, and its final result once it ends."""
-        return execute_result(await recorded(ctx, session, None, await manager_of(ctx).wait(session, timeout_s, progress_to(ctx))))
+        outcome = await manager_of(ctx).wait(session, timeout_s, progress_to(ctx))
+        return execute_result(await recorded(ctx, session, None, outcome))
 
     @server.tool(annotations=ToolAnnotations(title="List IPython sessions", read_only_hint=True))
     async def list_sessions(ctx: Context) -> Annotated[CallToolResult, SessionList]:
@@ -3139,7 +3208,9 @@ def build_server(config: Config | None = None) -> MCPServer:
     async def history(
         session: str,
         ctx: Context,
-        last: Annotated[int, Field(description=f"How many of the latest cells (and restarts) to show; at most {RECORD_MAX_CELLS}.")] = HISTORY_DEFAULT_CELLS,
+        last: Annotated[
+            int, Field(description=f"How many of the latest cells (and restarts) to show; at most {RECORD_MAX_CELLS}.")
+        ] = HISTORY_DEFAULT_CELLS,
     ) -> Annotated[CallToolResult, HistoryResult]:
         """The cells a session ran, oldest first: code, status, a short output excerpt, and where its kernel restarted."""
         manager = manager_of(ctx)
@@ -3147,7 +3218,9 @@ def build_server(config: Config | None = None) -> MCPServer:
         if not isinstance(last, int) or last < 1:
             raise ToolError(f"last must be a positive number of cells, not {last!r}.")
         result = history_of(manager.records.get(session), session, min(last, RECORD_MAX_CELLS))
-        return CallToolResult(content=[TextContent(type="text", text=render_history(result))], structured_content=result.model_dump(mode="json"))
+        return CallToolResult(
+            content=[TextContent(type="text", text=render_history(result))], structured_content=result.model_dump(mode="json")
+        )
 
     @server.tool(annotations=ToolAnnotations(title="Save a session as a notebook", destructive_hint=False))
     async def export_notebook(
@@ -3156,7 +3229,8 @@ def build_server(config: Config | None = None) -> MCPServer:
         ctx: Context,
         overwrite: Annotated[bool, Field(description="Replace a file already at path.")] = False,
     ) -> Annotated[CallToolResult, NotebookExport]:
-        """Write the session's record as a Jupyter notebook (.ipynb): every cell with its outputs and images, and where the kernel restarted."""
+        """Write the session's record as a Jupyter notebook (.ipynb): every cell with its outputs and images,
+        and where the kernel restarted."""
         manager = manager_of(ctx)
         manager.get(session)
         target = Path(path).expanduser()
@@ -3165,14 +3239,17 @@ def build_server(config: Config | None = None) -> MCPServer:
         record = manager.records.get(session)
         entries, note = record.all_entries() if record else ([], None)
         about = record.about if record else SessionRecords.about(manager.sessions[session])
-        notebook = notebook_of(about, entries, note)
-        try:
-            size = write_notebook(target, notebook, overwrite)
+
+        def build_and_write() -> tuple[int, int]:
+            notebook = notebook_of(about, entries, note)
+            return len(notebook["cells"]), write_notebook(target, notebook, overwrite)
+
+        try:  # in a thread: embedded images can make it megabytes, and other sessions' calls go on
+            cells, size = await anyio.to_thread.run_sync(build_and_write)
         except FileExistsError:
             raise ToolError(f"{target} already exists; pass overwrite=true to replace it.") from None
         except OSError as exc:
             raise ToolError(f"Cannot write {target}: {exc.strerror or exc}.") from None
-        cells = len(notebook["cells"])
         result = NotebookExport(session=session, path=str(target), cells=cells, bytes=size, note=note)
         text = f"Wrote {cells} cells of session {session!r} to {target} ({size} bytes)." + (f" {note}" if note else "")
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json"))
@@ -3210,10 +3287,18 @@ def build_server(config: Config | None = None) -> MCPServer:
         resources = []
         for name in sorted(ctx.lifespan_context.sessions):
             history_uri, notebook_uri = session_resources(name)
-            resources.append(Resource(uri=history_uri, name=f"{name} history", title=f"Session {name}: history", mime_type="text/markdown",
-                                      description=f"The cells session {name!r} ran, with their outputs."))
-            resources.append(Resource(uri=notebook_uri, name=f"{name}.ipynb", title=f"Session {name}: notebook", mime_type=NOTEBOOK_MIME_TYPE,
-                                      description=f"Session {name!r} as a Jupyter notebook."))
+            resources.append(
+                Resource(
+                    uri=history_uri, name=f"{name} history", title=f"Session {name}: history", mime_type="text/markdown",
+                    description=f"The cells session {name!r} ran, with their outputs.",
+                )
+            )
+            resources.append(
+                Resource(
+                    uri=notebook_uri, name=f"{name}.ipynb", title=f"Session {name}: notebook", mime_type=NOTEBOOK_MIME_TYPE,
+                    description=f"Session {name!r} as a Jupyter notebook.",
+                )
+            )
         return ListResourcesResult(resources=resources)
 
     # The SDK has no public way to tailor what it advertises. Sessions come and go, so
@@ -3336,10 +3421,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(nbformat 4.5): its cells in order with their outputs and images, and where its kernel restarted.",
     )
     export.add_argument("session", metavar="SESSION")
-    export.add_argument("path", metavar="PATH", nargs="?", type=Path, default=None, help="the .ipynb to write (default: ./SESSION.ipynb)")
+    export.add_argument(
+        "path", metavar="PATH", nargs="?", type=Path, default=None, help="the .ipynb to write (default: ./SESSION.ipynb)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace a file already at PATH")
     # SUPPRESS: given before or after `export`, the value is the same one.
-    export.add_argument("--output-dir", type=Path, default=argparse.SUPPRESS, help="the server's --output-dir, if it was given one")
+    export.add_argument(
+        "--output-dir", type=Path, default=argparse.SUPPRESS, help="the server's --output-dir, if it was given one"
+    )
     parser.add_argument("--envs-dir", type=Path, default=None, help="folder of named envs (default: $IPYTHON_MCP_ENVS_DIR or ~/envs)")
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where the full text of cut output, and images, are saved (default: $TMPDIR/ipython-mcp-<uid>)"

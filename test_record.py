@@ -6,12 +6,10 @@ another process), and each live session as MCP resources, announced when session
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +100,9 @@ async def export_command(*arguments: str, cwd: Path) -> tuple[int, str, str]:
 # --- The record and `history` ------------------------------------------------------------------
 
 
-async def test_every_cell_is_in_history_and_in_a_private_file_with_a_mark_where_reset_restarted_the_kernel(tmp_path: Path) -> None:
+async def test_every_cell_is_in_history_and_in_a_private_file_with_a_mark_where_reset_restarted_the_kernel(
+    tmp_path: Path,
+) -> None:
     with anyio.fail_after(SLOW_S):
         async with connect(tmp_path) as client:
             await run_cells_with_a_reset(client)
@@ -250,11 +250,13 @@ async def test_exported_notebook_validates_and_runs_again_in_a_fresh_kernel_to_t
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
         rerun = nbformat.read(path, as_version=4)
-        await NotebookClient(rerun, timeout=60, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(tmp_path)}}).async_execute()
+        await NotebookClient(
+            rerun, timeout=60, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(tmp_path)}}
+        ).async_execute()
     assert (notebook.nbformat, notebook.nbformat_minor) == (4, 5)
     assert notebook.metadata.kernelspec.name == "python3"
     assert notebook.metadata.language_info.name == "python"
-    assert notebook.metadata.language_info.version == "%d.%d.%d" % sys.version_info[:3]
+    assert notebook.metadata.language_info.version == ".".join(map(str, sys.version_info[:3]))
     kinds = [cell.cell_type for cell in notebook.cells]
     assert kinds == ["code"] * len(CELLS) + ["markdown", "code"]
     assert "Kernel restarted" in notebook.cells[len(CELLS)].source
@@ -319,7 +321,9 @@ async def test_export_command_writes_a_live_stdio_servers_session_from_another_p
             code, out, err = await export_command("s", "exported.ipynb", "--output-dir", str(output_dir), cwd=tmp_path)
             again, _, again_err = await export_command("s", "exported.ipynb", "--output-dir", str(output_dir), cwd=tmp_path)
             named_first = await anyio.run_process(
-                [sys.executable, str(SERVER), "--output-dir", str(output_dir), "export", "s", "--overwrite"], cwd=tmp_path, check=False
+                [sys.executable, str(SERVER), "--output-dir", str(output_dir), "export", "s", "--overwrite"],
+                cwd=tmp_path,
+                check=False,
             )
             missing, _, missing_err = await export_command("nope", "--output-dir", str(output_dir), cwd=tmp_path)
     assert code == 0, err
@@ -344,16 +348,21 @@ async def test_export_command_picks_the_most_recently_active_of_two_servers_and_
             await run(older, "s", "'older server'")
             async with stdio_server(output_dir) as newer:
                 newer_pid = int((await run(newer, "s", "import os\nos.getppid()"))["result"])
-                code, out, err = await export_command("s", str(tmp_path / "s.ipynb"), "--output-dir", str(output_dir), cwd=tmp_path)
+                code, _, err = await export_command("s", str(tmp_path / "s.ipynb"), "--output-dir", str(output_dir), cwd=tmp_path)
             await run(older, "s", "'older server, later'")
-            code_after, out_after, _ = await export_command("s", str(tmp_path / "s2.ipynb"), "--output-dir", str(output_dir), cwd=tmp_path)
+            code_after, out_after, _ = await export_command(
+                "s", str(tmp_path / "s2.ipynb"), "--output-dir", str(output_dir), cwd=tmp_path
+            )
     assert code == 0, err
     assert f"2 live servers have a session named 's' (pids {os.getpid()}, {newer_pid})" in err
     assert f"exported the most recently active one, pid {newer_pid}" in err
     assert nbformat.read(tmp_path / "s.ipynb", as_version=4).cells[0].source == "import os\nos.getppid()"
     # the stdio server exited, taking its folder: only the in-memory server's record is left
     assert code_after == 0 and f"server pid {os.getpid()}" in out_after
-    assert [cell.source for cell in nbformat.read(tmp_path / "s2.ipynb", as_version=4).cells] == ["'older server'", "'older server, later'"]
+    assert [cell.source for cell in nbformat.read(tmp_path / "s2.ipynb", as_version=4).cells] == [
+        "'older server'",
+        "'older server, later'",
+    ]
 
 
 # --- MCP resources ------------------------------------------------------------------------------
@@ -379,11 +388,13 @@ async def test_resources_list_and_read_each_live_session_and_listen_hears_sessio
                 await client.read_resource("ipython://sessions/s/history")
     assert before.resources == [] and after.resources == []
     assert {template.uri_template for template in templates.resource_templates} == {
-        "ipython://sessions/{session}/history", "ipython://sessions/{session}/notebook"
+        "ipython://sessions/{session}/history",
+        "ipython://sessions/{session}/notebook",
     }
     assert isinstance(started, ResourcesListChanged) and isinstance(ended, ResourcesListChanged)
     assert {(str(r.uri), r.mime_type) for r in listed.resources} == {
-        ("ipython://sessions/s/history", "text/markdown"), ("ipython://sessions/s/notebook", "application/x-ipynb+json")
+        ("ipython://sessions/s/history", "text/markdown"),
+        ("ipython://sessions/s/notebook", "application/x-ipynb+json"),
     }
     [text] = page.contents
     assert text.mime_type == "text/markdown"
