@@ -5,9 +5,10 @@
 """ipython-mcp: stateful IPython sessions for AI agents, one per name, in any Python env.
 
 An MCP server (stdio, or streamable HTTP with ``--transport http``) with the five tools
-of the spec, ``execute``, ``list_sessions``,
-``reset``, ``shutdown``, ``interrupt``, plus ``wait`` (follow a cell left running) and
-``list_envs``. Each named session is one child process: the target env's Python running
+of the spec, ``execute``, ``list_sessions``, ``reset``, ``shutdown``, ``interrupt``, plus
+``wait`` (follow a cell left running), ``list_envs``, and ``history`` / ``export_notebook``
+(the session record, also served as resources and exported by ``ipython-mcp export SESSION
+[PATH]`` from a terminal). Each named session is one child process: the target env's Python running
 ``bootstrap_kernel.py`` beside this file, which embeds IPython's ``InteractiveShell``
 and speaks JSON lines over its stdin/stdout (that file documents the messages). No
 jupyter_client, no ZeroMQ.
@@ -29,7 +30,7 @@ with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanw
 ``execute`` answers ``busy``). How the file reads, top to bottom: constants, exceptions,
 pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``),
 ``Kernel`` (one child process), envs (install, list), ``SessionManager`` (names ->
-kernels, locks), the MCP tools, ``main``.
+kernels, locks), the session record, the MCP tools, ``main``.
 
 Guarantees:
 - Every call returns by ``timeout_s`` plus a grace: cells are bounded by ``timeout_s``;
@@ -56,6 +57,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import datetime
 import errno
 import hmac
 import ipaddress
@@ -85,8 +87,10 @@ import anyio.abc
 import uvicorn
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import NotificationOptions
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
@@ -97,6 +101,9 @@ from mcp.types import (
     ErrorData,
     ImageContent,
     JSONRPCError,
+    ListResourcesResult,
+    PaginatedRequestParams,
+    Resource,
     TextContent,
     ToolAnnotations,
 )
@@ -559,16 +566,17 @@ def create_private_file(name: str | Path, dir_fd: int | None = None) -> int:
     return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
 
-def open_private_folder(name: str | Path, dir_fd: int | None = None) -> int:
-    """Open (creating it 0700 if missing) a folder that only this user can write to; returns its fd.
+def open_private_folder(name: str | Path, dir_fd: int | None = None, create: bool = True) -> int:
+    """Open (creating it 0700 if missing and ``create``) a folder that only this user can write to; returns its fd.
 
     Refuses (UnsafeFolder) a symlink, anything that is not a folder, another user's folder
     and a folder others can write to: whoever can write there can plant a link where our
     next file goes. A folder of ours that others may only read is used as it is: every
     folder we make inside is 0700, so they see names, never contents.
     """
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
@@ -2149,6 +2157,7 @@ class SessionManager:
         self._failed_first_starts: dict[str, Session] = {}
         self._idle_watch: asyncio.Task[None] | None = None
         self.files = OutputFiles(config.output_dir, config.spill_file_limit, config.output_dir_limit)
+        self.records = SessionRecords(self.files)  # what ran, for history and export (fed by the MCP tools)
 
     # -- lifecycle: one place ensures a kernel, and no call waits for one past its deadline
     #
@@ -2872,6 +2881,768 @@ class SessionManager:
         return infos
 
 
+# --- The session record: every cell, kept for the person (history, notebook, resources) ---
+#
+# Fed by the MCP tools (a cell's outcome, a reset, a shutdown), kept apart from the
+# manager: the last cells in memory, all of them as JSON lines in a 0600 file of the
+# session's private folder, which `ipython-mcp export` reads from another process.
+# Its sizes are named here, with the code that uses them.
+
+# Cells one session's record keeps in memory (for `history` and the resources); the
+# file keeps them all.
+RECORD_MAX_CELLS = 500
+# ... and characters of text for all of them together, so a chatty session stays small.
+RECORD_MEMORY_CHARS = 8_000_000
+# A cell's code, and each of its outputs, are kept up to this (head and tail).
+RECORD_CODE_CHARS = 100_000
+RECORD_TEXT_CHARS = 20_000
+# Outputs kept per cell (stream pieces, displays, images): a display loop keeps its first ones.
+RECORD_OUTPUTS_PER_CELL = 200
+# `history`: cells shown when `last` is not given, and how much of each.
+HISTORY_DEFAULT_CELLS = 20
+HISTORY_CODE_CHARS = 2_000
+HISTORY_EXCERPT_CHARS = 300
+RECORD_FILE_SUFFIX = "record.jsonl"
+RECORD_FORMAT = 1
+NOTEBOOK_MIME_TYPE = "application/x-ipynb+json"
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it fits ``limit``, else its head and tail around a note of what is missing."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n… [{len(text) - 2 * half} characters not kept in the record] …\n{text[-half:]}"
+
+
+def local_time(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class CellRecord:
+    """One cell as it ran: the code sent, and what came back (as returned, bounded)."""
+
+    index: int  # 1-based position in the session's record, restarts included
+    code: str
+    status: str  # ok, error, timeout, running (left running; `wait` completes it), ended
+    started: float  # epoch seconds
+    duration_s: float
+    execution_count: int | None = None
+    # In the order the cell produced them: {"type": "stream", "name", "text"},
+    # {"type": "display", "text"}, {"type": "image", "mime", "path", "bytes"}
+    outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    result: str | None = None
+    error: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    by: str = "agent"  # who ran it: the agent (a person attached to the session, later)
+    outputs_dropped: int = 0  # past RECORD_OUTPUTS_PER_CELL
+
+    kind = "cell"
+
+    @property
+    def chars(self) -> int:
+        texts = [self.code, self.result or "", self.error or "", *self.warnings]
+        return sum(map(len, texts)) + sum(len(output.get("text") or "") + 100 for output in self.outputs)
+
+    def add_outputs(self, outputs: list[dict[str, Any]]) -> None:
+        for output in outputs:
+            last = self.outputs[-1] if self.outputs else None
+            if output["type"] == "stream" and last and last["type"] == "stream" and last["name"] == output["name"]:
+                last["text"] = clip(last["text"] + output["text"], RECORD_TEXT_CHARS)
+            elif len(self.outputs) < RECORD_OUTPUTS_PER_CELL:
+                self.outputs.append(output)
+            else:
+                self.outputs_dropped += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CellRecord:
+        names = {field.name for field in dataclasses.fields(cls)}
+        cell = cls(**{key: value for key, value in data.items() if key in names})
+        if not isinstance(cell.index, int) or not isinstance(cell.code, str) or not isinstance(cell.outputs, list):
+            raise TypeError("not a cell")
+        return cell
+
+
+@dataclasses.dataclass
+class RestartMark:
+    """Where the session's kernel restarted: the cells after it ran without the state before."""
+
+    index: int
+    at: float  # epoch seconds
+    reason: str
+
+    kind = "restart"
+    chars = 100
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RestartMark:
+        mark = cls(index=data["index"], at=data["at"], reason=data["reason"])
+        if not isinstance(mark.index, int) or not isinstance(mark.reason, str):
+            raise TypeError("not a restart mark")
+        return mark
+
+
+RecordEntry = CellRecord | RestartMark
+
+
+def outputs_of(outcome: CellOutcome) -> list[dict[str, Any]]:
+    """A reply's outputs as record entries, in the order the cell produced them.
+
+    The reply keeps display texts and images apart from stdout; the transcript (stdout
+    and display lines interleaved, images as ``[image i: mime]``) gives their order.
+    When it cannot (a cut transcript), stdout comes first, then displays, then images.
+    """
+    result = outcome.result
+    displays = [{"type": "display", "text": clip(text, RECORD_TEXT_CHARS)} for text in result.display]
+    images = [{"type": "image", "mime": i.mime_type, "path": i.path, "bytes": i.bytes} for i in result.images]
+    ordered = _interleaved(outcome.transcript, result.stdout, displays, images)
+    if ordered is None:
+        ordered = [{"type": "stream", "name": "stdout", "text": result.stdout}] if result.stdout else []
+        ordered += displays + images
+    if result.stderr:
+        ordered.append({"type": "stream", "name": "stderr", "text": result.stderr})
+    for output in ordered:
+        if output["type"] == "stream":
+            output["text"] = clip(output["text"], RECORD_TEXT_CHARS)
+    return ordered
+
+
+def _interleaved(
+    transcript: str, stdout: str, displays: list[dict[str, Any]], images: list[dict[str, Any]]
+) -> list[dict[str, Any]] | None:
+    ordered: list[dict[str, Any]] = []
+    printed: list[str] = []
+    position = 0
+    pending = [(display, display["text"].rstrip()) for display in displays if display["text"].rstrip()]
+    pending_images = [(image, f"[image {i}: {image['mime']}]") for i, image in enumerate(images)]
+    while pending or pending_images:
+        found = []
+        for queue in (pending, pending_images):
+            if queue:
+                at = transcript.find(queue[0][1], position)
+                if at >= 0:
+                    found.append((at, queue))
+        if not found:
+            break  # e.g. a result's image, which is not in the transcript: it goes last
+        at, queue = min(found, key=lambda item: item[0])
+        item, marker = queue.pop(0)
+        if at > position:
+            printed.append(transcript[position:at])
+            ordered.append({"type": "stream", "name": "stdout", "text": transcript[position:at]})
+        ordered.append(item)
+        position = at + len(marker)
+        if transcript.startswith("\n", position):
+            position += 1
+    if position < len(transcript):
+        printed.append(transcript[position:])
+        ordered.append({"type": "stream", "name": "stdout", "text": transcript[position:]})
+    ordered += [item for item, _ in pending + pending_images]
+    # The transcript adds a line break before a display that follows an unfinished line.
+    if "".join(printed).replace("\n", "") != stdout.replace("\n", ""):
+        return None
+    return ordered
+
+
+class SessionRecord:
+    """One session's record: its last cells and restarts in memory, all of them on disk.
+
+    The file is ``<session folder>/<stamp>-record.jsonl``, made like every saved file
+    (new, 0600, at most --spill-file-limit bytes) but never deleted while the session
+    lives, so outside the folder's cap: a first line about the session, then one line per
+    entry; a cell that changes (a cell left running, completed by `wait`) is written
+    again, and the last line of an index wins. When the file cannot grow (its cap, a full
+    disk) the record goes on in memory only, and exports say so.
+    """
+
+    def __init__(self, name: str, files: OutputFiles, about: dict[str, Any]):
+        self.name, self.about, self._files = name, about, files
+        self.entries: collections.deque[RecordEntry] = collections.deque()
+        self.count = 0  # entries ever recorded
+        self._chars = 0
+        self.path: Path | None = None
+        self._fd = -1
+        self._size = 0
+        self.disk_problem: str | None = None
+
+    # -- what the tools report
+
+    def add_cell(self, code: str, outcome: CellOutcome, by: str = "agent") -> CellRecord:
+        result = outcome.result
+        last = next((entry for entry in reversed(self.entries) if isinstance(entry, CellRecord)), None)
+        if last is not None and last.status == "running":  # it ended on its own; nobody fetched its end
+            before = last.chars
+            last.status = "ended"
+            last.warnings.append("It ended without `wait` fetching its end; its last output was not returned.")
+            self._chars += last.chars - before
+            self._changed(last)
+        counts = [
+            entry.execution_count for entry in reversed(self.entries) if isinstance(entry, CellRecord) and entry.execution_count
+        ]
+        if (
+            result.execution_count is not None
+            and counts
+            and result.execution_count <= counts[0]
+            and not isinstance(self.entries[-1], RestartMark)
+        ):
+            self.add_restart("the kernel restarted (it died, or was killed after a timeout): the state before is gone")
+        cell = CellRecord(
+            index=self.count + 1,
+            code=clip(code, RECORD_CODE_CHARS),
+            status=result.status,
+            started=time.time() - result.duration_s,
+            duration_s=result.duration_s,
+            execution_count=result.execution_count,
+            result=clip(result.result, RECORD_TEXT_CHARS) if result.result is not None else None,
+            error=clip(result.error, RECORD_TEXT_CHARS) if result.error else None,
+            warnings=[result.warning] if result.warning else [],
+            by=by,
+        )
+        cell.add_outputs(outputs_of(outcome))
+        self._append(cell)
+        return cell
+
+    def continue_cell(self, outcome: CellOutcome) -> CellRecord | None:
+        """A `wait` reply: more of the cell left running, and its end once it ends."""
+        cell = next((entry for entry in reversed(self.entries) if isinstance(entry, CellRecord)), None)
+        if cell is None or cell.status != "running":
+            return None
+        before = cell.chars
+        result = outcome.result
+        cell.add_outputs(outputs_of(outcome))
+        cell.status = result.status
+        cell.duration_s = round(time.time() - cell.started, 3)
+        cell.execution_count = result.execution_count if result.execution_count is not None else cell.execution_count
+        cell.result = clip(result.result, RECORD_TEXT_CHARS) if result.result is not None else cell.result
+        cell.error = clip(result.error, RECORD_TEXT_CHARS) if result.error else cell.error
+        if result.warning and result.status != "running":
+            cell.warnings.append(result.warning)
+        self._chars += cell.chars - before
+        self._changed(cell)
+        return cell
+
+    def add_restart(self, reason: str) -> None:
+        self._append(RestartMark(index=self.count + 1, at=time.time(), reason=reason))
+
+    def _append(self, entry: RecordEntry) -> None:
+        self.count += 1
+        self.entries.append(entry)
+        self._chars += entry.chars
+        while len(self.entries) > 1 and (len(self.entries) > RECORD_MAX_CELLS or self._chars > RECORD_MEMORY_CHARS):
+            self._chars -= self.entries.popleft().chars
+        self._save(entry)
+
+    def _changed(self, entry: RecordEntry) -> None:
+        self._save(entry)
+
+    # -- on disk
+
+    def _save(self, entry: RecordEntry) -> None:
+        if self.disk_problem is not None:
+            return
+        try:
+            if self._fd < 0 or os.fstat(self._fd).st_nlink == 0:  # none yet, or its folder was deleted (`rm -rf` in a cell)
+                self._new_file()  # holds every entry in memory, this one included
+            else:
+                self._write(record_line(entry.to_json()))
+        except OSError as exc:
+            self.disk_problem = f"the record file {self.path} stopped growing after {self._size} bytes ({exc.strerror or exc})"
+            log.warning("session %r: %s; the record goes on in memory only", self.name, self.disk_problem)
+            self._close_file()
+
+    def _new_file(self) -> None:
+        self._close_file()
+        self.path, self._fd = self._files.create(self.name, RECORD_FILE_SUFFIX)
+        self._size = 0
+        self._write(record_line({"kind": "session", "format": RECORD_FORMAT, **self.about}))
+        for entry in self.entries:
+            self._write(record_line(entry.to_json()))
+
+    def _write(self, data: bytes) -> None:
+        # Capped per file, like every saved file, but outside the folder's cap: that cap
+        # makes room by deleting old output, and a live session's record is never deleted.
+        if self._size + len(data) > self._files.file_limit:
+            raise OSError(errno.EFBIG, f"it reached the limit per saved file, --spill-file-limit {self._files.file_limit}")
+        written = 0
+        while written < len(data):
+            written += os.write(self._fd, data[written:] if written else data)
+        self._size += len(data)
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        self._close_file()
+
+    def all_entries(self) -> tuple[list[RecordEntry], str | None]:
+        """Every entry (from the file, when it is whole), and what is missing if not."""
+        if self.path is not None and self.disk_problem is None and self._fd >= 0:
+            try:
+                return read_record(self.path)[1], None
+            except OSError as exc:
+                log.warning("session %r: cannot read its record file: %s", self.name, exc)
+        missing = self.count - len(self.entries)
+        if not missing:
+            return list(self.entries), None
+        why = f" ({self.disk_problem})" if self.disk_problem else ""
+        return list(self.entries), f"Only the last {len(self.entries)} of {self.count} entries were kept{why}."
+
+
+def record_line(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+
+
+def read_record(path: Path, dir_fd: int | None = None) -> tuple[dict[str, Any], list[RecordEntry]]:
+    """A record file's session line and entries (the last line of each index wins; a
+    torn last line, from a server that was killed mid-write, is skipped)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as file:
+        lines = file.read().splitlines()
+    about: dict[str, Any] = {}
+    entries: dict[int, RecordEntry] = {}
+    for line in lines:
+        try:
+            data = json.loads(line)
+            if data.get("kind") == "session":
+                about = data
+            elif data.get("kind") in ("cell", "restart"):
+                entry = (CellRecord if data["kind"] == "cell" else RestartMark).from_json(data)
+                entries[entry.index] = entry
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return about, [entries[index] for index in sorted(entries)]
+
+
+class SessionRecords:
+    """The record of every live session, by name; the manager holds it, the MCP tools feed it."""
+
+    def __init__(self, files: OutputFiles):
+        self.files = files
+        self.by_name: dict[str, SessionRecord] = {}
+        self.announced: frozenset[str] = frozenset()  # the sessions clients were last told of
+
+    def get(self, name: str) -> SessionRecord | None:
+        return self.by_name.get(name)
+
+    def cell(self, session: Session, code: str | None, outcome: CellOutcome) -> CellRecord | None:
+        """Record an `execute` (``code``) or `wait` (None) reply; never fails the call it records."""
+        if outcome.result.status in ("busy", "env_error"):  # nothing ran
+            return None
+        try:
+            record = self.by_name.get(session.name)
+            if record is None:
+                if code is None:
+                    return None
+                record = self.by_name[session.name] = SessionRecord(session.name, self.files, self.about(session))
+            if code is None:
+                return record.continue_cell(outcome)
+            return record.add_cell(code, outcome)
+        except Exception:  # the record is an aside: the agent's reply must come back
+            log.exception("session %r: the cell could not be recorded", session.name)
+            return None
+
+    @staticmethod
+    def about(session: Session) -> dict[str, Any]:
+        """The record's first line: which session, env and Python."""
+        hello = session.kernel.hello if session.kernel is not None else {}
+        return {
+            "session": session.name,
+            "env": session.env_label,
+            "python": str(session.python),
+            "python_version": hello.get("python_version"),
+            "ipython_version": hello.get("ipython"),
+            "server_pid": os.getpid(),
+            "created": time.time(),
+        }
+
+    def restarted(self, name: str, reason: str) -> None:
+        record = self.by_name.get(name)
+        if record is not None and record.entries and not isinstance(record.entries[-1], RestartMark):
+            record.add_restart(reason)
+
+    def end(self, name: str) -> None:
+        record = self.by_name.pop(name, None)
+        if record is not None:
+            record.close()
+
+    def close_all(self) -> None:
+        for name in list(self.by_name):
+            self.end(name)
+
+
+# -- what the record becomes: history, a notebook
+
+
+class HistoryEntry(BaseModel):
+    index: int = Field(description="Position in the session's record (cells and restarts, from 1).")
+    kind: Literal["cell", "restart"]
+    time: str = Field(description="When the cell started, or the kernel restarted (local time, ISO 8601).")
+    execution_count: int | None = None
+    status: str | None = Field(None, description="ok, error, timeout, running (left running), ended (ended without wait).")
+    code: str | None = None
+    output: str | None = Field(
+        None, description="A short excerpt of what the cell returned: its output, result, or the error's last line."
+    )
+    duration_s: float | None = None
+    by: str | None = Field(None, description="Who ran the cell: 'agent'.")
+    reason: str | None = Field(None, description="Why the kernel restarted.")
+
+
+class HistoryResult(BaseModel):
+    """What `history` returns: the last entries of a session's record."""
+
+    session: str
+    entries: list[HistoryEntry]
+    recorded: int = Field(description="Cells and restarts recorded since the session started.")
+    record_file: str | None = Field(description="The file holding the whole record (JSON lines).")
+
+
+class NotebookExport(BaseModel):
+    """What `export_notebook` wrote."""
+
+    session: str
+    path: str
+    cells: int = Field(description="Notebook cells written (code cells and restart notes).")
+    bytes: int
+    note: str | None = Field(None, description="What the notebook lacks, if anything (an incomplete record).")
+
+
+def output_excerpt(cell: CellRecord) -> str | None:
+    if cell.error:
+        lines = [line for line in cell.error.strip().splitlines() if line.strip()]
+        return clip(lines[-1] if lines else "", HISTORY_EXCERPT_CHARS)
+    parts = []
+    for output in cell.outputs:
+        parts.append(f"[image: {output['mime']}]" if output["type"] == "image" else output["text"].strip())
+    if cell.result is not None:
+        parts.append(cell.result)
+    text = "\n".join(part for part in parts if part)
+    if len(text) > HISTORY_EXCERPT_CHARS:
+        head = HISTORY_EXCERPT_CHARS * 2 // 3
+        text = f"{text[:head]} … {text[-(HISTORY_EXCERPT_CHARS - head) :]}"
+    return text or None
+
+
+def history_of(record: SessionRecord | None, session: str, last: int) -> HistoryResult:
+    entries = list(record.entries)[-last:] if record is not None and last > 0 else []
+    shown = []
+    for entry in entries:
+        if isinstance(entry, RestartMark):
+            shown.append(HistoryEntry(index=entry.index, kind="restart", time=local_time(entry.at), reason=entry.reason))
+        else:
+            shown.append(
+                HistoryEntry(
+                    index=entry.index,
+                    kind="cell",
+                    time=local_time(entry.started),
+                    execution_count=entry.execution_count,
+                    status=entry.status,
+                    code=clip(entry.code, HISTORY_CODE_CHARS),
+                    output=output_excerpt(entry),
+                    duration_s=entry.duration_s,
+                    by=entry.by,
+                )
+            )
+    return HistoryResult(
+        session=session,
+        entries=shown,
+        recorded=record.count if record else 0,
+        record_file=str(record.path) if record and record.path else None,
+    )
+
+
+def render_history(history: HistoryResult) -> str:
+    if not history.entries:
+        return f"Session {history.session!r} has no cells recorded yet."
+    head = f"Session {history.session!r}: {history.recorded} entries recorded"
+    if len(history.entries) < history.recorded:
+        head += f", the last {len(history.entries)} shown"
+    lines = [head + (f" (whole record: {history.record_file})" if history.record_file else "") + "."]
+    for entry in history.entries:
+        clock = entry.time[11:19]
+        if entry.kind == "restart":
+            lines.append(f"--- [{entry.index}] {clock} kernel restarted: {entry.reason} ---")
+            continue
+        prompt = f"In [{entry.execution_count}]" if entry.execution_count is not None else "In [ ]"
+        lines.append(f"[{entry.index}] {prompt} {entry.status} · {clock} · {entry.duration_s:.3g} s · {entry.by}")
+        lines += ["    " + line for line in (entry.code or "").splitlines()]
+        if entry.output:
+            lines.append("  → " + entry.output.replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def render_history_markdown(record: SessionRecord | None, session: str) -> str:
+    """The `ipython://sessions/NAME/history` resource: the cells in memory, as a person reads them."""
+    entries = list(record.entries) if record else []
+    lines = [f"# Session `{session}`", ""]
+    if record is not None:
+        about = record.about
+        lines += [
+            f"Env `{about.get('env')}` ({about.get('python')}, Python {about.get('python_version')}); "
+            f"{record.count} entries recorded"
+            + (f", the last {len(entries)} here" if len(entries) < record.count else "")
+            + (f"; whole record: `{record.path}`" if record.path else "")
+            + ".",
+            "",
+        ]
+    if not entries:
+        lines.append("No cells yet.")
+    for entry in entries:
+        if isinstance(entry, RestartMark):
+            lines += [f"---\n**Kernel restarted** at {local_time(entry.at)}: {entry.reason}.\n", ""]
+            continue
+        prompt = entry.execution_count if entry.execution_count is not None else " "
+        lines += [
+            f"### In [{prompt}] · {entry.status} · {local_time(entry.started)} · {entry.duration_s:.3g} s · {entry.by}",
+            "",
+            "```python",
+            entry.code.rstrip(),
+            "```",
+            "",
+        ]
+        for output in entry.outputs:
+            if output["type"] == "image":
+                lines += [f"*image ({output['mime']}, {output['bytes']} bytes): `{output['path']}`*", ""]
+            else:
+                lines += ["```", output["text"].rstrip("\n"), "```", ""]
+        if entry.result is not None:
+            lines += ["```", f"Out[{prompt}]: {entry.result}", "```", ""]
+        if entry.error:
+            lines += ["```", entry.error.rstrip(), "```", ""]
+        lines += [f"> {warning}" for warning in entry.warnings] + ([""] if entry.warnings else [])
+    return "\n".join(lines)
+
+
+def _error_output(error: str) -> dict[str, Any]:
+    lines = error.rstrip("\n").splitlines() or [""]
+    name, _, value = lines[-1].partition(":")
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", name.strip()):
+        name, value = "Error", lines[-1]
+    return {"output_type": "error", "ename": name.strip(), "evalue": value.strip(), "traceback": lines}
+
+
+def _image_data(path: str | None, folder_fd: int | None) -> str | None:
+    """An image file's bytes as base64, read only from the session's own folder."""
+    if not path:
+        return None
+    try:
+        fd = os.open(
+            Path(path).name if folder_fd is not None else path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd
+        )
+        with os.fdopen(fd, "rb") as file:
+            return base64.b64encode(file.read()).decode("ascii")
+    except OSError:
+        return None
+
+
+def notebook_of(
+    about: dict[str, Any], entries: list[RecordEntry], note: str | None = None, folder_fd: int | None = None
+) -> dict[str, Any]:
+    """A record as an nbformat 4.5 notebook (written by hand: the runtime needs no nbformat).
+
+    Code cells in order with their execution counts and outputs (streams, displays with
+    their images embedded, the result, the error), a markdown cell where the kernel
+    restarted, the cell's status, time and author in its metadata.
+    """
+    cells: list[dict[str, Any]] = []
+    if note:
+        cells.append({"cell_type": "markdown", "id": "record-note", "metadata": {}, "source": f"*{note}*"})
+    for entry in entries:
+        if isinstance(entry, RestartMark):
+            text = f"**Kernel restarted** ({local_time(entry.at)}): {entry.reason}. The cells below ran in a fresh kernel."
+            cells.append({"cell_type": "markdown", "id": f"restart-{entry.index}", "metadata": {}, "source": text})
+            continue
+        outputs: list[dict[str, Any]] = []
+        for output in entry.outputs:
+            if output["type"] == "stream":
+                outputs.append({"output_type": "stream", "name": output["name"], "text": output["text"]})
+            elif output["type"] == "display":
+                outputs.append({"output_type": "display_data", "data": {"text/plain": output["text"]}, "metadata": {}})
+            else:
+                data = _image_data(output.get("path"), folder_fd)
+                if data is None:
+                    bundle = {"text/plain": f"[{output['mime']} image, no longer saved: {output.get('path')}]"}
+                else:
+                    bundle = {output["mime"]: data, "text/plain": f"<{output['mime']} image>"}
+                outputs.append({"output_type": "display_data", "data": bundle, "metadata": {}})
+        if entry.result is not None:
+            outputs.append(
+                {
+                    "output_type": "execute_result",
+                    "execution_count": entry.execution_count,
+                    "data": {"text/plain": entry.result},
+                    "metadata": {},
+                }
+            )
+        if entry.error:
+            outputs.append(_error_output(entry.error))
+        meta = {"status": entry.status, "started": local_time(entry.started), "duration_s": entry.duration_s, "by": entry.by}
+        if entry.warnings:
+            meta["warnings"] = entry.warnings
+        cells.append(
+            {
+                "cell_type": "code",
+                "id": f"cell-{entry.index}",
+                "metadata": {"ipython_mcp": meta},
+                "execution_count": entry.execution_count,
+                "source": entry.code,
+                "outputs": outputs,
+            }
+        )
+    version = about.get("python_version") or ""
+    return {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": f"Python 3 ({about.get('env', 'default')})", "language": "python"},
+            "language_info": {
+                "name": "python",
+                "version": version,
+                "mimetype": "text/x-python",
+                "file_extension": ".py",
+                "pygments_lexer": "ipython3",
+                "codemirror_mode": {"name": "ipython", "version": 3},
+                "nbconvert_exporter": "python",
+            },
+            "ipython_mcp": {key: about.get(key) for key in ("session", "env", "python", "python_version", "ipython_version")},
+        },
+        "cells": cells,
+    }
+
+
+def write_notebook(path: Path, notebook: dict[str, Any], overwrite: bool = False) -> int:
+    """Write ``notebook`` to ``path`` (mode by umask, like any file the user makes); returns its size.
+
+    A file or link already there is an error unless ``overwrite``; then it is replaced
+    (a link itself, never what it points to) through a new file renamed over it.
+    """
+    data = (json.dumps(notebook, indent=1, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    target = path if not overwrite else path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(target, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        if overwrite:
+            os.replace(target, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
+    return len(data)
+
+
+@dataclasses.dataclass
+class FoundRecord:
+    """A live server's record of one session, found on disk by ``ipython-mcp export``."""
+
+    session: str
+    server_pid: int
+    folder: Path  # the session's folder
+    name: str  # the record file in it
+    mtime: float  # its last write: the most recently active copy wins
+
+
+def output_roots(output_dir: Path) -> list[Path]:
+    """Where this user's servers save output: the folder given (or the default), and the
+    fresh private folders a server makes when that one cannot be used."""
+    return [output_dir, *sorted(Path(tempfile.gettempdir()).glob(f"ipython-mcp-{os.getuid()}-*"))]
+
+
+def find_records(roots: list[Path]) -> list[FoundRecord]:
+    """Every session record of this user's live servers, in folders that are safely theirs."""
+    found = []
+    for root in roots:
+        with contextlib.ExitStack() as stack:
+            try:
+                root_fd = open_private_folder(root, create=False)
+            except OSError:
+                continue
+            stack.callback(os.close, root_fd)
+            for server in os.listdir(root_fd):
+                match = SERVER_FOLDER.fullmatch(server)
+                if match is None or not process_alive(int(match[1])):
+                    continue
+                with contextlib.suppress(OSError), contextlib.ExitStack() as inner:
+                    server_fd = open_private_folder(server, root_fd, create=False)
+                    inner.callback(os.close, server_fd)
+                    for session in os.listdir(server_fd):
+                        if not SESSION_NAME.fullmatch(session):
+                            continue
+                        with contextlib.suppress(OSError), contextlib.ExitStack() as innermost:
+                            session_fd = open_private_folder(session, server_fd, create=False)
+                            innermost.callback(os.close, session_fd)
+                            for name in os.listdir(session_fd):
+                                if not name.endswith("-" + RECORD_FILE_SUFFIX):
+                                    continue
+                                info = os.stat(name, dir_fd=session_fd, follow_symlinks=False)
+                                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+                                    found.append(
+                                        FoundRecord(session, int(match[1]), root / server / session, name, info.st_mtime)
+                                    )
+    return found
+
+
+class ExportFailed(Exception):
+    """Why `ipython-mcp export` wrote nothing."""
+
+
+def export_session(
+    session: str, path: Path | None, output_dir: Path, overwrite: bool = False
+) -> tuple[FoundRecord, Path, int, int, str | None]:
+    """Write a live session's record (read from disk, in this process) as a notebook.
+
+    Returns what was exported, where, how many cells and bytes, and a note when several
+    servers held a session of that name.
+    """
+    check_session_name(session)
+    roots = output_roots(output_dir)
+    found = find_records(roots)
+    matches = sorted((record for record in found if record.session == session), key=lambda record: record.mtime)
+    if not matches:
+        others = ", ".join(sorted(f"{record.session} (server pid {record.server_pid})" for record in found)) or "none"
+        raise ExportFailed(
+            f"No live session named {session!r} with a record in {output_dir} (a session has one once a cell ran; "
+            f"a server started with another --output-dir needs the same option here). Sessions found: {others}."
+        )
+    chosen = matches[-1]
+    note = None
+    if len(matches) > 1:
+        pids = ", ".join(str(record.server_pid) for record in matches)
+        note = (
+            f"{len(matches)} live servers have a session named {session!r} (pids {pids}); "
+            f"exported the most recently active one, pid {chosen.server_pid}."
+        )
+    target = Path(os.path.abspath(path.expanduser() if path is not None else Path(f"{session}.ipynb")))
+    try:
+        folder_fd = os.open(chosen.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ExportFailed(f"The session's folder {chosen.folder} cannot be read: {exc.strerror or exc}.") from None
+    try:
+        about, entries = read_record(Path(chosen.name), dir_fd=folder_fd)
+        notebook = notebook_of(about, entries, folder_fd=folder_fd)
+    except OSError as exc:
+        raise ExportFailed(f"The record {chosen.folder / chosen.name} cannot be read: {exc.strerror or exc}.") from None
+    finally:
+        os.close(folder_fd)
+    try:
+        size = write_notebook(target, notebook, overwrite)
+    except FileExistsError:
+        raise ExportFailed(f"{target} already exists; pass --overwrite to replace it.") from None
+    except OSError as exc:
+        raise ExportFailed(f"Cannot write {target}: {exc.strerror or exc}.") from None
+    return chosen, target, len(notebook["cells"]), size, note
+
+
 # --- MCP tools: thin translations between the manager and MCP results ---------------
 
 
@@ -2921,7 +3692,8 @@ which envs there are). Use one session per task, iterate in small cells, and use
 `reset`, `shutdown`, `list_sessions` to manage them. A long cell can keep running past its call with
 `on_timeout="continue"`; follow it with `wait`. A failed cell (status error, timeout, env_error,
 busy) is a tool error that still carries the full result. Nobody can type into a session: input()
-fails, so pass values in code."""
+fails, so pass values in code. `history(session)` shows the cells a session already ran (after your
+context was compacted, say)."""
 
 
 def plain_optional(json_type: str, description: str, **constraints: Any) -> Any:
@@ -2988,6 +3760,7 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
             _live_managers.discard(manager)
             with anyio.CancelScope(shield=True):
                 await manager.close_all()
+            manager.records.close_all()
 
     # The SDK's own bearer check (AuthenticationMiddleware + RequireAuthMiddleware on the MCP
     # route); with no resource_server_url it publishes no OAuth metadata: the token is ours.
@@ -3015,6 +3788,34 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
             structured_content=outcome.result.model_dump(mode="json"),
             is_error=outcome.result.status in FAILED_STATUSES,
         )
+
+    async def recorded(ctx: Context, session: str, code: str | None, outcome: CellOutcome) -> CellOutcome:
+        """Add a reply to its session's record (``code`` None: a `wait`), and tell clients what changed."""
+        manager = manager_of(ctx)
+        live = manager.sessions.get(session)
+        if live is not None and manager.records.cell(live, code, outcome) is not None:
+            for uri in session_resources(session):
+                with contextlib.suppress(Exception):  # only `subscriptions/listen` streams (2026-07-28) hear these
+                    await ctx.notify_resource_updated(uri)
+        await announce_sessions(ctx)
+        return outcome
+
+    async def announce_sessions(ctx: Context) -> None:
+        """`notifications/resources/list_changed` when sessions came or went since clients were last told."""
+        manager = manager_of(ctx)
+        names = frozenset(manager.sessions)
+        if names == manager.records.announced:
+            return
+        manager.records.announced = names
+        # Advisory: a client that went away must not fail the call.
+        try:
+            await ctx.request_context.session.send_resource_list_changed()  # handshake-era clients
+        except Exception:
+            log.debug("notifications/resources/list_changed not sent", exc_info=True)
+        try:
+            await ctx.notify_resources_changed()  # 2026-07-28 clients, on their `subscriptions/listen` stream
+        except Exception:
+            log.debug("resources list change not published", exc_info=True)
 
     # Every tool states all four hints; clients assume the worst of a hint left out.
     @server.tool(
@@ -3054,7 +3855,8 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
         """Run code in a stateful IPython session and return its output, result, error and images. \
 To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
         call = manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
-        return execute_result(await unless_client_leaves(ctx, call))
+        outcome = await unless_client_leaves(ctx, call)
+        return execute_result(await recorded(ctx, session, code, outcome))
 
     @server.tool(
         annotations=ToolAnnotations(
@@ -3074,7 +3876,8 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         ] = None,
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Follow a cell started with on_timeout='continue': output since the last call, and its final result once it ends."""
-        return execute_result(await unless_client_leaves(ctx, manager_of(ctx).wait(session, timeout_s, progress_to(ctx))))
+        outcome = await unless_client_leaves(ctx, manager_of(ctx).wait(session, timeout_s, progress_to(ctx)))
+        return execute_result(await recorded(ctx, session, None, outcome))
 
     @server.tool(
         annotations=ToolAnnotations(
@@ -3123,6 +3926,7 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
             kernel = await manager.reset(entry)
         except EnvError as exc:
             raise ToolError(f"Session {session!r} could not restart: {exc.message}") from exc
+        manager.records.restarted(session, "reset")
         if kernel is None:
             message = (
                 f"Session {session!r} was reset: its fresh kernel in env {entry.env_label!r} ({entry.python}) is still "
@@ -3138,8 +3942,10 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         )
     )
     async def shutdown(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
-        """Kill the session's kernel (and everything it started) and forget the session."""
+        """Kill the session's kernel (and everything it started) and forget the session (and its record)."""
         await manager_of(ctx).shutdown(session)
+        manager_of(ctx).records.end(session)
+        await announce_sessions(ctx)
         return action_result(session, "shut_down", f"Session {session!r} was shut down.")
 
     @server.tool(  # not destructive: the session keeps its state; a second interrupt of an idle session does nothing
@@ -3160,7 +3966,122 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         message = f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
         return action_result(session, "interrupted", message, kernel.pid)
 
+    @server.tool(annotations=ToolAnnotations(title="Cells a session ran", read_only_hint=True))
+    async def history(
+        session: str,
+        ctx: Context,
+        last: Annotated[
+            int, Field(description=f"How many of the latest cells (and restarts) to show; at most {RECORD_MAX_CELLS}.")
+        ] = HISTORY_DEFAULT_CELLS,
+    ) -> Annotated[CallToolResult, HistoryResult]:
+        """The cells a session ran, oldest first: code, status, a short output excerpt, and where its kernel restarted."""
+        manager = manager_of(ctx)
+        manager.get(session)
+        if not isinstance(last, int) or last < 1:
+            raise ToolError(f"last must be a positive number of cells, not {last!r}.")
+        result = history_of(manager.records.get(session), session, min(last, RECORD_MAX_CELLS))
+        return CallToolResult(
+            content=[TextContent(type="text", text=render_history(result))], structured_content=result.model_dump(mode="json")
+        )
+
+    @server.tool(annotations=ToolAnnotations(title="Save a session as a notebook", destructive_hint=False))
+    async def export_notebook(
+        session: str,
+        path: Annotated[str, Field(description="Absolute path of the .ipynb file to write (~ is expanded).")],
+        ctx: Context,
+        overwrite: Annotated[bool, Field(description="Replace a file already at path.")] = False,
+    ) -> Annotated[CallToolResult, NotebookExport]:
+        """Write the session's record as a Jupyter notebook (.ipynb): every cell with its outputs and images,
+        and where the kernel restarted."""
+        manager = manager_of(ctx)
+        manager.get(session)
+        target = Path(path).expanduser()
+        if not target.is_absolute():
+            raise ToolError(f"path must be absolute (the server's working directory is not yours), not {path!r}.")
+        record = manager.records.get(session)
+        entries, note = record.all_entries() if record else ([], None)
+        about = record.about if record else SessionRecords.about(manager.sessions[session])
+
+        def build_and_write() -> tuple[int, int]:
+            notebook = notebook_of(about, entries, note)
+            return len(notebook["cells"]), write_notebook(target, notebook, overwrite)
+
+        try:  # in a thread: embedded images can make it megabytes, and other sessions' calls go on
+            cells, size = await anyio.to_thread.run_sync(build_and_write)
+        except FileExistsError:
+            raise ToolError(f"{target} already exists; pass overwrite=true to replace it.") from None
+        except OSError as exc:
+            raise ToolError(f"Cannot write {target}: {exc.strerror or exc}.") from None
+        result = NotebookExport(session=session, path=str(target), cells=cells, bytes=size, note=note)
+        text = f"Wrote {cells} cells of session {session!r} to {target} ({size} bytes)." + (f" {note}" if note else "")
+        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json"))
+
+    # -- resources: each live session's record, as a page and as a notebook
+
+    @server.resource(
+        "ipython://sessions/{session}/history", name="session history", mime_type="text/markdown",
+        description="The cells a live session ran, with their outputs (Markdown).",
+    )
+    async def history_resource(session: str, ctx: Context) -> str:
+        manager = resource_manager_of(ctx, session)
+        return render_history_markdown(manager.records.get(session), session)
+
+    @server.resource(
+        "ipython://sessions/{session}/notebook", name="session notebook", mime_type=NOTEBOOK_MIME_TYPE,
+        description="A live session's record as a Jupyter notebook (nbformat 4.5, images embedded).",
+    )
+    async def notebook_resource(session: str, ctx: Context) -> str:
+        manager = resource_manager_of(ctx, session)
+        record = manager.records.get(session)
+        entries, note = record.all_entries() if record else ([], None)
+        about = record.about if record else SessionRecords.about(manager.sessions[session])
+        return json.dumps(notebook_of(about, entries, note), indent=1)
+
+    def resource_manager_of(ctx: Context, session: str) -> SessionManager:
+        manager = manager_of(ctx)
+        if session not in manager.sessions:
+            live = ", ".join(sorted(manager.sessions)) or "none"
+            raise ResourceError(f"No live session named {session!r}. Live sessions: {live}.")
+        return manager
+
+    async def list_resources(ctx: ServerRequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
+        """Two resources per live session of this connection (the templates say how to read any)."""
+        resources = []
+        for name in sorted(ctx.lifespan_context.sessions):
+            history_uri, notebook_uri = session_resources(name)
+            resources.append(
+                Resource(
+                    uri=history_uri, name=f"{name} history", title=f"Session {name}: history", mime_type="text/markdown",
+                    description=f"The cells session {name!r} ran, with their outputs.",
+                )
+            )
+            resources.append(
+                Resource(
+                    uri=notebook_uri, name=f"{name}.ipynb", title=f"Session {name}: notebook", mime_type=NOTEBOOK_MIME_TYPE,
+                    description=f"Session {name!r} as a Jupyter notebook.",
+                )
+            )
+        return ListResourcesResult(resources=resources)
+
+    # The SDK has no public way to tailor what it advertises. Sessions come and go, so
+    # resources/list changes: say so to handshake-era clients (2026-07-28 ones learn it
+    # from `subscriptions/listen`). Prompts: none are served, so they are not offered.
+    lowlevel = server._lowlevel_server
+    lowlevel.add_request_handler("resources/list", PaginatedRequestParams, list_resources)
+    for method in ("prompts/list", "prompts/get"):
+        lowlevel._request_handlers.pop(method, None)
+    initialization_options = lowlevel.create_initialization_options
+
+    def with_resources_changed(notification_options: NotificationOptions | None = None, *args: Any, **kwargs: Any) -> Any:
+        return initialization_options(notification_options or NotificationOptions(resources_changed=True), *args, **kwargs)
+
+    lowlevel.create_initialization_options = with_resources_changed  # type: ignore[method-assign]
     return server
+
+
+def session_resources(session: str) -> tuple[str, str]:
+    """The URIs of a session's history and notebook resources."""
+    return f"ipython://sessions/{session}/history", f"ipython://sessions/{session}/notebook"
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -3533,6 +4454,21 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ipython-mcp", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (without one, the server runs)")
+    export = commands.add_parser(
+        "export", help="write a live session's record as a Jupyter notebook (.ipynb)",
+        description="Write the record of SESSION, a live session of a running server, as a Jupyter notebook "
+        "(nbformat 4.5): its cells in order with their outputs and images, and where its kernel restarted.",
+    )
+    export.add_argument("session", metavar="SESSION")
+    export.add_argument(
+        "path", metavar="PATH", nargs="?", type=Path, default=None, help="the .ipynb to write (default: ./SESSION.ipynb)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace a file already at PATH")
+    # SUPPRESS: given before or after `export`, the value is the same one.
+    export.add_argument(
+        "--output-dir", type=Path, default=argparse.SUPPRESS, help="the server's --output-dir, if it was given one"
+    )
     parser.add_argument("--envs-dir", type=Path, default=None, help="folder of named envs (default: $IPYTHON_MCP_ENVS_DIR or ~/envs)")
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where the full text of cut output, and images, are saved (default: $TMPDIR/ipython-mcp-<uid>)"
@@ -3595,6 +4531,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def export_command(args: argparse.Namespace) -> int:
+    """``ipython-mcp export SESSION [PATH]``: runs apart from the server, reading its files."""
+    output_dir = Path(os.path.abspath(args.output_dir.expanduser())) if args.output_dir else Config().output_dir
+    try:
+        found, target, cells, size, note = export_session(args.session, args.path, output_dir, args.overwrite)
+    except (ExportFailed, ToolError) as exc:
+        print(f"ipython-mcp export: {exc}", file=sys.stderr)
+        return 1
+    if note:
+        print(note, file=sys.stderr)
+    print(f"Wrote {cells} cells of session {found.session!r} (server pid {found.server_pid}) to {target} ({size} bytes).")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not BOOTSTRAP.is_file():  # say so now, not as a puzzling env_error at the first call
@@ -3603,6 +4553,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(looked for {BOOTSTRAP}). The two files go together: copy both, or run from a clone of the repository."
         )
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "export":
+        sys.exit(export_command(args))
     config = Config()
     if args.envs_dir is not None:
         config.envs_dir = args.envs_dir.expanduser()

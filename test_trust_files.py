@@ -363,7 +363,8 @@ async def test_shutdown_deletes_the_sessions_files_and_keeps_the_others(tmp_path
         async with connect(tmp_path) as client:
             gone = Path((await run(client, "s", f"{BIG_PRINT}\n{BIG_RESULT}"))["output_files"]["stdout"])
             kept = Path((await run(client, "t", BIG_PRINT))["output_files"]["stdout"])
-            assert len(list(gone.parent.iterdir())) == 2  # stdout and the result's full text
+            saved = [path for path in gone.parent.iterdir() if not path.name.endswith("-record.jsonl")]  # beside the session's record
+            assert len(saved) == 2  # stdout and the result's full text
             result = await client.call_tool("shutdown", {"session": "s"})
             assert not result.is_error, text_of(result)
             assert not gone.parent.exists()
