@@ -3693,7 +3693,7 @@ which envs there are). Use one session per task, iterate in small cells, and use
 `on_timeout="continue"`; follow it with `wait`. A failed cell (status error, timeout, env_error,
 busy) is a tool error that still carries the full result. Nobody can type into a session: input()
 fails, so pass values in code. `history(session)` shows the cells a session already ran (after your
-context was compacted, say)."""
+context was compacted, say); `export_notebook(session, path)` saves them as a Jupyter notebook."""
 
 
 def plain_optional(json_type: str, description: str, **constraints: Any) -> Any:
@@ -3966,7 +3966,11 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         message = f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
         return action_result(session, "interrupted", message, kernel.pid)
 
-    @server.tool(annotations=ToolAnnotations(title="Cells a session ran", read_only_hint=True))
+    @server.tool(
+        annotations=ToolAnnotations(
+            title="Cells a session ran", read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def history(
         session: str,
         ctx: Context,
@@ -3984,7 +3988,11 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
             content=[TextContent(type="text", text=render_history(result))], structured_content=result.model_dump(mode="json")
         )
 
-    @server.tool(annotations=ToolAnnotations(title="Save a session as a notebook", destructive_hint=False))
+    @server.tool(  # writes a new file only (or replaces one when asked to overwrite)
+        annotations=ToolAnnotations(
+            title="Save a session as a notebook", read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        )
+    )
     async def export_notebook(
         session: str,
         path: Annotated[str, Field(description="Absolute path of the .ipynb file to write (~ is expanded).")],

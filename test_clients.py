@@ -31,7 +31,7 @@ SERVER = Path(ipython_mcp.__file__).resolve()
 QUICK_S = 30
 SLOW_S = 60
 FAILED = {"error", "timeout", "env_error", "busy"}
-TOOLS = {"execute", "wait", "list_sessions", "list_envs", "reset", "shutdown", "interrupt"}
+TOOLS = {"execute", "wait", "list_sessions", "list_envs", "reset", "shutdown", "interrupt", "history", "export_notebook"}
 # (readOnly, destructive, idempotent, openWorld) of each tool, as clients read them.
 HINTS = {
     "execute": (False, True, False, True),
@@ -41,6 +41,8 @@ HINTS = {
     "reset": (False, True, True, False),
     "shutdown": (False, True, True, False),
     "interrupt": (False, False, True, False),
+    "history": (True, False, True, False),
+    "export_notebook": (False, False, True, False),
 }
 
 
