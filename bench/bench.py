@@ -293,6 +293,54 @@ class Ours:
                 print(f"[bench] shutdown of {session!r} failed: {exc}", file=sys.stderr)
 
 
+@contextlib.asynccontextmanager
+async def http_server(work: Path) -> Any:
+    """The same server over streamable HTTP (``--transport http``), and an SDK client of it.
+
+    Yields None when the server under test has no HTTP transport (an older version)."""
+    if not server_has_option("--transport"):
+        yield None
+        return
+    import re
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    token = "bench-token-" + os.urandom(8).hex()
+    runtime = work / "http-runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    stderr_path = work / "http-server.log"
+    environ = dict(os.environ, IPYTHON_MCP_TOKEN=token, XDG_RUNTIME_DIR=str(runtime))
+    with open(stderr_path, "wb") as stderr:  # noqa: ASYNC230
+        process = await asyncio.create_subprocess_exec(
+            PY, str(SERVER), "--transport", "http", "--port", "0", "--output-dir", str(work / "http-output"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr, env=environ,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        url = None
+        while url is None:
+            found = re.search(r"serving MCP over HTTP at (http://\S+)", stderr_path.read_text(errors="replace"))
+            if found:
+                url = found.group(1)
+            elif process.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start: {stderr_path.read_text(errors='replace')[-500:]}")
+            else:
+                await asyncio.sleep(0.02)
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=300))
+        async with http, Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            yield Ours(client)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), SHUTDOWN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+
+
 # --- ours without the server: bootstrap_kernel.py over its pipes -------------------------
 
 
@@ -325,10 +373,12 @@ class DirectKernel:
 
     async def _next_message(self) -> dict[str, Any]:
         assert self.process and self.process.stdout
-        line = await self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("direct kernel: protocol pipe closed")
-        return json.loads(line)
+        while True:
+            line = await self.process.stdout.readline()
+            if not line:
+                raise RuntimeError("direct kernel: protocol pipe closed")
+            if line.strip():  # the kernel writes a newline before its hello (start-up output stays apart)
+                return json.loads(line)
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self.process and self.process.stdin
@@ -978,6 +1028,12 @@ class Bench:
                 r.add("warm.ours", time.perf_counter() - started)
                 assert reply.get("result") == "2", reply
 
+            async def ours_http() -> None:
+                started = time.perf_counter()
+                reply = await over_http.execute(session, WARM_CODE)
+                r.add("warm.ours_http", time.perf_counter() - started)
+                assert reply.get("result") == "2", reply
+
             async def mcp_floor() -> None:
                 started = time.perf_counter()
                 await self.ours.call("list_sessions", {}, CALL_TIMEOUT_S)
@@ -1010,7 +1066,8 @@ class Bench:
             floor_parameters = StdioServerParameters(
                 command=PY, args=["-c", SDK_FLOOR_SERVER, str(SERVER.parent)], env={RUN_MARKER: os.environ[RUN_MARKER]}
             )
-            async with Child(ECHO_CHILD) as echo, Client(floor_parameters, read_timeout_seconds=START_TIMEOUT_S) as noop:
+            async with Child(ECHO_CHILD) as echo, Client(floor_parameters, read_timeout_seconds=START_TIMEOUT_S) as noop, \
+                    http_server(self.work) as over_http:
                 assert echo.stdin and echo.stdout
 
                 async def sdk_floor() -> None:
@@ -1035,6 +1092,9 @@ class Bench:
                     assert line == b"1+1\n", line
 
                 steps = [ours_mcp, mcp_floor, sdk_floor, noop_mcp, ours_direct, baseline, floor_echo]
+                if over_http is not None:  # its own session: the HTTP server is another process
+                    await over_http.ok(session, WARM_CODE)
+                    steps.insert(1, ours_http)
                 if kernel_obj is not None:
                     try:  # the server's internal API may have moved on: then skip this one row
                         with self.unrecorded():
@@ -1542,6 +1602,7 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("  with a spare kernel ready (as shipped)", "reset.ours", "reset.baseline", "cold.floor_import_ipython")
     row("warm 1+1 round trip (median)", "warm.ours", "warm.baseline", "warm.floor_sdk")
     row("warm 1+1 round trip (p95)", "warm.ours", "warm.baseline", "warm.floor_sdk", field="p95")
+    row("  over streamable HTTP (legacy session, bearer token)", "warm.ours_http", "warm.baseline", "warm.floor_sdk")
     row("  kernel only, direct pipes", "warm.ours_direct", "warm.baseline", "warm.floor_echo")
     row("  ipython_mcp.Kernel, no MCP", "warm.ours_kernel_class", "warm.baseline", "warm.floor_echo")
     row("  MCP call, no kernel (list_sessions)", "warm.ours_list_sessions", None, "warm.floor_echo")
