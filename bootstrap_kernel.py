@@ -542,6 +542,9 @@ def headless_environment():
     os.environ.setdefault("NO_COLOR", "1")
     os.environ.setdefault("CLICOLOR", "0")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # A home the kernel may not write (a bwrap sandbox, a container's user): IPython uses a
+    # temp folder instead, and its warning would land in the first cell's stderr.
+    warnings.filterwarnings("ignore", message="IPython dir .* is not a writable location")
     if "MPLBACKEND" not in os.environ:
         import importlib.util
 

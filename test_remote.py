@@ -240,9 +240,11 @@ async def test_ssh_connection_killed_mid_cell_is_an_error_naming_the_host_and_th
     sshd: Sshd, tmp_path: Path
 ) -> None:
     marker = tmp_path / "running"
+    far_marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
     async with connect(tmp_path, launchers=sshd.launchers()) as client:
         with anyio.fail_after(SLOW_S):
             await run(client, "s", "x = 1", env="far")
+            pid = int((await run(client, "s", start_marked_child(far_marker)))["result"])
             ssh_pid = (await client.call_tool("list_sessions", {})).structured_content["sessions"][0]["pid"]
 
             async def kill_when_running() -> None:
@@ -253,12 +255,25 @@ async def test_ssh_connection_killed_mid_cell_is_an_error_naming_the_host_and_th
                 group.start_soon(kill_when_running)
                 lost = await run(client, "s", f"{touch(marker)}\nimport time\ntime.sleep(60)")
             again = await run(client, "s", "'x' in dir()")
+            await nothing_left(far_marker, pid)
     assert lost["status"] == "error" and "connection to testhost was lost" in lost["error"], lost
     assert again["status"] == "ok" and again["result"] == "False", again
     assert "gone" in (again["warning"] or ""), "the next call says the state was lost"
 
 
-async def test_server_killed_leaves_no_process_on_the_far_side(sshd: Sshd, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["reset", "shutdown"])
+async def test_reset_and_shutdown_leave_no_process_on_the_far_side(sshd: Sshd, tmp_path: Path, how: str) -> None:
+    marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
+    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+        with anyio.fail_after(SLOW_S):
+            pid = int((await run(client, "s", start_marked_child(marker), env="far"))["result"])
+            ended = await client.call_tool(how, {"session": "s"})
+            assert not ended.is_error, ended
+            await nothing_left(marker, pid)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+async def test_server_killed_leaves_no_process_on_the_far_side(sshd: Sshd, tmp_path: Path, signum: int) -> None:
     marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
     config = tmp_path / "config.toml"
     config.write_text(f'[envs.far]\nlaunch = ["ssh", "-F", "{sshd.config}", "testhost"]\npython = "{PYTHON}"\n')
@@ -271,7 +286,7 @@ async def test_server_killed_leaves_no_process_on_the_far_side(sshd: Sshd, tmp_p
                 pid = int((await run(client, "s", start_marked_child(marker), env="far"))["result"])
                 servers = [p for p in marked(marker) if p != pid and b"ipython_mcp" in Path(f"/proc/{p}/cmdline").read_bytes()]
                 assert len(servers) == 1, servers
-                os.kill(servers[0], signal.SIGKILL)
+                os.kill(servers[0], signum)
                 await nothing_left(marker, pid)
         await nothing_left(marker, pid)
 
@@ -355,7 +370,7 @@ async def test_bwrap_sandbox_cannot_write_home_or_reach_the_network_and_runs_cel
             write = await run(client, "s", f"open({str(home / 'ipython-mcp-sandbox-test')!r}, 'w')")
             network = await run(client, "s", "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)")
             after = await run(client, "s", "x * 2")
-    assert state["status"] == "ok" and "in the box" in state["stdout"], state
+    assert state["status"] == "ok" and state["stdout"] == "in the box\n" and state["stderr"] == "", state
     assert write["status"] == "error" and "Read-only file system" in write["error"], write
     assert network["status"] == "error" and "Network is unreachable" in network["error"], network
     assert after["result"] == "40"
