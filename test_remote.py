@@ -10,6 +10,7 @@ the session ends, however it ends.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +43,7 @@ BARE_PYTHON = next(
     (
         path
         for path in ("/usr/bin/python3", "/usr/bin/python3.11")
-        if os.path.exists(path) and subprocess.run([path, "-c", "import IPython"], capture_output=True).returncode != 0
+        if os.path.exists(path) and subprocess.run([path, "-c", "import IPython"], capture_output=True, check=False).returncode != 0
     ),
     None,
 )
@@ -82,9 +84,8 @@ class Sshd:
         )
         os.makedirs("/run/sshd", exist_ok=True)  # privilege separation folder sshd insists on
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        self.process = subprocess.Popen(
-            [sshd, "-D", "-e", "-f", str(self.folder / "sshd_config")], stderr=open(self.folder / "sshd.log", "wb")
-        )
+        with open(self.folder / "sshd.log", "wb") as log:
+            self.process = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.folder / "sshd_config")], stderr=log)
 
     def ready(self) -> str | None:
         """None once ``ssh testhost`` runs a command; else why not."""
@@ -92,11 +93,11 @@ class Sshd:
         for _ in range(200):
             if self.process is not None and self.process.poll() is not None:
                 return f"sshd exited: {(self.folder / 'sshd.log').read_text()[-500:]}"
-            done = subprocess.run(["ssh", "-F", str(self.config), "testhost", "true"], capture_output=True, text=True)
+            done = subprocess.run(["ssh", "-F", str(self.config), "testhost", "true"], capture_output=True, text=True, check=False)
             if done.returncode == 0:
                 return None
             said = done.stderr
-            subprocess.run(["sleep", "0.05"])
+            time.sleep(0.05)  # sshd is still starting: this fixture runs before any test's event loop
         return f"ssh testhost did not work: {said[-500:]}"
 
     def stop(self) -> None:
@@ -144,7 +145,7 @@ BWRAP_SANDBOX = (
 def bwrap() -> tuple[str, ...]:
     if shutil.which("bwrap") is None:
         pytest.skip("needs bubblewrap (Debian: apt install bubblewrap)")
-    tried = subprocess.run([*BWRAP_SANDBOX, "true"], capture_output=True, text=True)
+    tried = subprocess.run([*BWRAP_SANDBOX, "true"], capture_output=True, text=True, check=False)
     if tried.returncode != 0:
         pytest.skip(f"bwrap cannot make a sandbox here: {tried.stderr.strip()[-300:]}")
     return BWRAP_SANDBOX
@@ -321,7 +322,7 @@ async def test_missing_remote_python_is_an_env_error_quoting_the_far_shell(sshd:
 
 
 async def test_ssh_url_shorthand_runs_a_session_with_port_and_user(sshd: Sshd, tmp_path: Path) -> None:
-    user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    user = getpass.getuser()
     prefix = Path(PYTHON).parent.parent
     async with connect(tmp_path, launchers=sshd.launchers()) as client:
         with anyio.fail_after(SLOW_S):
