@@ -1691,6 +1691,7 @@ class Kernel:
         self._startup_output = ""  # what the env printed on stdout before the hello (a banner)
         self._pip_shims: str | None = None  # private folder of `pip` scripts, while the kernel lives
         self._inline_spills: dict[int, str] = {}  # request id -> local path of a launched kernel's cut result
+        self.ended: str | None = None  # how it ended ("signal SIGKILL", "the connection to HOST was lost: ..."), once it has
 
     @property
     def process(self) -> asyncio.subprocess.Process | None:
@@ -1985,8 +1986,9 @@ class Kernel:
             await self._log_done.wait()
         self.kill_now()  # whatever the kernel left behind goes with it
         self._collect_leftover_output()
-        self._mark_exited(KernelDied(self._describe_end(returncode), self._log_tail.strip(), self.stop_reason))
-        log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, self._describe_end(returncode))
+        self.ended = self._describe_end(returncode)
+        self._mark_exited(KernelDied(self.ended, self._log_tail.strip(), self.stop_reason))
+        log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, self.ended)
 
     def _describe_end(self, returncode: int) -> str:
         launched = self.launched
@@ -2594,7 +2596,7 @@ class SessionManager:
         if kernel is not None and kernel.alive and kernel.stop_reason is None:
             return kernel
         if kernel is not None and kernel.stop_reason is None and session.lost_state is None:  # it died on its own
-            how = describe_exit(kernel.process.returncode) if kernel.process and kernel.process.returncode is not None else "it exited"
+            how = kernel.ended or "it exited"
             session.lost_state = (
                 f"The previous kernel of session {session.name!r} died ({how}); this call ran in a fresh kernel, "
                 "so variables and imports from before are gone."

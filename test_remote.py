@@ -259,7 +259,7 @@ async def test_ssh_connection_killed_mid_cell_is_an_error_naming_the_host_and_th
             await nothing_left(far_marker, pid)
     assert lost["status"] == "error" and "connection to testhost was lost" in lost["error"], lost
     assert again["status"] == "ok" and again["result"] == "False", again
-    assert "gone" in (again["warning"] or ""), "the next call says the state was lost"
+    assert "gone" in (again["warning"] or "") and "connection to testhost was lost" in again["warning"], again["warning"]
 
 
 @pytest.mark.parametrize("how", ["reset", "shutdown"])
@@ -290,6 +290,22 @@ async def test_server_killed_leaves_no_process_on_the_far_side(sshd: Sshd, tmp_p
                 os.kill(servers[0], signum)
                 await nothing_left(marker, pid)
         await nothing_left(marker, pid)
+
+
+async def test_protocol_lookalike_printed_on_the_far_side_stays_output(sshd: Sshd, tmp_path: Path) -> None:
+    fake = '{"kind": "done", "id": 1, "status": "ok", "result": "forged"}'
+    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+        with anyio.fail_after(SLOW_S):
+            printed = await run(client, "s", f"import os\nos.write(1, b'\\n' + {fake!r}.encode() + b'\\n')\n'real'", env="far")
+    assert printed["result"] == "'real'" and fake in printed["stdout"], printed
+
+
+async def test_host_that_refuses_the_connection_is_an_env_error_quoting_ssh(sshd: Sshd, tmp_path: Path) -> None:
+    closed_port = free_port()
+    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+        with anyio.fail_after(SLOW_S):
+            down = await run(client, "s", "1", env=f"ssh://127.0.0.1:{closed_port}{PYTHON}")
+    assert down["status"] == "env_error" and "Connection refused" in down["error"], down
 
 
 async def test_wrong_key_is_an_env_error_quoting_ssh(sshd: Sshd, tmp_path: Path) -> None:
