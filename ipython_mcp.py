@@ -2414,7 +2414,7 @@ class Config:
 class Session:
     name: str
     env_label: str
-    python: Path
+    python: Path | LaunchedPython
     kernel: Kernel | None = None
     created: float = dataclasses.field(default_factory=time.monotonic)
     exec_count: int = 0
@@ -4219,7 +4219,8 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
             str | None,
             plain_optional(
                 "string",
-                "Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name>, or a path (env folder, project folder with .venv, or interpreter).",
+                "Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name> or an env of the config file (list_envs shows them), "
+                "a path (env folder, project folder with .venv, or interpreter), or ssh://[user@]host[:port]/abs/path/to/env.",
             ),
         ] = None,
         timeout_s: Annotated[
@@ -4282,7 +4283,7 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         )
     )
     async def list_envs(ctx: Context) -> Annotated[CallToolResult, EnvList]:
-        """Python envs a session can use (pass the name as `env`): the server's own and each under the envs folder, with versions and whether IPython is there."""
+        """Python envs a session can use (pass the name as `env`): the server's own, each under the envs folder and each in the config file (probed through its launcher: ssh, docker...), with versions and whether IPython is there."""
         manager = manager_of(ctx)
         listing = await manager.envs.list(manager.config.envs_dir, manager.config.launchers.envs)
         lines = [f"Envs folder: {listing.envs_dir}"]

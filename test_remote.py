@@ -190,11 +190,14 @@ async def test_ssh_session_keeps_state_prints_and_shows_an_image(sshd: Sshd, tmp
                 "b = io.BytesIO(); P.new('RGB', (8, 8), 'teal').save(b, 'PNG'); display(Image(data=b.getvalue()))",
             )
             infos = (await client.call_tool("list_sessions", {})).structured_content["sessions"]
+            envs = (await client.call_tool("list_envs", {})).structured_content["envs"]
             assert image["status"] == "ok" and len(image["images"]) == 1, image
             assert Path(image["images"][0]["path"]).is_file(), "the image is saved in the local output folder"
     assert first["status"] == "ok" and first["stdout"] == "hello from far\n", first
     assert second["result"] == "42", "state lives across calls over ssh"
     assert infos[0]["env"] == "far" and "testhost" in infos[0]["python"], infos
+    far = next(env for env in envs if env["name"] == "far")
+    assert far["usable"] and far["ipython_version"], far
 
 
 async def test_ssh_huge_output_and_a_cut_result_are_saved_whole_in_the_local_folder(sshd: Sshd, tmp_path: Path) -> None:
