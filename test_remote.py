@@ -493,3 +493,14 @@ def test_config_file_names_envs_and_bad_files_are_refused_with_the_reason(tmp_pa
 def test_default_config_path_follows_the_variable_and_xdg() -> None:
     assert ipython_mcp.config_path_default({"IPYTHON_MCP_CONFIG": "/a/b.toml"}) == Path("/a/b.toml")
     assert ipython_mcp.config_path_default({"XDG_CONFIG_HOME": "/c"}) == Path("/c/ipython-mcp/config.toml")
+
+
+def test_server_refuses_to_start_with_a_config_file_it_cannot_use(tmp_path: Path) -> None:
+    bad = tmp_path / "config.toml"
+    bad.write_text("[envs.gpu]\nlaunch = 'ssh gpu-box'\n")
+    for path, says in ((tmp_path / "absent.toml", "Cannot read the config file"), (bad, "launch must be a non-empty list")):
+        done = subprocess.run(
+            [sys.executable, str(SERVER), "--config", str(path)], capture_output=True, text=True, timeout=SLOW_S,
+            stdin=subprocess.DEVNULL, check=False,
+        )
+        assert done.returncode != 0 and says in done.stderr, done.stderr
