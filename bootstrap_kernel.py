@@ -1,6 +1,9 @@
 """Kernel side of ipython-mcp: one IPython shell behind a JSON-lines pipe.
 
-The server runs ``<target python> bootstrap_kernel.py`` with three pipes. This file
+The server runs ``<target python> bootstrap_kernel.py`` with three pipes, or, behind a
+launcher (ssh, docker exec), ``<python> -u -c <loader>`` that reads this source from
+stdin and runs it; the server's own output pipes then stay local, and this kernel makes
+its own (no IPYTHON_MCP_OUTPUT_FDS). This file
 must stay importable by any Python >= 3.9 that has IPython, and must not import the
 server: it is the only code that runs inside the user's environment.
 
@@ -23,8 +26,10 @@ nothing, and ends (``os._exit``) when it comes back from the cell.
 
 Messages (one JSON object per line, ``kind`` says which):
     server -> kernel   execute {id, code, max_result_chars, image_budget, spill_path,
-                                spill_limit}   (where to save a cut result's full
-                                text, new and private, and at most how many bytes)
+                                spill_limit, spill_inline}   (where to save a cut
+                                result's full text, new and private, and at most how
+                                many bytes; with spill_inline, the server is on another
+                                machine: the text goes in the reply, result_file_text)
                        interrupt {id, group_signalled}
                            stops cell ``id`` (now, or when it would start); when the
                            server could not signal the process group itself, the
@@ -537,6 +542,9 @@ def headless_environment():
     os.environ.setdefault("NO_COLOR", "1")
     os.environ.setdefault("CLICOLOR", "0")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # A home the kernel may not write (a bwrap sandbox, a container's user): IPython uses a
+    # temp folder instead, and its warning would land in the first cell's stderr.
+    warnings.filterwarnings("ignore", message="IPython dir .* is not a writable location")
     if "MPLBACKEND" not in os.environ:
         import importlib.util
 
@@ -1151,6 +1159,18 @@ def save_text(text, path, limit):
     return " Full text: %s" % path, written
 
 
+def inline_text(text, path, limit):
+    """For a server on another machine (ssh, exec): the text it saves at ``path``, at most
+    ``limit`` bytes of it, and the sentence for the note. Returns (sentence, text or None)."""
+    data = text.encode("utf-8", "replace")
+    if limit is not None and len(data) > limit:
+        if limit <= 0:
+            return " The full text was not saved: no room is left under the limits for saved output.", None
+        return (" The saved text in %s was cut at %d bytes (the limit for saved output)." % (path, limit),
+                data[:limit].decode("utf-8", "ignore"))
+    return " Full text: %s" % path, text
+
+
 def execute(shell, relay, state, capture, request):
     capture.clear()
     notes = capture["notes"] = []
@@ -1207,9 +1227,14 @@ def execute(shell, relay, state, capture, request):
             plain, cut = truncate_middle(plain, request.get("max_result_chars"))
             if cut:
                 note = "The result's repr was %d characters long; %d were cut from its middle." % (len(full), cut)
-                saved, size = save_text(full, request.get("spill_path"), request.get("spill_limit"))
-                if size is not None:
-                    reply["result_file"] = {"path": request["spill_path"], "bytes": size}
+                if request.get("spill_inline"):  # we are far from the server's folder: it saves the text
+                    saved, text = inline_text(full, request.get("spill_path"), request.get("spill_limit"))
+                    if text is not None:
+                        reply["result_file_text"] = text
+                else:
+                    saved, size = save_text(full, request.get("spill_path"), request.get("spill_limit"))
+                    if size is not None:
+                        reply["result_file"] = {"path": request["spill_path"], "bytes": size}
                 notes.append(note + saved)
             reply["result"] = plain
         bundle = capture.get("result") or {}

@@ -58,6 +58,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import enum
 import errno
 import hmac
 import ipaddress
@@ -209,9 +210,11 @@ class EnvError(Exception):
     """
 
     def __init__(
-        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed", has_pip: bool = True
+        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed", has_pip: bool = True,
+        plan: InstallPlan | None = None,
     ):
         self.env, self.python, self.reason, self.hint, self.kind, self.has_pip = env, python, reason, hint, kind, has_pip
+        self.plan = plan  # how to install ipykernel there, when not the local install_plan (a launched env)
         super().__init__(self.message)
 
     @property
@@ -264,14 +267,19 @@ def python_in(folder: Path) -> Path | None:
     return None
 
 
-def interpreter_for(env: str | None, envs_dir: Path) -> tuple[str, Path]:
-    """Map an ``env`` argument to (label shown to users, interpreter path).
+def interpreter_for(env: str | None, envs_dir: Path, launchers: LaunchConfig | None = None) -> tuple[str, Path | LaunchedPython]:
+    """Map an ``env`` argument to (label shown to users, interpreter path or launched Python).
 
-    None or "" -> this server's own Python; a bare name -> ``<envs_dir>/<name>/bin/python``;
+    None or "" -> this server's own Python; a name from the config file -> its launcher;
+    ``ssh://...`` -> that Python over ssh; a bare name -> ``<envs_dir>/<name>/bin/python``;
     anything with ``/`` or ``~`` -> that path (an interpreter, or an env/project folder).
     Raises EnvError when there is no interpreter, naming what was looked for, and when a
     folder on the way cannot be entered (PermissionError), naming that folder.
     """
+    if env and launchers is not None and env in launchers.envs:
+        return env, launchers.envs[env]
+    if env and env.startswith("ssh:"):
+        return env, ssh_url_python(env, launchers.ssh_command if launchers is not None else ("ssh",))
     try:
         return _interpreter_for(env, envs_dir)
     except OSError as exc:
@@ -390,6 +398,207 @@ def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
 
 def install_hint(python: Path, has_pip: bool = True) -> str:
     return f"Install with: {install_plan(python, has_pip).text}"
+
+
+# --- Launchers: a kernel behind a command (ssh, docker/podman/kubectl exec, srun, bwrap) ---
+#
+# Such a kernel is reached through the launcher's stdin/stdout, as a person would type
+# `ssh gpu-box python`: the server sends the bootstrap's source down the pipe (nothing is
+# copied or installed on the far side), then speaks the same JSON lines. Signals do not
+# cross ssh or exec, so interrupts travel as messages, and closing the pipe ends the far
+# side (the bootstrap kills its own process group at end of input).
+
+# Run as `<python> -u -c KERNEL_LOADER`: read a line with the source's length, then the
+# source, and run it. Read with os.read so no byte of the protocol after it is buffered
+# away. setsid: the kernel leads its own process group on the far side, so the interrupt
+# message and the end of its input reach everything its cells started.
+KERNEL_LOADER = (
+    "import os,sys\n"
+    "try:\n os.setsid()\nexcept OSError:\n pass\n"
+    "def r(n):\n b=os.read(0,n)\n if not b:sys.exit(3)\n return b\n"
+    "h=b''\n"
+    "while h[-1:]!=b'\\n':h+=r(1)\n"
+    "n=int(h);s=b''\n"
+    "while len(s)<n:s+=r(n-len(s))\n"
+    "exec(compile(s,'bootstrap_kernel.py','exec'),{'__name__':'__main__','__file__':'bootstrap_kernel.py'})\n"
+)
+# ssh ConnectTimeout for ssh:// envs: a host that is down is an env_error within this, not a hang.
+SSH_CONNECT_TIMEOUT_S = 15
+# After closing a launched kernel's input, how long the far side gets to end its own process
+# group (and the launcher to exit) before the launcher is killed here.
+LAUNCHER_CLOSE_GRACE_S = 2.0
+# What an ssh:// env may contain in its user, host and path: the remote command is one
+# string for the far side's shell, and an option-looking host would be an ssh option.
+SSH_URL = re.compile(r"ssh://(?:(?P<user>[^@/]*)@)?(?P<host>\[[^\]/]*\]|[^:/]*)(?::(?P<port>[^/]*))?(?P<path>/.*)?", re.DOTALL)
+SSH_URL_SAFE = re.compile(r"[A-Za-z0-9_.+@%,=~^/:\[\]-]+")
+# How to get a launcher that is not installed here, by program name.
+LAUNCHER_INSTALL = {
+    "ssh": "install the OpenSSH client (Debian/Ubuntu: `sudo apt install openssh-client`)",
+    "docker": "install Docker (https://docs.docker.com/engine/install/) or use podman",
+    "podman": "install Podman (https://podman.io/docs/installation)",
+    "kubectl": "install kubectl (https://kubernetes.io/docs/tasks/tools/)",
+    "srun": "run the server on a Slurm login node, where `srun` is on PATH",
+    "bwrap": "install bubblewrap (Debian/Ubuntu: `sudo apt install bubblewrap`)",
+}
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names the file and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchedPython:
+    """A Python reached through a launcher command: ``launch + [python, args...]``.
+
+    With ssh the far side's shell parses one command string, so it is quoted for it
+    (``exec`` so the kernel is the process sshd started, and a leading ``~/`` left to the
+    shell to expand); other launchers (docker exec, kubectl exec, srun, bwrap) take argv.
+    """
+
+    launch: tuple[str, ...]  # from the user's config file, or built from an ssh:// env
+    python: str  # the interpreter as the far side names it
+    host: str | None = None  # for ssh: what "the connection to HOST was lost" names
+
+    @property
+    def program(self) -> str:
+        return self.launch[0]
+
+    @property
+    def through_shell(self) -> bool:
+        return os.path.basename(self.program) == "ssh"
+
+    @property
+    def where(self) -> str:
+        return self.host or shlex.join(self.launch)
+
+    def remote_command(self, *args: str, exec_: bool = False) -> str:
+        python = self.python
+        quoted = "~/" + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
+        return ("exec " if exec_ else "") + " ".join([quoted, *map(shlex.quote, args)])
+
+    def argv(self, *args: str) -> list[str]:
+        if self.through_shell:
+            return [*self.launch, self.remote_command(*args, exec_=True)]
+        return [*self.launch, self.python, *args]
+
+    def command_text(self, *args: str) -> str:
+        """What a person types to run ``python args`` there (for hints)."""
+        if self.through_shell:
+            return f"{shlex.join(self.launch)} {shlex.quote(self.remote_command(*args))}"
+        return shlex.join(self.argv(*args))
+
+    def __str__(self) -> str:
+        return f"{self.python} through `{shlex.join(self.launch)}`"
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    """What the user's config file says: envs behind launchers, and the ssh command of ssh:// envs."""
+
+    envs: dict[str, LaunchedPython] = dataclasses.field(default_factory=dict)
+    ssh_command: tuple[str, ...] = ("ssh",)
+    source: Path | None = None
+
+
+def config_path_default(environ: Mapping[str, str] = os.environ) -> Path:
+    if environ.get("IPYTHON_MCP_CONFIG"):
+        return Path(environ["IPYTHON_MCP_CONFIG"]).expanduser()
+    base = Path(environ.get("XDG_CONFIG_HOME") or Path("~/.config").expanduser())
+    return base / "ipython-mcp" / "config.toml"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise ConfigError(f"Reading the config file {path} needs Python 3.11 or newer, or the tomli package (pip install tomli).") from None
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the config file {path}: {exc.strerror or exc}.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from exc
+
+
+def string_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, str) and item for item in value)
+
+
+def load_launch_config(path: Path | None, required: bool = False) -> LaunchConfig:
+    """Parse the config file (absent and not ``required``: nothing configured). Raises ConfigError."""
+    if path is None or (not required and not path.exists()):
+        return LaunchConfig()
+    data = read_toml(path)
+    config = LaunchConfig(source=path)
+    ssh = data.get("ssh_command", ["ssh"])
+    if not string_list(ssh):
+        raise ConfigError(f"In {path}: ssh_command must be a non-empty list of strings, like [\"ssh\", \"-F\", \"/path/ssh_config\"].")
+    config.ssh_command = tuple(ssh)
+    envs = data.get("envs", {})
+    if not isinstance(envs, dict):
+        raise ConfigError(f"In {path}: [envs] must be a table of [envs.NAME] tables.")
+    for name, table in envs.items():
+        where = f"In {path}, [envs.{name}]"
+        if not ENV_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: an env name is letters, digits, '_', '.', '+', '-'.")
+        if not isinstance(table, dict) or not string_list(table.get("launch")):
+            raise ConfigError(f"{where}: launch must be a non-empty list of strings, like [\"ssh\", \"gpu-box\"].")
+        python = table.get("python", "python3")
+        if not isinstance(python, str) or not python:
+            raise ConfigError(f"{where}: python must be the far side's interpreter, like \"~/envs/torch/bin/python\".")
+        launch = tuple(table["launch"])
+        host = launch[-1] if os.path.basename(launch[0]) == "ssh" else None
+        config.envs[name] = LaunchedPython(launch, python, host)
+    return config
+
+
+def ssh_url_python(env: str, ssh_command: Sequence[str] = ("ssh",)) -> LaunchedPython:
+    """``ssh://[user@]host[:port]/abs/path/to/env`` (or to its python) as a launched Python.
+
+    Only the user's ssh config says how to connect: the URL gives no option, and a user,
+    host or path that a shell or ssh would read as more than a name is refused.
+    """
+    match = SSH_URL.fullmatch(env)
+    if match is None or not match["host"] or not match["path"]:
+        raise EnvError(env, None, f"Invalid ssh env {env!r}: write ssh://[user@]host[:port]/absolute/path/to/env.", kind="bad_name")
+    user, host, port, path = match["user"], match["host"], match["port"], match["path"]
+    for what, value in (("user", user), ("host", host), ("path", path)):
+        if value is None:
+            continue
+        if value.startswith("-") or not SSH_URL_SAFE.fullmatch(value) or "/-" in value:
+            raise EnvError(
+                env, None,
+                f"Refused ssh env {env!r}: its {what} {value!r} is not a plain name (it starts with '-' or holds spaces, quotes, "
+                "';', '$', backticks or other characters a shell or ssh would act on). Connection options belong in your ssh config.",
+                kind="bad_name",
+            )
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise EnvError(env, None, f"Invalid ssh env {env!r}: the port {port!r} is not a number from 1 to 65535.", kind="bad_name")
+    argv = [*ssh_command, "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}"]
+    if port:
+        argv += ["-p", port]
+    if user:
+        argv += ["-l", user]
+    argv += ["--", host.strip("[]")]
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    python = path if name.startswith("python") else path.rstrip("/") + "/bin/python"
+    return LaunchedPython(tuple(argv), python, host)
+
+
+def launcher_missing_error(env: str, launched: LaunchedPython, source: Path | None) -> EnvError:
+    program = launched.program
+    how = LAUNCHER_INSTALL.get(os.path.basename(program), f"install {program} or fix `launch`")
+    where = f" in {source}" if source else ""
+    return EnvError(
+        env, launched.python,
+        f"The launcher{f' of env {env!r}' if env else ''}, `{program}`, is not installed here (not found on PATH); "
+        f"{how}, or change the env's `launch`{where}.",
+        kind="no_interpreter",
+    )
 
 
 def default_timeout_s(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
@@ -1357,16 +1566,120 @@ class Execution:
 # --- Kernel: one child process, knows nothing of MCP ---------------------------------
 
 
-class Kernel:
-    """The target env's Python running bootstrap_kernel.py, in its own process group."""
+class StopReason(str, enum.Enum):
+    """Why this server ended a kernel on purpose; a kernel that ended by itself has none."""
 
-    def __init__(self, python: Path, env_label: str, guard: OrphanGuard | None = None):
-        self.python, self.env_label, self.guard = python, env_label, guard
+    RESET = "reset"
+    SHUTDOWN = "shutdown"
+    KILLED = "killed"  # its cell ignored an interrupt, its start failed, or the server stops
+    IDLE = "idle"
+
+
+class KernelProcess:
+    """The process a kernel runs in: spawn, pipes, reap, kill. Knows nothing of the protocol.
+
+    Local: the env's Python, leader of its own process group, which signals reach.
+    Launched: the launcher (ssh, docker exec, bwrap) in its own group here; the kernel is
+    on the far side, where our signals do not go (``signals`` is False): the protocol
+    carries interrupts, and closing the launcher's input ends the far side.
+    """
+
+    def __init__(self, guard: OrphanGuard | None, signals: bool):
+        self.guard, self.signals = guard, signals
         self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def spawn(self, argv: Sequence[str], environ: dict[str, str], pass_fds: Sequence[int] = ()) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # own process group: interrupt and kill reach its children
+            env=environ,
+            limit=WIRE_LINE_LIMIT,
+            pass_fds=pass_fds,
+        )
+        if self.guard is not None:
+            self.guard.watch(self.process.pid)
+
+    async def wait(self) -> int:
+        assert self.process
+        returncode = await self.process.wait()
+        if self.guard is not None:
+            self.guard.forget(self.process.pid)
+        return returncode
+
+    def signal_group(self, signum: int) -> bool:
+        """Signal the kernel's process group; False when that cannot reach the kernel."""
+        if not self.signals or self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def close_input(self) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()
+
+    def kill_now(self, running: bool) -> None:
+        """SIGKILL the process group, and descendants that left it (setsid)."""
+        if self.pid is None:
+            return
+        strays = descendants(self.pid) if running else []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython) -> EnvError | None:
+    """What a kernel's hello says is missing there, as the EnvError to report; None when it can run."""
+    if hello.get("missing") == "ipython":
+        has_pip = bool(hello.get("pip", True))
+        if hello.get("ipython"):  # there, but too old
+            reason = f"IPython in env {env!r} (python: {python}) cannot run this kernel: {hello.get('error')}."
+        else:
+            reason = f"ipykernel not found in env {env!r} (python: {python}): IPython is not importable there ({hello.get('error')})."
+        if isinstance(python, LaunchedPython):
+            args = ("-m", "pip", "install", "ipykernel")
+            plan = InstallPlan(tuple(python.argv(*args)), None, python.command_text(*args))
+            return EnvError(env, python.python, reason, f"Install with: {plan.text}", "missing_ipython", has_pip, plan=plan)
+        return EnvError(env, str(python), reason, install_hint(python, has_pip), "missing_ipython", has_pip)
+    if hello.get("missing") == "python":
+        return EnvError(
+            env,
+            str(python),
+            f"The Python of env {env!r} (python: {python}) cannot run a session: {hello.get('error')}.",
+            "Use an env with Python 3.9 or newer, for example: "
+            f"uv venv -p 3.12 {envs_dir_default()}/NAME && uv pip install --python {envs_dir_default()}/NAME/bin/python ipykernel",
+            kind="too_old",
+        )
+    if hello.get("error"):
+        return EnvError(env, str(python), f"The kernel in env {env!r} (python: {python}) cannot start: {hello['error']}.")
+    return None
+
+
+class Kernel:
+    """The protocol with one kernel (bootstrap_kernel.py in the target env's Python): send,
+    dispatch, the current execution, interrupt. Its ``proc`` is the process it runs in,
+    here or behind a launcher; an exit is seen as the process ending (for a launched
+    kernel, the connection closing)."""
+
+    def __init__(self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None):
+        self.python, self.env_label, self.guard = python, env_label, guard
+        self.launched = python if isinstance(python, LaunchedPython) else None
+        self.proc = KernelProcess(guard, signals=self.launched is None)
         self.hello: dict[str, Any] = {}
         self.current: Execution | None = None
         self.exited = asyncio.Event()
-        self.stop_reason: str | None = None  # "reset" / "shutdown" / "killed" / "idle": we ended it on purpose
+        self.stop_reason: StopReason | None = None  # we ended it on purpose, and why
         self._ids = itertools.count(1)
         self._log_tail = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -1377,10 +1690,16 @@ class Kernel:
         self._output_read_ends: dict[str, int] = {}
         self._startup_output = ""  # what the env printed on stdout before the hello (a banner)
         self._pip_shims: str | None = None  # private folder of `pip` scripts, while the kernel lives
+        self._inline_spills: dict[int, str] = {}  # request id -> local path of a launched kernel's cut result
+        self.ended: str | None = None  # how it ended ("signal SIGKILL", "the connection to HOST was lost: ..."), once it has
+
+    @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        return self.proc.process
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return self.proc.pid
 
     @property
     def alive(self) -> bool:
@@ -1398,6 +1717,7 @@ class Kernel:
         without pip (the pip-shim folder comes first). The kernel learns where uv is, for
         `%pip` in such envs.
         """
+        assert isinstance(self.python, Path)
         environ = dict(os.environ)
         bin_dir = str(self.python.parent)
         shims = [self._pip_shims] if self._pip_shims else []
@@ -1418,18 +1738,15 @@ class Kernel:
         environ["PYTHONIOENCODING"] = "utf-8"
         return environ
 
-    async def start(self) -> dict[str, Any]:
-        """Spawn and wait for the kernel's hello. Raises EnvError or KernelDied."""
+    async def _spawn_local(self, python: Path) -> None:
         try:
-            found = self.python.is_file()
+            found = python.is_file()
         except OSError as exc:  # a folder on the way became unreadable since the session was made
             raise unreachable_env_error(self.env_label, exc) from exc
         if not found:
-            raise EnvError(self.env_label, str(self.python), f"No Python interpreter at {self.python}.", kind="no_interpreter")
-        if not os.access(self.python, os.X_OK):
-            raise EnvError(self.env_label, str(self.python), f"{self.python} is not executable.", kind="no_interpreter")
-        loop = asyncio.get_running_loop()
-        self._hello_future = loop.create_future()
+            raise EnvError(self.env_label, str(python), f"No Python interpreter at {python}.", kind="no_interpreter")
+        if not os.access(python, os.X_OK):
+            raise EnvError(self.env_label, str(python), f"{python} is not executable.", kind="no_interpreter")
         # The cell output pipes are made here and handed to the kernel, whose relay thread
         # reads them; we keep a copy of each read end, to collect what a kernel killed by a
         # signal had not forwarded yet (see _collect_leftover_output).
@@ -1440,38 +1757,56 @@ class Kernel:
         except OSError as exc:
             for fd in handed:
                 os.close(fd)
-            raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+            raise EnvError(self.env_label, str(python), f"Could not start {python}: {exc}.") from exc
         pipes = [(handed[0], handed[1]), (handed[2], handed[3])]
         self._make_pip_shims()
         environ = self._child_environment()
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         environ["IPYTHON_MCP_SERVER_PID"] = str(os.getpid())  # the kernel dies with us (PR_SET_PDEATHSIG, Linux)
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                str(self.python),
-                "-u",
-                str(BOOTSTRAP),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # own process group: interrupt and kill reach its children
-                env=environ,
-                limit=WIRE_LINE_LIMIT,
-                pass_fds=handed,
-            )
+            await self.proc.spawn([str(python), "-u", str(BOOTSTRAP)], environ, pass_fds=handed)
         except BaseException as exc:  # OSError, or cancelled while spawning: no fd may leak
             for fd in handed:
                 os.close(fd)
             self._remove_pip_shims()
             if isinstance(exc, OSError):
-                raise EnvError(self.env_label, str(self.python), f"Could not start {self.python}: {exc}.") from exc
+                raise EnvError(self.env_label, str(python), f"Could not start {python}: {exc}.") from exc
             raise
-        if self.guard is not None:
-            self.guard.watch(self.process.pid)
         for read_end, write_end in pipes:
             os.close(write_end)
             os.set_blocking(read_end, False)
         self._output_read_ends = {"stdout": pipes[0][0], "stderr": pipes[1][0]}
+
+    async def _spawn_launched(self, launched: LaunchedPython) -> None:
+        """Start the launcher and send the bootstrap's source down its input (see KERNEL_LOADER).
+
+        The far side makes its own output pipes (no IPYTHON_MCP_OUTPUT_FDS); its stderr is
+        the launcher's, kept for errors ("Permission denied", "No such container").
+        """
+        environ = dict(os.environ)
+        if shutil.which(launched.program, path=environ.get("PATH")) is None:
+            raise launcher_missing_error(self.env_label, launched, None)
+        try:
+            await self.proc.spawn(launched.argv("-u", "-c", KERNEL_LOADER), environ)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise launcher_missing_error(self.env_label, launched, None) from exc
+            raise EnvError(self.env_label, launched.python, f"Could not run the launcher of env {self.env_label!r}, `{launched.program}`: {exc}.") from exc
+        assert self.process and self.process.stdin
+        source = BOOTSTRAP.read_bytes()
+        self.process.stdin.write(b"%d\n" % len(source) + source)
+        with contextlib.suppress(ConnectionError, BrokenPipeError):  # the launcher ended: its exit says why
+            await self.process.stdin.drain()
+
+    async def start(self) -> dict[str, Any]:
+        """Spawn and wait for the kernel's hello. Raises EnvError or KernelDied."""
+        loop = asyncio.get_running_loop()
+        self._hello_future = loop.create_future()
+        if self.launched is not None:
+            await self._spawn_launched(self.launched)
+        else:
+            assert isinstance(self.python, Path)
+            await self._spawn_local(self.python)
         self._tasks = [
             asyncio.create_task(self._read_protocol(), name=f"kernel-{self.pid}-protocol"),
             asyncio.create_task(self._read_log(), name=f"kernel-{self.pid}-log"),
@@ -1486,55 +1821,56 @@ class Kernel:
                 self.env_label,
                 str(self.python),
                 f"The kernel in env {self.env_label!r} (python: {self.python}) did not start within {KERNEL_START_TIMEOUT_S:.0f} s."
-                + self._printed_at_start(),
+                + self._printed_at_start()
+                + (f"\nThe launcher's stderr ended with:\n{self._log_tail.strip()}" if self.launched and self._log_tail.strip() else ""),
             ) from None
         except KernelDied as died:
             await self.kill("killed")
-            raise EnvError(
+            raise self._start_died_error(died) from None
+        except BaseException:
+            await self.kill("killed")
+            raise
+        self.hello = hello
+        problem = hello_problem(hello, self.env_label, self.python)
+        if problem is not None:
+            await self.kill("killed")
+            problem.reason += self._printed_at_start()
+            problem.args = (problem.message,)
+            raise problem
+        return hello
+
+    def _start_died_error(self, died: KernelDied) -> EnvError:
+        if self.launched is None:
+            return EnvError(
                 self.env_label,
                 str(self.python),
                 f"The kernel in env {self.env_label!r} (python: {self.python}) exited before it was ready ({died.how})."
                 + (f"\nIts stderr ended with:\n{died.log_tail}" if died.log_tail else "")
                 + self._printed_at_start()
                 + "\nThe bootstrap needs Python 3.9 or newer with IPython 7 or newer.",
-            ) from None
-        except BaseException:
-            await self.kill("killed")
-            raise
-        self.hello = hello
-        if hello.get("missing") == "ipython":
-            await self.kill("killed")
-            has_pip = bool(hello.get("pip", True))
-            if hello.get("ipython"):  # there, but too old
-                reason = f"IPython in env {self.env_label!r} (python: {self.python}) cannot run this kernel: {hello.get('error')}."
-            else:
-                reason = f"ipykernel not found in env {self.env_label!r} (python: {self.python}): IPython is not importable there ({hello.get('error')})."
-            reason += self._printed_at_start()
-            raise EnvError(self.env_label, str(self.python), reason, install_hint(self.python, has_pip), "missing_ipython", has_pip)
-        if hello.get("missing") == "python":
-            await self.kill("killed")
-            raise EnvError(
-                self.env_label,
-                str(self.python),
-                f"The Python of env {self.env_label!r} (python: {self.python}) cannot run a session: {hello.get('error')}."
-                + self._printed_at_start(),
-                "Use an env with Python 3.9 or newer, for example: "
-                f"uv venv -p 3.12 {envs_dir_default()}/NAME && uv pip install --python {envs_dir_default()}/NAME/bin/python ipykernel",
-                kind="too_old",
             )
-        if hello.get("error"):
-            await self.kill("killed")
-            raise EnvError(
-                self.env_label,
-                str(self.python),
-                f"The kernel in env {self.env_label!r} (python: {self.python}) cannot start: {hello['error']}." + self._printed_at_start(),
-            )
-        return hello
+        launched = self.launched
+        said = died.log_tail or "(nothing on stderr)"
+        returncode = self.process.returncode if self.process else None
+        if returncode == 127 or "not found" in said or "No such file" in said:
+            hint = f"Check that {launched.python} exists there: {launched.command_text('--version')}"
+        elif launched.through_shell and returncode == 255:
+            hint = f"Check that `{shlex.join(launched.launch)} true` works from this machine without a prompt (keys, ssh config)."
+        else:
+            hint = f"Check that `{launched.command_text('--version')}` works from this machine."
+        return EnvError(
+            self.env_label,
+            launched.python,
+            f"The kernel of env {self.env_label!r} did not start through `{shlex.join(launched.launch)}` ({died.how}). "
+            f"The launcher said:\n{said}" + self._printed_at_start(),
+            hint,
+        )
 
     def _printed_at_start(self) -> str:
         """For a start error: what the env wrote on stdout before the hello, quoted."""
         text = self._startup_output.strip()
         return f"\nBefore it was ready it printed on stdout:\n{text}" if text else ""
+
     def _make_pip_shims(self) -> None:
         """Write `pip` and `pip3` scripts that run pip for this kernel's interpreter (through
         the bootstrap: the env's pip, else uv, else pip after ensurepip) into a private folder."""
@@ -1595,6 +1931,8 @@ class Kernel:
             if self._hello_future and not self._hello_future.done():
                 self._hello_future.set_result(message)
             return
+        if message.get("kind") == "done" and "result_file_text" in message:
+            self._save_inline_spill(message)
         current = self.current
         if current is None:
             # Output of a background thread or process between cells belongs to no call.
@@ -1606,6 +1944,27 @@ class Kernel:
             current.on_message(message)
         except Exception:  # never let one message stop the reader: the call would hang
             log.exception("kernel %s: could not handle a %s message", self.pid, message.get("kind"))
+
+    def _save_inline_spill(self, message: dict[str, Any]) -> None:
+        """A launched kernel sends a cut result's full text in its reply: save it where the
+        local kernel would have (the path it was told, which its note names)."""
+        text = message.pop("result_file_text")
+        path = self._inline_spills.pop(message.get("id"), None)  # type: ignore[arg-type]
+        if not isinstance(text, str) or path is None:
+            return
+        data = text.encode("utf-8", "replace")
+        try:
+            fd = create_private_file(path)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            message["notes"] = [*(message.get("notes") or []), f"The full text could not be saved in {path} ({exc.strerror or exc})."]
+            return
+        message["result_file"] = {"path": path, "bytes": len(data)}
 
     async def _read_log(self) -> None:
         assert self.process and self.process.stderr
@@ -1619,25 +1978,39 @@ class Kernel:
             self._log_done.set()
 
     async def _watch_exit(self) -> None:
-        assert self.process
-        returncode = await self.process.wait()
+        returncode = await self.proc.wait()
         # A forked grandchild may hold the pipes open: read what is there, briefly
         # (its last words on stderr say why it ended, when it knows).
         with anyio.move_on_after(DEATH_DRAIN_S):
             await self._reader_done.wait()
             await self._log_done.wait()
         self.kill_now()  # whatever the kernel left behind goes with it
-        if self.guard is not None:
-            self.guard.forget(self.process.pid)
         self._collect_leftover_output()
-        died = KernelDied(describe_exit(returncode), self._log_tail.strip(), self.stop_reason)
+        self.ended = self._describe_end(returncode)
+        self._mark_exited(KernelDied(self.ended, self._log_tail.strip(), self.stop_reason))
+        log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, self.ended)
+
+    def _describe_end(self, returncode: int) -> str:
+        launched = self.launched
+        if launched is None:
+            return describe_exit(returncode)
+        if launched.through_shell and (returncode == 255 or returncode < 0):
+            return f"the connection to {launched.where} was lost: ssh ended with {describe_exit(returncode)}"
+        return f"the kernel behind `{shlex.join(launched.launch)}` ended; the launcher exited with {describe_exit(returncode)}"
+
+    def _mark_exited(self, died: KernelDied) -> None:
+        """The one place a kernel becomes dead: the start and the running cell hear why."""
+        if self.exited.is_set():
+            return
+        for fd in self._output_read_ends.values():
+            os.close(fd)
+        self._output_read_ends = {}
         if self._hello_future and not self._hello_future.done():
             self._hello_future.set_exception(died)
             self._hello_future.exception()
         if self.current is not None:
             self.current.fail(died)
         self.exited.set()
-        log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, died.how)
 
     def _collect_leftover_output(self) -> None:
         """Output the dead kernel's relay never forwarded is still in the pipes: take it."""
@@ -1658,6 +2031,8 @@ class Kernel:
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self.process and self.process.stdin
+        if self.process.stdin.is_closing():
+            return  # closed by kill(): the exit watcher reports the end
         self.process.stdin.write((json.dumps(message) + "\n").encode())
         try:
             await self.process.stdin.drain()
@@ -1681,6 +2056,11 @@ class Kernel:
             execution.fail(KernelDied("it had already exited"))
             return execution
         self.current = execution
+        spill = spill_path.for_kernel()  # where the kernel saves a cut result, and how much of it
+        if self.launched is not None and spill["spill_path"]:
+            # The far side cannot write our folder: the text comes back in the reply, and we save it there.
+            spill["spill_inline"] = True
+            self._inline_spills = {request_id: spill["spill_path"]}
         await self._send(
             {
                 "kind": "execute",
@@ -1688,7 +2068,7 @@ class Kernel:
                 "code": code,
                 "max_result_chars": output_limit,
                 "image_budget": [IMAGE_MAX_BYTES, IMAGE_MAX_SIDE_PX],
-                **spill_path.for_kernel(),  # where the kernel saves a cut result, and how much of it
+                **spill,
             }
         )
         return execution
@@ -1705,41 +2085,40 @@ class Kernel:
         ``interrupt`` message for the same cell.
 
         The message follows the cell's ``execute`` on the ordered pipe, so it also stops
-        a cell whose SIGINT arrived before it started; alone, it is how a kernel behind a
-        transport that carries no signals would be interrupted.
+        a cell whose SIGINT arrived before it started; alone, it is how a launched kernel
+        (ssh, exec: no signal crosses) is interrupted: the far side signals its own group.
         """
         if not self.alive or self.current is None:
             return
-        signalled = False
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGINT)
-            signalled = True
+        signalled = self.proc.signal_group(signal.SIGINT)
         message = {"kind": "interrupt", "id": self.current.request_id, "group_signalled": signalled}
         task = asyncio.get_running_loop().create_task(self._send(message))
         self._sends.add(task)  # keep a reference until it is done
         task.add_done_callback(self._sends.discard)
 
     def kill_now(self) -> None:
-        """SIGKILL the kernel's process group, and descendants that left it (setsid).
-
-        Synchronous, so signal handlers and exit paths can use it; ``kill`` also reaps.
+        """SIGKILL the kernel's process group (for a launched kernel: the launcher's, which
+        ends the connection, and the far side ends its own group at end of input), and
+        descendants that left it (setsid). Synchronous, so signal handlers and exit paths
+        can use it; ``kill`` also reaps.
         """
-        if self.pid is None:
-            return
-        strays = descendants(self.pid) if self.alive else []
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        self.proc.kill_now(running=self.alive)
         self._remove_pip_shims()
 
     async def kill(self, reason: str) -> None:
-        """Kill the kernel and its process group, and wait until it is reaped."""
+        """Kill the kernel and its process group, and wait until it is reaped.
+
+        A launched kernel first has its input closed: the far side sees end of file and
+        ends its own process group, which no signal from here could reach.
+        """
         if self.stop_reason is None:
-            self.stop_reason = reason
+            self.stop_reason = StopReason(reason)
         if self.process is None:
             return
+        if self.launched is not None and self.alive:
+            self.proc.close_input()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(LAUNCHER_CLOSE_GRACE_S):
+                await self.exited.wait()
         self.kill_now()
         with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
             await self.exited.wait()
@@ -1747,14 +2126,8 @@ class Kernel:
             task.cancel()
         if not self.exited.is_set():  # not reaped in time (a stuck D-state process): do the exit watcher's part
             log.error("kernel %s did not exit within %s s of SIGKILL", self.pid, KILL_REAP_TIMEOUT_S)
-            for fd in self._output_read_ends.values():
-                os.close(fd)
-            self._output_read_ends = {}
-            if self.current is not None:
-                self.current.fail(KernelDied("signal SIGKILL (not yet reaped)", reason=self.stop_reason))
-            self.exited.set()
-        if self.process.stdin:
-            self.process.stdin.close()
+            self._mark_exited(KernelDied("signal SIGKILL (not yet reaped)", reason=self.stop_reason))
+        self.proc.close_input()
 
 
 GUARD_SOURCE = """
@@ -1850,7 +2223,7 @@ async def install_ipykernel(error: EnvError, progress: Progress | None, helpers:
     The installer's pid is in ``helpers`` while it runs, so a server stopping kills it too.
     """
     python = Path(error.python or "")
-    plan = install_plan(python, error.has_pip)
+    plan = error.plan or install_plan(python, error.has_pip)
     if plan.argv is None:
         raise EnvError(error.env, error.python, error.reason + " Automatic install is not possible.", f"Install with: {plan.text}", kind="missing_ipython")
     log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
@@ -1928,14 +2301,19 @@ class EnvCatalog:
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
         self._helpers = helpers  # probe pids, killed if the server stops mid-probe
 
-    async def probe(self, python: Path) -> dict[str, Any]:
+    async def probe(self, python: Path | LaunchedPython) -> dict[str, Any]:
+        """Python and IPython versions of an interpreter (for a launched one: through its launcher, bounded alike)."""
         cached = self._cache.get(python)
         if cached and time.monotonic() - cached[0] < ENV_PROBE_CACHE_S:
             return cached[1]
         answer: dict[str, Any] = {"python_version": None, "ipython": None, "error": None}
+        argv = python.argv("-c", ENV_PROBE) if isinstance(python, LaunchedPython) else [str(python), "-c", ENV_PROBE]
+        if isinstance(python, LaunchedPython) and shutil.which(python.program) is None:
+            answer["error"] = launcher_missing_error("", python, None).reason
+            return answer
         try:
             process = await asyncio.create_subprocess_exec(
-                str(python), "-c", ENV_PROBE, stdin=asyncio.subprocess.DEVNULL,
+                *argv, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
             )
         except OSError as exc:
@@ -1960,8 +2338,9 @@ class EnvCatalog:
         self._cache[python] = (time.monotonic(), answer)
         return answer
 
-    async def list(self, envs_dir: Path) -> EnvList:
-        candidates: list[tuple[str, Path]] = [("default", Path(sys.executable))]
+    async def list(self, envs_dir: Path, launched: Mapping[str, LaunchedPython] | None = None) -> EnvList:
+        candidates: list[tuple[str, Path | LaunchedPython]] = [("default", Path(sys.executable))]
+        candidates += sorted((launched or {}).items())
         if envs_dir.is_dir():
             for folder in sorted(envs_dir.iterdir()):
                 python = python_in(folder) if folder.is_dir() else None
@@ -1969,7 +2348,7 @@ class EnvCatalog:
                     candidates.append((folder.name, python))
         answers: list[dict[str, Any]] = [{} for _ in candidates]
 
-        async def probe_one(i: int, python: Path) -> None:
+        async def probe_one(i: int, python: Path | LaunchedPython) -> None:
             answers[i] = await self.probe(python)
 
         async with anyio.create_task_group() as group:
@@ -1979,7 +2358,10 @@ class EnvCatalog:
         for (name, python), answer in zip(candidates, answers):
             problem = answer.get("error")
             if problem is None and not answer.get("ipython"):
-                problem = f"IPython is not installed. {install_hint(python)}"
+                problem = "IPython is not installed. " + (
+                    f"Install with: {python.command_text('-m', 'pip', 'install', 'ipykernel')}"
+                    if isinstance(python, LaunchedPython) else install_hint(python)
+                )
             envs.append(
                 EnvInfo(
                     name=name, python=str(python), python_version=answer.get("python_version"),
@@ -2019,6 +2401,8 @@ class Config:
     interrupt_grace_s: float = INTERRUPT_GRACE_S
     # How long a call that begins a kernel start waits for it at least (a call joining one waits its own timeout_s).
     start_grace_s: float = KERNEL_START_GRACE_S
+    # Envs behind launchers (ssh, docker exec, bwrap...), from the config file.
+    launchers: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
         # Absolute once, here: replies never hold relative paths, and the kernel (whose
@@ -2030,7 +2414,7 @@ class Config:
 class Session:
     name: str
     env_label: str
-    python: Path
+    python: Path | LaunchedPython
     kernel: Kernel | None = None
     created: float = dataclasses.field(default_factory=time.monotonic)
     exec_count: int = 0
@@ -2175,7 +2559,7 @@ class SessionManager:
         if session is None:
             if self._closing:
                 raise ToolError("The server is shutting down; no new session can start.")
-            label, python = interpreter_for(env, self.config.envs_dir)  # EnvError: nothing created
+            label, python = interpreter_for(env, self.config.envs_dir, self.config.launchers)  # EnvError: nothing created
             failed = self._failed_first_starts.pop(name, None)
             if failed is not None and failed.python == python and isinstance(failed.closed, EnvError):
                 raise failed.closed
@@ -2196,7 +2580,7 @@ class SessionManager:
 
     def _same_interpreter(self, env: str, session: Session) -> bool:
         try:
-            return interpreter_for(env, self.config.envs_dir)[1] == session.python
+            return interpreter_for(env, self.config.envs_dir, self.config.launchers)[1] == session.python
         except EnvError:
             return False
 
@@ -2212,7 +2596,7 @@ class SessionManager:
         if kernel is not None and kernel.alive and kernel.stop_reason is None:
             return kernel
         if kernel is not None and kernel.stop_reason is None and session.lost_state is None:  # it died on its own
-            how = describe_exit(kernel.process.returncode) if kernel.process and kernel.process.returncode is not None else "it exited"
+            how = kernel.ended or "it exited"
             session.lost_state = (
                 f"The previous kernel of session {session.name!r} died ({how}); this call ran in a fresh kernel, "
                 "so variables and imports from before are gone."
@@ -3835,7 +4219,8 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
             str | None,
             plain_optional(
                 "string",
-                "Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name>, or a path (env folder, project folder with .venv, or interpreter).",
+                "Python env for a NEW session: omit for the server's own Python, a bare name for ~/envs/<name> or an env of the config file (list_envs shows them), "
+                "a path (env folder, project folder with .venv, or interpreter), or ssh://[user@]host[:port]/abs/path/to/env.",
             ),
         ] = None,
         timeout_s: Annotated[
@@ -3898,9 +4283,9 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         )
     )
     async def list_envs(ctx: Context) -> Annotated[CallToolResult, EnvList]:
-        """Python envs a session can use (pass the name as `env`): the server's own and each under the envs folder, with versions and whether IPython is there."""
+        """Python envs a session can use (pass the name as `env`): the server's own, each under the envs folder and each in the config file (probed through its launcher: ssh, docker...), with versions and whether IPython is there."""
         manager = manager_of(ctx)
-        listing = await manager.envs.list(manager.config.envs_dir)
+        listing = await manager.envs.list(manager.config.envs_dir, manager.config.launchers.envs)
         lines = [f"Envs folder: {listing.envs_dir}"]
         for env in listing.envs:
             state = f"IPython {env.ipython_version}" if env.usable else f"not usable: {env.problem}"
@@ -4479,6 +4864,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--envs-dir", type=Path, default=None, help="folder of named envs (default: $IPYTHON_MCP_ENVS_DIR or ~/envs)")
     parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML file of envs behind launchers: ssh, docker exec, bwrap... (default: $IPYTHON_MCP_CONFIG or "
+        "$XDG_CONFIG_HOME/ipython-mcp/config.toml, when it exists)",
+    )
+    parser.add_argument(
         "--output-dir", type=Path, default=None, help="where the full text of cut output, and images, are saved (default: $TMPDIR/ipython-mcp-<uid>)"
     )
     parser.add_argument(
@@ -4564,6 +4954,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "export":
         sys.exit(export_command(args))
     config = Config()
+    try:
+        given = args.config or (Path(os.environ["IPYTHON_MCP_CONFIG"]).expanduser() if os.environ.get("IPYTHON_MCP_CONFIG") else None)
+        config.launchers = load_launch_config(given or config_path_default(), required=given is not None)
+    except ConfigError as exc:
+        sys.exit(f"ipython-mcp: {exc}")
     if args.envs_dir is not None:
         config.envs_dir = args.envs_dir.expanduser()
         os.environ["IPYTHON_MCP_ENVS_DIR"] = str(config.envs_dir)  # so hints name the right folder
