@@ -91,7 +91,7 @@ async def test_failed_cells_are_tool_errors_that_keep_their_structured_result_an
 
 
 async def test_failed_cell_reaches_a_stdio_client_as_is_error_with_structured_content(tmp_path: Path) -> None:
-    parameters = stdio_parameters("--output-dir", str(tmp_path))
+    parameters = stdio_parameters("--output-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
             failed = await run(client, "s", "x = 1\nraise ValueError('bad input')")

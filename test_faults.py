@@ -173,7 +173,7 @@ async def test_fifty_megabytes_of_stdout_are_bounded_and_kept_whole_in_the_named
 
 
 async def test_server_memory_stays_flat_while_fifty_megabytes_pass_through_it(tmp_path: Path) -> None:
-    parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path))
+    parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
             server_pid = int((await run(client, "s", "import os\nos.getppid()"))["result"])

@@ -734,7 +734,7 @@ async def test_stdio_client_runs_cells_and_leaves_no_process_behind_when_it_exit
 
 async def test_mcp_tool_timeout_sets_the_default_cell_timeout(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with Client(stdio_parameters(MCP_TOOL_TIMEOUT="4000")) as client:
+        async with Client(stdio_parameters("--spare-kernels", "0", MCP_TOOL_TIMEOUT="4000")) as client:
             await run(client, "s", "import time\nkept = 1")
             started = time.monotonic()
             out = await run(client, "s", "print('napping', flush=True)\ntime.sleep(30)")
@@ -748,7 +748,7 @@ async def test_mcp_tool_timeout_sets_the_default_cell_timeout(tmp_path: Path) ->
 
 async def test_stdio_server_takes_named_envs_from_ipython_mcp_envs_dir(envs_dir: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(envs_dir))) as client:
+        async with Client(stdio_parameters("--spare-kernels", "0", IPYTHON_MCP_ENVS_DIR=str(envs_dir))) as client:
             good = await run(client, "a", "import sys\nsys.prefix", env="good")
             bare = await run(client, "b", "1", env="bare")
     assert good["result"] == repr(str(envs_dir / "good"))
@@ -797,7 +797,7 @@ async def test_no_spare_kernel_with_spare_kernels_zero(tmp_path: Path) -> None:
 
 async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with raw_server(tmp_path) as server:
+        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
             await server.execute("s", "x = 1")
             for line in [
                 b"this is not json",
@@ -819,7 +819,7 @@ async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -
 
 async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with raw_server(tmp_path) as server:
+        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
             await server.send_line(b"this is not json")
             await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
             answers = [await server.receive(), await server.receive()]
@@ -830,7 +830,7 @@ async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path)
 
 async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path, envs_dir: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with raw_server(tmp_path, "--envs-dir", str(envs_dir)) as server:
+        async with raw_server(tmp_path, "--envs-dir", str(envs_dir), "--spare-kernels", "0") as server:
             out = await server.execute("s", "import sys\nsys.prefix", env="good")
     assert out["result"] == repr(str(envs_dir / "good"))
 
@@ -838,7 +838,7 @@ async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path
 async def test_cancelled_notification_interrupts_the_cell_and_keeps_state(tmp_path: Path) -> None:
     marker = tmp_path / "running"
     with anyio.fail_after(QUICK_S):
-        async with raw_server(tmp_path) as server:
+        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
             await server.execute("s", "kept = 5")
             code = f"{touch(marker)}\nimport time\ntime.sleep(30)"
             call = {"name": "execute", "arguments": {"session": "s", "code": code}}

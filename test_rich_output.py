@@ -362,7 +362,7 @@ async def test_progress_reaches_a_client_over_stdio_as_notifications(tmp_path: P
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         updates.append((progress, total, message))
 
-    parameters = stdio_parameters("--output-dir", str(tmp_path))
+    parameters = stdio_parameters("--output-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
             await run(client, "s", "1")

@@ -43,7 +43,7 @@ def image_blocks(result: Any) -> list[bytes]:
 async def test_ten_thousand_displays_keep_the_reply_and_the_server_memory_bounded(tmp_path: Path) -> None:
     # 10 000 × 2 000 characters: 20 MB of display text, which used to be sent whole (and to
     # cost the server about 120 MB at its peak).
-    parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path))
+    parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path), "--spare-kernels", "0")
     code = (
         "from IPython.display import Markdown, display\n"
         "for i in range(10_000):\n"
