@@ -1,5 +1,6 @@
-"""What the test files share: the anyio backend, an in-memory client on a fresh server,
-and small helpers for calling tools and waiting on processes and marker files.
+"""What the test files share: bounds, the server's path, the anyio backend, an in-memory client
+on a fresh server, the server as a real process (SDK stdio client or raw JSON-RPC lines), and
+small helpers for calling tools and waiting on processes and marker files.
 
 Import the helpers with ``from conftest import ...``; fixtures are found by pytest.
 """
@@ -7,25 +8,49 @@ Import the helpers with ``from conftest import ...``; fixtures are found by pyte
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp import Client
+from mcp.client.stdio import StdioServerParameters
 
 import ipython_mcp
 
+# The server as a person starts it; its kernels run this checkout's bootstrap_kernel.py.
+SERVER = Path(ipython_mcp.__file__).resolve()
+BOOTSTRAP = SERVER.with_name("bootstrap_kernel.py")
+# Generous bounds for one test on a noisy 2-core machine (a kernel starts in well under 1 s when
+# idle): QUICK_S for a test of a few calls, SLOW_S for one that starts a server process, makes an
+# env, or moves megabytes.
+QUICK_S = 30
+SLOW_S = 60
 # How often a test polls for something it waits on (a marker file, a process going away);
 # every such wait is bounded by the test's own anyio.fail_after.
 POLL_S = 0.02
+# The statuses that make an execute call an MCP tool error.
+FAILED = frozenset({"error", "timeout", "env_error", "busy"})
+# For tests that escalate an interrupt to a kill without testing the grace itself.
+SHORT_INTERRUPT_GRACE_S = 0.5
+
+# Matplotlib builds its font cache once per cache folder (seconds of CPU); kernels inherit this
+# environment, so one folder kept between runs serves every kernel of every run.
+os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib"))
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# --- The in-memory server ----------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -58,9 +83,15 @@ async def run(client: Client, session: str, code: str, **arguments: Any) -> dict
     result = await client.call_tool("execute", {"session": session, "code": code, **arguments})
     assert result.structured_content is not None, text_of(result)
     status = result.structured_content["status"]
-    assert result.is_error == (status in {"error", "timeout", "env_error", "busy"}), (status, result.is_error)
+    assert result.is_error == (status in FAILED), (status, result.is_error)
     assert result.content[0].type == "text", "every result carries a readable text block"
     return result.structured_content
+
+
+async def assert_usable(client: Client, session: str) -> None:
+    """The session answers a plain cell after whatever went wrong before."""
+    out = await run(client, session, "1+1")
+    assert (out["status"], out["result"]) == ("ok", "2"), out
 
 
 async def sessions(client: Client) -> dict[str, dict[str, Any]]:
@@ -81,6 +112,103 @@ def touch(marker: Path) -> str:
     return f"open({str(marker)!r}, 'w').close()"
 
 
+# --- The server as a real process ---------------------------------------------------------------------
+
+
+def stdio_parameters(
+    *args: str, command: Sequence[str | Path] = (sys.executable,), cwd: Path | None = None, **env: str
+) -> StdioServerParameters:
+    """The SDK's stdio client parameters for ``command... ipython_mcp.py *args`` (command: this
+    test run's Python, or another interpreter, or a wrapper that execs one).
+
+    ``env`` is added to the SDK's small default environment (HOME, PATH, ...), not to ours.
+    """
+    first, *rest = map(str, command)
+    return StdioServerParameters(command=first, args=[*rest, str(SERVER), *args], env=env, cwd=cwd)
+
+
+class RawServer:
+    """The server as a child process on pipes, spoken to in JSON-RPC lines written by hand."""
+
+    def __init__(self, process: anyio.abc.Process):
+        assert process.stdout is not None and process.stdin is not None
+        self.process = process
+        self.stdout = BufferedByteReceiveStream(process.stdout)
+        self.ids = iter(range(1, 1_000_000))
+
+    async def send_line(self, line: bytes) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send(line + b"\n")
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_line(json.dumps(message).encode())
+
+    async def receive(self) -> dict[str, Any]:
+        return json.loads(await self.stdout.receive_until(b"\n", 64 * 1024 * 1024))
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        request_id = next(self.ids)
+        await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}})
+        while True:
+            message = await self.receive()
+            if message.get("id") == request_id:
+                return message
+
+    async def start_execute(self, session: str, code: str, **arguments: Any) -> None:
+        """Send an execute call without waiting for its answer."""
+        arguments.update(session=session, code=code)
+        params = {"name": "execute", "arguments": arguments}
+        await self.send({"jsonrpc": "2.0", "id": next(self.ids), "method": "tools/call", "params": params})
+
+    async def execute(self, session: str, code: str, **arguments: Any) -> dict[str, Any]:
+        arguments.update(session=session, code=code)
+        answer = await self.request("tools/call", {"name": "execute", "arguments": arguments})
+        return answer["result"]["structuredContent"]
+
+    async def initialize(self) -> None:
+        answer = await self.request(
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw-test", "version": "0"}},
+        )
+        assert answer["result"]["serverInfo"]["name"] == "ipython-mcp"
+        await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    async def exits(self) -> int:
+        """The server's exit status, once it has exited (bounded: a stopping server takes well under a second)."""
+        with anyio.fail_after(10):
+            return await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()) -> AsyncIterator[RawServer]:
+    """Start ``prefix... python ipython_mcp.py *args`` on pipes (``--envs-dir tmp_path`` unless given),
+    initialize it, and make sure it is gone afterwards. Its stderr goes to ``tmp_path/server-stderr.txt``."""
+    if "--envs-dir" not in args:
+        args = ("--envs-dir", str(tmp_path), *args)
+    command = [*prefix, sys.executable, str(SERVER), *args]
+    with open(tmp_path / "server-stderr.txt", "wb") as stderr:  # noqa: ASYNC230 (a local file, opened once)
+        process = await anyio.open_process(command, stderr=stderr, env=dict(os.environ))
+    try:
+        server = RawServer(process)
+        await server.initialize()
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await process.wait()
+
+
+# --- Processes: only this test's, never the whole machine's ----------------------------------------------
+# Test runs of several checkouts share the machine: a test looks below a process it started (the
+# server, or this pytest process for in-memory servers), or at one process group it knows.
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name: [0] state, [1] parent pid, [2] process group."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_running(pid: int) -> bool:
     """True while ``pid`` is a live process; a zombie waiting for its reaper counts as gone."""
     try:
@@ -88,13 +216,66 @@ def process_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = _stat_fields(pid)[0]
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def live_processes(*, below: int | None = None, group: int | None = None, command_has: str | None = None) -> set[int]:
+    """Live processes below pid ``below`` and/or in process group ``group`` (one of the two is
+    required), whose command line contains ``command_has`` if given."""
+    assert below is not None or group is not None, "look below a process or in a group, never at the whole machine"
+    parents: dict[int, int] = {}
+    groups: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = _stat_fields(entry)
+                if fields[0] not in ("Z", "X"):
+                    parents[int(entry)], groups[int(entry)] = int(fields[1]), int(fields[2])
+    found = set(parents)
+    if below is not None:
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        under, stack = set(), [below]
+        while stack:
+            for child in children.get(stack.pop(), []):
+                under.add(child)
+                stack.append(child)
+        found &= under
+    if group is not None:
+        found = {pid for pid in found if groups[pid] == group}
+    if command_has is not None:
+        matching = set()
+        for pid in found:
+            with contextlib.suppress(OSError):
+                if command_has.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    matching.add(pid)
+        found = matching
+    return found
+
+
+def kernels_below(pid: int) -> set[int]:
+    """Live kernels of this checkout below ``pid`` (a server process, or this test process), spares included."""
+    return live_processes(below=pid, command_has=str(BOOTSTRAP))
 
 
 async def wait_until_gone(pid: int) -> None:
     """Poll (bounded by the test's fail_after) until ``pid`` is no longer running."""
     while process_running(pid):
         await anyio.sleep(POLL_S)
+
+
+async def wait_until_all_gone(pids: set[int]) -> None:
+    for pid in pids:
+        await wait_until_gone(pid)
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A field of /proc/<pid>/status in KiB: VmRSS (now) or VmHWM (peak so far)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")

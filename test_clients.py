@@ -20,17 +20,11 @@ import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 
-import ipython_mcp
-from conftest import connect, run, text_of
+from conftest import FAILED, QUICK_S, SERVER, SLOW_S, connect, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
-SERVER = Path(ipython_mcp.__file__).resolve()
-QUICK_S = 30
-SLOW_S = 60
-FAILED = {"error", "timeout", "env_error", "busy"}
 TOOLS = {"execute", "wait", "list_sessions", "list_envs", "reset", "shutdown", "interrupt", "history", "export_notebook"}
 # (readOnly, destructive, idempotent, openWorld) of each tool, as clients read them.
 HINTS = {
@@ -99,7 +93,7 @@ async def test_failed_cells_are_tool_errors_that_keep_their_structured_result_an
 
 
 async def test_failed_cell_reaches_a_stdio_client_as_is_error_with_structured_content(tmp_path: Path) -> None:
-    parameters = StdioServerParameters(command=sys.executable, args=[str(SERVER), "--output-dir", str(tmp_path)], env={})
+    parameters = stdio_parameters("--output-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
             failed = await run(client, "s", "x = 1\nraise ValueError('bad input')")

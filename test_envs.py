@@ -8,24 +8,21 @@ ipykernel from the package index for real (marked ``network``: deselect it offli
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from mcp import Client
 
 import ipython_mcp
+from conftest import QUICK_S, SLOW_S, connect, run
 from ipython_mcp import EnvError, install_plan, interpreter_for, python_in
 
-QUICK_S = 30
 UV = os.environ.get("UV") or shutil.which("uv")
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
@@ -69,20 +66,6 @@ def envs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = base / "project"
     make_venv(project / ".pixi" / "envs" / "default", "ipython")
     return folder
-
-
-@contextlib.asynccontextmanager
-async def connect(tmp_path: Path, envs_dir: Path, **config: Any) -> AsyncIterator[Client]:
-    cfg = ipython_mcp.Config(envs_dir=envs_dir, output_dir=tmp_path / "out", default_timeout_s=30.0, spare_kernels=0, **config)
-    async with Client(ipython_mcp.build_server(cfg)) as client:
-        yield client
-
-
-async def run(client: Client, session: str, code: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool("execute", {"session": session, "code": code, **arguments})
-    assert result.structured_content is not None, result.content[0].text
-    assert result.is_error == (result.structured_content["status"] in {"error", "timeout", "env_error", "busy"})
-    return result.structured_content
 
 
 # --- Install hints fit the env (pure functions) ----------------------------------------------------
@@ -172,7 +155,7 @@ def test_envs_dir_default_follows_ipython_mcp_envs_dir(tmp_path: Path, monkeypat
 async def test_pixi_project_folder_runs_in_its_default_env(tmp_path: Path, envs: Path) -> None:
     project = envs.parent / "project"
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs) as client:
+        async with connect(tmp_path, envs_dir=envs) as client:
             out = await run(client, "p", "import sys; sys.executable", env=str(project))
     assert out["status"] == "ok", out
     assert out["result"] == repr(str(project / ".pixi" / "envs" / "default" / "bin" / "python"))
@@ -180,7 +163,7 @@ async def test_pixi_project_folder_runs_in_its_default_env(tmp_path: Path, envs:
 
 async def test_conda_prefix_without_ipython_gets_a_conda_install_hint(tmp_path: Path, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs) as client:
+        async with connect(tmp_path, envs_dir=envs) as client:
             out = await run(client, "c", "1", env="condaish")
     assert out["status"] == "env_error"
     assert "ipykernel not found in env 'condaish'" in out["error"]
@@ -189,7 +172,7 @@ async def test_conda_prefix_without_ipython_gets_a_conda_install_hint(tmp_path: 
 
 async def test_too_old_ipython_is_env_error_naming_the_minimum(tmp_path: Path, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs) as client:
+        async with connect(tmp_path, envs_dir=envs) as client:
             out = await run(client, "o", "1", env="old")
     assert out["status"] == "env_error"
     assert "IPython 6.5.0 is older than the 7.0" in out["error"]
@@ -198,7 +181,7 @@ async def test_too_old_ipython_is_env_error_naming_the_minimum(tmp_path: Path, e
 
 async def test_missing_env_lists_the_envs_that_exist(tmp_path: Path, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs) as client:
+        async with connect(tmp_path, envs_dir=envs) as client:
             out = await run(client, "m", "1", env="goood")
     assert out["status"] == "env_error"
     assert str(envs / "goood" / "bin" / "python") in out["error"]
@@ -208,7 +191,7 @@ async def test_missing_env_lists_the_envs_that_exist(tmp_path: Path, envs: Path)
 
 async def test_list_envs_shows_versions_and_what_is_usable(tmp_path: Path, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs) as client:
+        async with connect(tmp_path, envs_dir=envs) as client:
             result = await client.call_tool("list_envs", {})
             started = time.monotonic()
             again = await client.call_tool("list_envs", {})
@@ -226,7 +209,7 @@ async def test_list_envs_shows_versions_and_what_is_usable(tmp_path: Path, envs:
 
 async def test_auto_install_is_off_by_default_and_installs_nothing(tmp_path: Path, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs) as client:
+        async with connect(tmp_path, envs_dir=envs) as client:
             out = await run(client, "b", "1", env="bare")
     assert out["status"] == "env_error"
     assert not list((envs / "bare" / "lib").glob("python3*/site-packages/IPython"))
@@ -235,7 +218,7 @@ async def test_auto_install_is_off_by_default_and_installs_nothing(tmp_path: Pat
 async def test_failed_auto_install_is_env_error_with_the_installers_words(tmp_path: Path, envs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")  # neither mamba nor conda can be found
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs, auto_install=True) as client:
+        async with connect(tmp_path, envs_dir=envs, auto_install=True) as client:
             out = await run(client, "c", "1", env="condaish")
     assert out["status"] == "env_error"
     assert "conda install" in out["error"] and "install ipykernel into env 'condaish'" in out["error"]
@@ -251,7 +234,7 @@ async def test_auto_install_installs_ipykernel_and_starts_the_session(tmp_path: 
         messages.append(message or "")
 
     with anyio.fail_after(300):
-        async with connect(tmp_path, envs_dir, auto_install=True) as client:
+        async with connect(tmp_path, envs_dir=envs_dir, auto_install=True) as client:
             result = await client.call_tool(
                 "execute", {"session": "f", "code": "import IPython, sys; sys.executable", "env": "fresh"}, progress_callback=on_progress
             )
@@ -268,8 +251,8 @@ async def test_system_python_and_the_default_run_side_by_side(tmp_path: Path) ->
     system_env = tmp_path / "system-env"
     make_venv(system_env, "ipython", python=str(SYSTEM_PYTHON))
     code = "import sys; (sys.executable, sys.base_prefix)"
-    with anyio.fail_after(QUICK_S * 2):
-        async with connect(tmp_path, tmp_path / "envs") as client:
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path, envs_dir=tmp_path / "envs") as client:
             async with anyio.create_task_group() as group:
                 outs: dict[str, Any] = {}
 
@@ -292,7 +275,7 @@ async def test_system_python_without_ipython_gets_a_hint_it_can_follow(tmp_path:
     if probe.returncode == 0:
         pytest.skip("the system Python has IPython")
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, tmp_path / "envs") as client:
+        async with connect(tmp_path, envs_dir=tmp_path / "envs") as client:
             out = await run(client, "sys", "1", env=str(SYSTEM_PYTHON))
     assert out["status"] == "env_error"
     assert f"python: {SYSTEM_PYTHON}" in out["error"]
@@ -319,8 +302,8 @@ TOO_OLD = pythons("3.8", "3.7", "3.6")
 @pytest.mark.skipif(not pythons("3.9"), reason="no Python 3.9 on this machine")
 async def test_the_oldest_supported_python_3_9_runs_a_session(tmp_path: Path) -> None:
     python = make_venv(tmp_path / "py39", "ipython", python=str(pythons("3.9")[0]))
-    with anyio.fail_after(QUICK_S * 2):
-        async with connect(tmp_path, tmp_path / "envs") as client:
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path, envs_dir=tmp_path / "envs") as client:
             out = await run(client, "old", "import sys\nprint('hi')\nsys.version_info[:2]", env=str(python))
             failed = await run(client, "old", "1/0")
     assert (out["status"], out["stdout"], out["result"]) == ("ok", "hi\n", "(3, 9)"), out
@@ -331,8 +314,8 @@ async def test_the_oldest_supported_python_3_9_runs_a_session(tmp_path: Path) ->
 async def test_sessions_on_different_python_versions_run_side_by_side(tmp_path: Path) -> None:
     other = make_venv(tmp_path / "other", "ipython", python=str(OTHER_MINOR[0]))
     code = "import sys\nsys.version_info[:2]"
-    with anyio.fail_after(QUICK_S * 2):
-        async with connect(tmp_path, tmp_path / "envs") as client:
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path, envs_dir=tmp_path / "envs") as client:
             ours = await run(client, "ours", code)
             theirs = await run(client, "theirs", code, env=str(other))
             listing = await client.call_tool("list_sessions", {})
@@ -345,7 +328,7 @@ async def test_sessions_on_different_python_versions_run_side_by_side(tmp_path: 
 @pytest.mark.skipif(not TOO_OLD, reason="no Python older than 3.9 on this machine")
 async def test_a_python_older_than_3_9_is_env_error_naming_the_minimum(tmp_path: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, tmp_path / "envs") as client:
+        async with connect(tmp_path, envs_dir=tmp_path / "envs") as client:
             out = await run(client, "old", "1", env=str(TOO_OLD[0]))
     assert out["status"] == "env_error"
     assert "older than the 3.9 this kernel needs" in out["error"]

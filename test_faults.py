@@ -6,7 +6,7 @@ half a UTF-8 character, or names an env that tries to leave its folder) and chec
 returns within a bound, says what happened, and leaves the session usable (``1+1`` still gives
 ``2`` wherever the session still exists). Like ``test_ipython_mcp.py``, the tests speak to an
 in-memory server through the SDK's client, and to the server as a real process over stdio where
-the process itself is measured. The few helpers they need are copied here, so this file stands alone.
+the process itself is measured.
 """
 
 from __future__ import annotations
@@ -24,15 +24,23 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 
-import ipython_mcp
-from conftest import connect, process_running, run, sessions, touch, wait_for_file, wait_until_gone
+from conftest import (
+    QUICK_S,
+    SHORT_INTERRUPT_GRACE_S,
+    SLOW_S,
+    assert_usable,
+    connect,
+    memory_kib,
+    process_running,
+    run,
+    sessions,
+    stdio_parameters,
+    touch,
+    wait_for_file,
+    wait_until_gone,
+)
 
-SERVER = Path(ipython_mcp.__file__).resolve()
-# Bounds for one test on a noisy 2-core machine; a kernel starts in well under 1 s.
-QUICK_S = 20
-SLOW_S = 40
 # A cell ignoring SIGINT costs timeout_s + the server's interrupt grace + a kernel restart.
 ESCALATED_WITHIN_S = 10
 # Cells that must not wait for a person (pdb, help()) end far sooner than this.
@@ -50,20 +58,6 @@ async def timed_run(client: Client, session: str, code: str, **arguments: Any) -
     started = time.monotonic()
     out = await run(client, session, code, **arguments)
     return out, time.monotonic() - started
-
-
-async def assert_usable(client: Client, session: str) -> None:
-    """The session answers a plain cell after whatever went wrong before."""
-    out = await run(client, session, "1+1")
-    assert (out["status"], out["result"]) == ("ok", "2"), out
-
-
-def memory_kib(pid: int, field: str) -> int:
-    """A field of /proc/<pid>/status in KiB: VmRSS (now) or VmHWM (peak so far)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for process {pid}")
 
 
 def tree(folder: Path) -> set[str]:
@@ -99,14 +93,16 @@ BLOCKS_SIGINT_IN_C = (
     ids=["swallows-keyboard-interrupt", "blocks-sigint-in-c"],
 )
 async def test_cell_that_outlives_its_interrupt_is_killed_restarted_and_says_state_is_gone(
-    client: Client, code: str, printed: str
+    tmp_path: Path, code: str, printed: str
 ) -> None:
+    # The grace itself is tested in test_trust_time.py; a short one keeps this test quick.
     with anyio.fail_after(SLOW_S):
-        old_pid = int((await run(client, "s", "import os\nlost = 1\nos.getpid()"))["result"])
-        out, elapsed = await timed_run(client, "s", code, timeout_s=1)
-        after = await run(client, "s", "import os\n('lost' in dir(), os.getpid())")
-        await wait_until_gone(old_pid)
-        await assert_usable(client, "s")
+        async with connect(tmp_path, interrupt_grace_s=SHORT_INTERRUPT_GRACE_S) as client:
+            old_pid = int((await run(client, "s", "import os\nlost = 1\nos.getpid()"))["result"])
+            out, elapsed = await timed_run(client, "s", code, timeout_s=1)
+            after = await run(client, "s", "import os\n('lost' in dir(), os.getpid())")
+            await wait_until_gone(old_pid)
+            await assert_usable(client, "s")
     assert elapsed < ESCALATED_WITHIN_S
     assert out["status"] == "timeout"
     assert out["stdout"] == printed, "partial output survives the kill"
@@ -116,6 +112,7 @@ async def test_cell_that_outlives_its_interrupt_is_killed_restarted_and_says_sta
     lost_still_there, new_pid = ast.literal_eval(after["result"])
     assert lost_still_there is False
     assert new_pid != old_pid
+    assert after["execution_count"] == 1, "a fresh kernel counts from 1"
 
 
 # --- Nobody is at the keyboard -----------------------------------------------------------------------
@@ -123,8 +120,8 @@ async def test_cell_that_outlives_its_interrupt_is_killed_restarted_and_says_sta
 
 @pytest.mark.parametrize(
     "code",
-    ["import getpass\ngetpass.getpass('Password: ')", "breakpoint()"],
-    ids=["getpass", "breakpoint"],
+    ["name = input('Your name? ')", "import getpass\ngetpass.getpass('Password: ')", "breakpoint()"],
+    ids=["input", "getpass", "breakpoint"],
 )
 async def test_prompt_for_a_person_fails_at_once_saying_there_is_no_stdin(client: Client, code: str) -> None:
     with anyio.fail_after(QUICK_S):
@@ -171,14 +168,12 @@ async def test_fifty_megabytes_of_stdout_are_bounded_and_kept_whole_in_the_named
     assert len(out["stdout"]) < 150_000
     assert out["stdout"].startswith("x") and out["stdout"].endswith("x")
     full_text = Path(out["output_files"]["stdout"])
-    assert str(full_text) in out["warning"]
+    assert str(full_text) in out["warning"] and "stdout" in out["warning"]
     assert full_text.stat().st_size == 50_000_000
 
 
 async def test_server_memory_stays_flat_while_fifty_megabytes_pass_through_it(tmp_path: Path) -> None:
-    parameters = StdioServerParameters(
-        command=sys.executable, args=[str(SERVER), "--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path)]
-    )
+    parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
             server_pid = int((await run(client, "s", "import os\nos.getppid()"))["result"])
@@ -420,7 +415,7 @@ async def test_closing_fd1_in_a_cell_does_not_leave_the_idle_kernel_spinning(cli
 # --- Env strings that try to leave their folder ------------------------------------------------------
 
 
-@pytest.mark.parametrize("env", ["../../etc", "..", "~root", "a/../../b"])
+@pytest.mark.parametrize("env", ["../../etc", "..", ".", "~root", "a/../../b"])
 async def test_env_that_tries_to_escape_is_env_error_and_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str
 ) -> None:
@@ -429,6 +424,11 @@ async def test_env_that_tries_to_escape_is_env_error_and_creates_nothing(
     cwd = root / "work" / "here"  # relative paths resolve inside `root`, where we can watch
     for folder in (envs_dir, cwd):
         folder.mkdir(parents=True)
+    # Decoys: working interpreters where '..' and '.' would lead if they were taken as folders.
+    decoys = [envs_dir.parent / "bin" / "python", envs_dir / "bin" / "python"]
+    for decoy in decoys:
+        decoy.parent.mkdir()
+        decoy.symlink_to(sys.executable)
     monkeypatch.chdir(cwd)
     before = tree(root)
     async with connect(tmp_path, envs_dir=envs_dir, output_dir=root / "output") as client:
@@ -436,8 +436,9 @@ async def test_env_that_tries_to_escape_is_env_error_and_creates_nothing(
             out = await run(client, "s", "1", env=env)
             live = await sessions(client)
             await assert_usable(client, "s")  # the name is free: a default-env session starts
-    assert out["status"] == "env_error"
+    assert out["status"] == "env_error", "a decoy interpreter sits where '..' or '.' would lead"
     assert repr(env) in out["error"]
+    assert not any(str(decoy) in out["error"] for decoy in decoys), out["error"]
     assert out["result"] is None
     assert live == {}
     created = tree(root) - before

@@ -32,16 +32,12 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 import ipython_mcp
-from conftest import POLL_S, run, sessions, text_of, touch, wait_for_file, wait_until_gone
+from conftest import POLL_S, QUICK_S, SERVER, SLOW_S, run, sessions, text_of, touch, wait_for_file, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
-SERVER = Path(ipython_mcp.__file__).resolve()
 TOKEN = "test-token-0123456789abcdef"
 BANNER = re.compile(r"serving MCP over HTTP at (http://\S+)")
-# Generous bounds for one test on a noisy 2-core machine.
-QUICK_S = 30
-SLOW_S = 60
 START_S = 60  # a server process that imports the SDK on a loaded machine
 PROXIED = "mcp.example.com"  # the name a TLS proxy in front forwards as Host (README: Over HTTP)
 MODES = ["auto", "legacy"]  # the 2026 single-exchange protocol, and the initialize handshake

@@ -7,7 +7,6 @@ no call may run inside another's cell or take its output.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -18,15 +17,9 @@ import anyio
 import pytest
 from mcp import Client
 
-import ipython_mcp
-
-QUICK_S = 30
-
-from conftest import POLL_S, connect, wait_for_file
+from conftest import FAILED, POLL_S, QUICK_S, connect, kernels_below, wait_for_file
 
 pytestmark = pytest.mark.anyio
-
-
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> Any:
@@ -41,22 +34,13 @@ async def call_with(client: Client, tool: str, arguments: dict[str, Any]) -> Any
 def structured(result: Any) -> dict[str, Any]:
     """The structured content of a call that answered with one; a failed cell is a tool error too."""
     assert result.structured_content is not None, result.content[0].text
-    assert result.is_error == (result.structured_content.get("status") in {"error", "timeout", "env_error", "busy"})
+    assert result.is_error == (result.structured_content.get("status") in FAILED)
     return result.structured_content
 
 
 def kernel_pids() -> set[int]:
-    """Live kernels of this checkout (zombies excluded): other checkouts' test runs may share the machine."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if str(ipython_mcp.BOOTSTRAP).encode() not in Path(f"/proc/{entry}/cmdline").read_bytes():
-                continue
-            if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.add(int(entry))
-    return found
+    """Live kernels of the in-memory servers of this test process (never another checkout's or run's)."""
+    return kernels_below(os.getpid())
 
 
 async def test_a_call_queued_behind_a_cell_left_running_answers_busy_and_takes_nothing_of_it(tmp_path: Path) -> None:
@@ -162,7 +146,7 @@ async def test_a_cell_left_running_that_finished_shows_idle_and_interrupt_says_s
             final = structured(await call(client, "wait", session="s", timeout_s=5))
     assert first["status"] == "running"
     assert info["busy_s"] is None
-    assert "idle" in interrupted.content[0].text
+    assert structured(interrupted)["outcome"] == "idle"
     assert (final["status"], final["result"]) == ("ok", "42")
 
 

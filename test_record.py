@@ -17,19 +17,15 @@ import anyio
 import nbformat
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 from mcp.shared.subscriptions import ResourcesListChanged
 from mcp.types import ResourceListChangedNotification
 from nbclient import NotebookClient
 
 import ipython_mcp
-from conftest import connect, run, text_of
+from conftest import QUICK_S, SERVER, SLOW_S, connect, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
-SERVER = Path(__file__).with_name("ipython_mcp.py")
-QUICK_S = 30
-SLOW_S = 90
 
 # Cells whose text outputs are the same in any fresh kernel: a notebook made of them must
 # run again to the same outputs. `reset` comes between the last two.
@@ -85,8 +81,7 @@ def record_files(output_dir: Path) -> list[Path]:
 
 
 def stdio_server(output_dir: Path) -> Client:
-    arguments = [str(SERVER), "--output-dir", str(output_dir), "--spare-kernels", "0"]
-    return Client(StdioServerParameters(command=sys.executable, args=arguments, env={"IPYTHON_MCP_ENVS_DIR": str(output_dir)}))
+    return Client(stdio_parameters("--output-dir", str(output_dir), "--spare-kernels", "0", IPYTHON_MCP_ENVS_DIR=str(output_dir)))
 
 
 async def export_command(*arguments: str, cwd: Path) -> tuple[int, str, str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,21 +22,15 @@ from typing import Any
 import anyio
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 
 import ipython_mcp
+from conftest import FAILED, QUICK_S, SLOW_S, run, stdio_parameters, text_of
 
-SERVER = Path(ipython_mcp.__file__).resolve()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 ANSI_ESCAPE = re.compile(r"\x1b\[")
-# Generous bounds for one test on a noisy 2-core machine; importing matplotlib takes about 1 s.
-QUICK_S = 20
-SLOW_S = 40
 # The longest side the server promises for an image (what vision models use unscaled).
 MAX_SIDE_PX = 1568
-
-from conftest import text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -45,20 +38,13 @@ pytestmark = pytest.mark.anyio
 # --- Helpers of this file -------------------------------------------------------------------------
 
 
-
-
 async def call(client: Client, tool: str, **arguments: Any) -> Any:
     """A tool call that answers with structured content (a tool error only when its cell failed)."""
     result = await client.call_tool(tool, arguments)
     assert result.structured_content is not None, text_of(result)
-    assert result.is_error == (result.structured_content.get("status") in {"error", "timeout", "env_error", "busy"})
+    assert result.is_error == (result.structured_content.get("status") in FAILED)
     assert result.content[0].type == "text", "every result carries a readable text block first"
     return result
-
-
-async def run(client: Client, session: str, code: str, **arguments: Any) -> dict[str, Any]:
-    """``execute`` and return its structured result."""
-    return (await call(client, "execute", session=session, code=code, **arguments)).structured_content
 
 
 def image_blocks(result: Any) -> list[tuple[str, bytes]]:
@@ -376,7 +362,7 @@ async def test_progress_reaches_a_client_over_stdio_as_notifications(tmp_path: P
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         updates.append((progress, total, message))
 
-    parameters = StdioServerParameters(command=sys.executable, args=[str(SERVER), "--output-dir", str(tmp_path)], env={})
+    parameters = stdio_parameters("--output-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
             await run(client, "s", "1")
@@ -440,7 +426,7 @@ async def test_interrupt_stops_a_cell_left_running_and_wait_reports_keyboard_int
         ended = (await call(client, "wait", session="s", timeout_s=QUICK_S)).structured_content
         after = await run(client, "s", "kept + 1")
     assert first["status"] == "running"
-    assert "interrupt" in text_of(answer).lower()
+    assert answer.structured_content["outcome"] == "interrupted"
     assert ended["status"] == "error"
     assert ended["error"].endswith("KeyboardInterrupt")
     assert after["result"] == "42", "the session keeps its state"
@@ -521,6 +507,8 @@ async def test_execute_output_schema_documents_running_busy_display_and_images(c
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     schema = tools["execute"].output_schema
     properties = schema["properties"]
+    contract = {"status", "session", "stdout", "stderr", "result", "error", "execution_count", "warning", "duration_s", "output_files"}
+    assert contract <= set(properties)
     assert {"ok", "error", "timeout", "env_error", "running", "busy"} <= set(properties["status"]["enum"])
     assert "running" in properties["status"]["description"] and "busy" in properties["status"]["description"]
     assert properties["display"]["type"] == "array"

@@ -23,18 +23,15 @@ from pathlib import Path
 import anyio
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import stdio_client
 
 import bootstrap_kernel
 import ipython_mcp
-from conftest import connect, run, text_of, wait_until_gone
+from conftest import QUICK_S, SLOW_S, connect, run, stdio_parameters, text_of, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
-SERVER = Path(__file__).with_name("ipython_mcp.py")
 OTHER_USER = "ipymcp-other"
-QUICK_S = 30
-SLOW_S = 60
 # A print of this size is cut in the reply (100 000 characters per call) and so saved to a file.
 BIG_PRINT = "print('HEAD' + 'x' * 300_000 + 'TAIL')"
 BIG_RESULT = "'y' * 300_000"
@@ -61,8 +58,7 @@ async def stdio_server(
     *args: str, errlog: Path, cwd: Path | None = None, command: list[str] | None = None
 ) -> AsyncIterator[Client]:
     """A client of a real server process over stdio, its stderr in ``errlog``."""
-    argv = [*(command or [sys.executable]), str(SERVER), "--spare-kernels", "0", *args]
-    parameters = StdioServerParameters(command=argv[0], args=argv[1:], cwd=cwd)
+    parameters = stdio_parameters("--spare-kernels", "0", *args, command=command or [sys.executable], cwd=cwd)
     with errlog.open("w") as stderr:
         async with Client(stdio_client(parameters, errlog=stderr)) as client:
             yield client

@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 
 import ipython_mcp
-from conftest import connect, run, text_of
+from conftest import QUICK_S, SLOW_S, connect, memory_kib, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
-SERVER = Path(ipython_mcp.__file__).resolve()
 MIB = 1024 * 1024
-# Generous bounds for one test on a noisy 2-core machine.
-QUICK_S = 30
-SLOW_S = 90
 
 
 async def call(client: Client, session: str, code: str, **arguments: Any) -> Any:
@@ -43,22 +37,13 @@ def image_blocks(result: Any) -> list[bytes]:
     return [base64.b64decode(block.data) for block in result.content if block.type == "image"]
 
 
-def memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for pid {pid}")
-
-
 # --- One budget per call for display text and images -------------------------------------------
 
 
 async def test_ten_thousand_displays_keep_the_reply_and_the_server_memory_bounded(tmp_path: Path) -> None:
     # 10 000 × 2 000 characters: 20 MB of display text, which used to be sent whole (and to
     # cost the server about 120 MB at its peak).
-    parameters = StdioServerParameters(
-        command=sys.executable, args=[str(SERVER), "--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path)]
-    )
+    parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path), "--spare-kernels", "0")
     code = (
         "from IPython.display import Markdown, display\n"
         "for i in range(10_000):\n"

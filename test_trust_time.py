@@ -9,7 +9,6 @@ to in JSON-RPC lines; elsewhere the in-memory client from conftest's ``connect``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,22 +16,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.abc
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 import ipython_mcp
-from conftest import POLL_S, connect, process_running, run, sessions, text_of, wait_for_file, wait_until_gone
+from conftest import (
+    POLL_S,
+    QUICK_S,
+    SERVER,
+    SLOW_S,
+    connect,
+    live_processes,
+    raw_server,
+    run,
+    sessions,
+    text_of,
+    wait_for_file,
+    wait_until_gone,
+)
 
-SERVER = Path(ipython_mcp.__file__).resolve()
-# Bounds for one test on a noisy 2-core machine; a kernel starts in well under 1 s when idle.
-QUICK_S = 30
-SLOW_S = 60
 # What "returns by timeout_s + grace" may cost on a loaded machine beyond the graces it names.
 SCHEDULING_SLACK_S = 3.0
 
@@ -51,94 +56,20 @@ def gated_env(folder: Path, gate: Path) -> Path:
     return folder
 
 
-def processes_running(cmdline_part: str) -> set[int]:
-    """Live processes (zombies excluded) whose command line contains ``cmdline_part``."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if cmdline_part.encode() in Path(f"/proc/{entry}/cmdline").read_bytes() and process_running(int(entry)):
-                    found.add(int(entry))
-    return found
-
-
-def group_members(pgid: int) -> set[int]:
-    """Live processes in process group ``pgid``."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid and process_running(
-                    int(entry)
-                ):
-                    found.add(int(entry))
-    return found
-
-
-async def wait_for_processes(cmdline_part: str) -> set[int]:
-    while not (found := processes_running(cmdline_part)):
+async def wait_for_processes(below: int, command_has: str) -> set[int]:
+    while not (found := live_processes(below=below, command_has=command_has)):
         await anyio.sleep(POLL_S)
     return found
 
 
 async def wait_until_group_gone(pgid: int) -> None:
-    while group_members(pgid):
+    while live_processes(group=pgid):
         await anyio.sleep(POLL_S)
 
 
-class StdioServer:
-    """The server as a child process on pipes, spoken to in JSON-RPC lines."""
-
-    def __init__(self, process: anyio.abc.Process):
-        self.process = process
-        assert process.stdout is not None and process.stdin is not None
-        self.stdout = BufferedByteReceiveStream(process.stdout)
-        self.ids = iter(range(1, 1_000_000))
-
-    async def send(self, message: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.send(json.dumps(message).encode() + b"\n")
-
-    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        request_id = next(self.ids)
-        await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}})
-        while True:
-            message = json.loads(await self.stdout.receive_until(b"\n", 64 * 1024 * 1024))
-            if message.get("id") == request_id:
-                return message
-
-    async def start_execute(self, session: str, code: str, **arguments: Any) -> None:
-        """Send an execute call without waiting for its answer."""
-        arguments.update(session=session, code=code)
-        params = {"name": "execute", "arguments": arguments}
-        await self.send({"jsonrpc": "2.0", "id": next(self.ids), "method": "tools/call", "params": params})
-
-    async def execute(self, session: str, code: str, **arguments: Any) -> dict[str, Any]:
-        arguments.update(session=session, code=code)
-        answer = await self.request("tools/call", {"name": "execute", "arguments": arguments})
-        return answer["result"]["structuredContent"]
-
-
-@contextlib.asynccontextmanager
-async def stdio_server(tmp_path: Path, *prefix: str) -> AsyncIterator[StdioServer]:
-    """Start the server (behind ``prefix``, e.g. setpriv), initialize it, and make sure it is gone afterwards."""
-    command = [*prefix, sys.executable, str(SERVER), "--envs-dir", str(tmp_path / "envs"), "--spare-kernels", "0"]
-    with open(tmp_path / "server-stderr.txt", "wb") as stderr:  # noqa: ASYNC230 (a local file, opened once)
-        process = await anyio.open_process(command, stderr=stderr, env=dict(os.environ))
-    try:
-        server = StdioServer(process)
-        answer = await server.request(
-            "initialize",
-            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "time-test", "version": "0"}},
-        )
-        assert answer["result"]["serverInfo"]["name"] == "ipython-mcp"
-        await server.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        yield server
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await process.wait()
+def stdio_server(tmp_path: Path, *prefix: str) -> Any:
+    """The server on pipes (behind ``prefix``, e.g. setpriv), with no spare kernel, spoken to in JSON-RPC lines."""
+    return raw_server(tmp_path, "--envs-dir", str(tmp_path / "envs"), "--spare-kernels", "0", prefix=prefix)
 
 
 # --- Every call returns by timeout_s + grace: first calls and restarts included ------------------------
@@ -154,7 +85,7 @@ async def test_a_first_call_whose_kernel_is_still_starting_answers_by_its_timeou
             first = await run(client, "s", "import os\nos.getpid()", env=str(env), timeout_s=timeout_s)
             elapsed = time.monotonic() - started
             listed = (await sessions(client))["s"]
-            (starting,) = processes_running(str(env))  # the start, still waiting at the gate
+            (starting,) = live_processes(below=os.getpid(), command_has=str(env))  # the start, still waiting at the gate
             gate.touch()
             second = await run(client, "s", "import os\nos.getpid()")
     assert elapsed < max(timeout_s, start_grace_s) + SCHEDULING_SLACK_S, f"a {timeout_s:g} s call took {elapsed:.1f} s"
@@ -228,8 +159,8 @@ async def test_a_signal_while_a_kernel_is_still_starting_leaves_nothing_behind(t
     with anyio.fail_after(QUICK_S):
         async with stdio_server(tmp_path) as server:
             await server.start_execute("s", "1", env=str(env))
-            (starting,) = await wait_for_processes(str(env))
-            assert group_members(starting), "the start runs in its own process group"
+            (starting,) = await wait_for_processes(server.process.pid, str(env))
+            assert live_processes(group=starting), "the start runs in its own process group"
             server.process.send_signal(signum)
             with anyio.fail_after(10):
                 await server.process.wait()
@@ -243,11 +174,7 @@ async def test_a_kernel_holding_the_gil_dies_with_its_server_by_itself(tmp_path:
     with anyio.fail_after(SLOW_S):
         async with stdio_server(tmp_path) as server:
             kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
-            (guard,) = {
-                pid
-                for pid in ipython_mcp.descendants(server.process.pid)
-                if b"killpg" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            }
+            (guard,) = live_processes(below=server.process.pid, command_has="killpg")
             await server.start_execute("s", code)
             await wait_for_file(marker)
             os.kill(guard, signal.SIGKILL)
