@@ -197,6 +197,9 @@ SERVER_FOLDER = re.compile(r"server-(\d+)-[0-9a-f]+")
 
 
 Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> a progress notification
+OnTimeout = Literal["interrupt", "continue"]  # what a cell past its timeout_s does
+SessionStatus = Literal["starting", "idle", "busy", "dead", "stopped"]
+ActionOutcome = Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"]  # of reset, shutdown, interrupt
 
 
 # --- Exceptions that carry data ---------------------------------------------------------
@@ -1011,13 +1014,17 @@ def reply_text(text: str) -> str:
     return TERMINAL_SEQUENCE.sub("", text)
 
 
-def cut_middle(text: str, limit: int, where: str = "") -> tuple[str, int]:
-    """``text`` in about ``limit`` characters: head and tail, with a marker saying what was cut."""
+def cut_middle(text: str, limit: int, what: str = "characters cut") -> tuple[str, int]:
+    """``text`` in at most ``limit`` characters: head and tail around one marker, ``… [N {what}] …``.
+
+    Returns the text and how many characters were cut. Every cut in the middle (output,
+    tracebacks, the record) goes through here, so they all read alike.
+    """
     if len(text) <= limit:
         return text, 0
-    half = max(limit - 60 - len(where), 2) // 2
+    half = max(limit - 60 - len(what), 2) // 2  # room for the marker
     cut = len(text) - 2 * half
-    return f"{text[:half]}\n… [{cut} characters cut{where}] …\n{text[-half:]}", cut
+    return f"{text[:half]}\n… [{cut} {what}] …\n{text[-half:]}", cut
 
 
 class _NullFile:
@@ -1160,7 +1167,7 @@ class DisplayTexts:
         self.total += len(text)
         self._full.write(text if text.endswith("\n") else text + "\n")
         keep = self.limit // 2
-        text, cut = cut_middle(text, keep, self._where)
+        text, cut = cut_middle(text, keep, f"characters cut{self._where}")
         self.cut += cut
         if self._head_open and self._head_chars + len(text) <= keep:
             self.head.append(text)
@@ -2046,7 +2053,8 @@ class Session:
     lost_state: str | None = None  # why the next call runs in a fresh kernel
     closed: Exception | None = None  # shut down, or never created: what waiting calls are told
     notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
-    background: Execution | None = None  # a cell left running by on_timeout="continue"
+    # The cell left running by on_timeout="continue", followed by `wait` (its one name: "left running").
+    left_running: Execution | None = None
     wait_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one `wait` at a time
 
     def check_open(self) -> None:
@@ -2054,7 +2062,12 @@ class Session:
             raise self.closed
 
     @property
-    def status(self) -> str:
+    def left_running_runs(self) -> bool:
+        """A cell left running is still running (so the session can take no other cell)."""
+        return self.left_running is not None and not self.left_running.reply.done()
+
+    @property
+    def status(self) -> SessionStatus:
         if self.kernel is None or self.starting is not None:
             return "starting"
         if not self.kernel.alive:
@@ -2062,8 +2075,9 @@ class Session:
         return "busy" if self.kernel.busy else "idle"
 
 
+CellStatus = Literal["ok", "error", "timeout", "env_error", "running", "busy"]
 # Statuses of an execute/wait result that are also MCP tool errors (isError: true).
-FAILED_STATUSES = frozenset({"error", "timeout", "env_error", "busy"})
+FAILED_STATUSES: frozenset[CellStatus] = frozenset({"error", "timeout", "env_error", "busy"})
 
 
 class ExecuteImage(BaseModel):
@@ -2076,7 +2090,7 @@ class ExecuteImage(BaseModel):
 class ExecuteResult(BaseModel):
     """What one ``execute`` call returns (also as a readable text block)."""
 
-    status: Literal["ok", "error", "timeout", "env_error", "running", "busy"] = Field(
+    status: CellStatus = Field(
         description="ok: ran cleanly. error: the cell raised, was interrupted, or its kernel died "
         "(see `error`). timeout: ran past timeout_s and was interrupted; partial output kept, "
         "session alive. env_error: the env cannot run a kernel (see `error` for the fix). "
@@ -2085,14 +2099,15 @@ class ExecuteResult(BaseModel):
         "other calls kept the session busy for all of timeout_s, or its kernel is still starting (call again)."
     )
     session: str
-    stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")
-    stderr: str = Field(description="Everything written to stderr (fd 2), including child processes.")
+    stdout: str = Field("", description="Everything written to stdout (fd 1), including child processes.")
+    stderr: str = Field("", description="Everything written to stderr (fd 2), including child processes.")
     result: str | None = Field(
+        None,
         description="Text form of the cell's last expression, as display() would give it (markdown, a meaningful repr, HTML, LaTeX, JSON), or null."
     )
-    error: str | None = Field(description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
-    execution_count: int | None = Field(description="IPython's prompt number of this cell (In [n]).")
-    warning: str | None = Field(description="Something the agent should know: env ignored, state lost, output cut, ...")
+    error: str | None = Field(None, description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
+    execution_count: int | None = Field(None, description="IPython's prompt number of this cell (In [n]).")
+    warning: str | None = Field(None, description="Something the agent should know: env ignored, state lost, output cut, ...")
     duration_s: float = Field(description="Seconds this call took (waiting for the session and starting its kernel included).")
     display: list[str] = Field(default_factory=list, description="Text form of each display() output, in order.")
     images: list[ExecuteImage] = Field(default_factory=list, description="Images shown by the cell, sent as image content.")
@@ -2108,13 +2123,45 @@ class CellOutcome:
     transcript: str = ""  # stdout and display text in the order the cell produced them
 
 
+@dataclasses.dataclass
+class CellCall:
+    """One execute or wait call: its session, its clock, and what it says besides the cell's output.
+
+    ``timeout_s`` bounds the whole call, waiting for the session and its kernel included:
+    ``deadline`` is when it ends, ``remaining()`` what is left of it. Every reply of the
+    call (ok, error, timeout, running, busy, env_error) is built by ``result``.
+    """
+
+    session: str
+    timeout_s: float
+    on_timeout: OnTimeout = "interrupt"
+    progress: Progress | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # joined into the reply's `warning`
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s
+
+    def remaining(self, at_least: float = 0.0) -> float:
+        return max(self.deadline - time.monotonic(), at_least)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def result(self, status: CellStatus, **fields: Any) -> ExecuteResult:
+        fields.setdefault("warning", " ".join(self.warnings) or None)
+        fields.setdefault("duration_s", round(self.elapsed(), 3))
+        return ExecuteResult(status=status, session=self.session, **fields)
+
+
 class SessionInfo(BaseModel):
     name: str
     env: str = Field(description="The env as given ('default' for the server's own Python).")
     python: str
     python_version: str | None
     ipython_version: str | None
-    status: Literal["starting", "idle", "busy", "dead", "stopped"] = Field(
+    status: SessionStatus = Field(
         description="stopped: its kernel was stopped after idle_timeout_s; the next execute starts a fresh one."
     )
     pid: int | None
@@ -2127,7 +2174,7 @@ class SessionAction(BaseModel):
     """What reset, shutdown and interrupt did."""
 
     session: str
-    outcome: Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"] = Field(
+    outcome: ActionOutcome = Field(
         description="interrupted: a running cell was interrupted; idle: nothing was running; no_kernel: the session's kernel is dead or starting."
     )
     message: str
@@ -2168,9 +2215,8 @@ class SessionManager:
     # an idle stop) or asked for one (``reset``); a kernel this server killed because a cell
     # ignored its interrupt is restarted in the background, after that call's reply.
 
-    def _open(self, name: str, env: str | None) -> tuple[Session, list[str]]:
-        """The session called ``name``, created (its kernel not yet started) if new."""
-        warnings: list[str] = []
+    def _open(self, name: str, env: str | None, warnings: list[str]) -> Session:
+        """The session called ``name``, created (its kernel not yet started) if new; ``warnings`` hears of an env ignored."""
         session = self.sessions.get(name)
         if session is None:
             if self._closing:
@@ -2186,13 +2232,13 @@ class SessionManager:
                     "Call shutdown(session=...) on one you no longer need, or use one of them."
                 )
             session = self.sessions[name] = Session(name, label, python)
-            return session, warnings
+            return session
         if env is not None and env.strip() and env != session.env_label and not self._same_interpreter(env, session):
             warnings.append(
                 f"Session {name!r} already runs in env {session.env_label!r} ({session.python}); "
                 f"env {env!r} was ignored. Use a new session name, or shutdown this one first, to change env."
             )
-        return session, warnings
+        return session
 
     def _same_interpreter(self, env: str, session: Session) -> bool:
         try:
@@ -2322,7 +2368,7 @@ class SessionManager:
 
     def _restart_later(self, session: Session, lost_state: str) -> None:
         """After a kill no caller asked for: the fresh kernel starts now, and the next call (not this one) waits for it."""
-        session.background = None
+        session.left_running = None
         session.lost_state = lost_state
         if not self._closing and session.closed is None and (session.starting is None or session.starting.done()):
             self._begin_start(session)
@@ -2333,7 +2379,7 @@ class SessionManager:
         Returns None when the fresh kernel is still starting by then; it goes on starting.
         """
         session.check_open()
-        session.background = None  # a cell left running dies with its kernel
+        session.left_running = None  # a cell left running dies with its kernel
         if session.kernel is not None:
             await session.kernel.kill("reset")
         session.lost_state = None  # asked for: no warning on the next call
@@ -2375,7 +2421,7 @@ class SessionManager:
                 kernel = session.kernel
                 if (
                     kernel is None or not kernel.alive or kernel.stop_reason is not None or kernel.busy
-                    or session.calls or session.starting is not None or session.background is not None
+                    or session.calls or session.starting is not None or session.left_running is not None
                     or now - session.last_active < idle_s
                 ):
                     continue
@@ -2462,10 +2508,12 @@ class SessionManager:
             raise ToolError(f"No session named {name!r}. Live sessions: {live}.")
         return session
 
-    # -- running cells
-
-    def _spill_path(self, session: str) -> SpillTarget:
-        return SpillTarget(self.files, session)
+    # -- running cells: one CellCall per execute or wait call
+    #
+    # execute: _open -> _ensure_kernel -> run_lock -> _run (kernel.start_execution) -> _follow
+    # wait:    get -> wait_lock -> _follow (the cell left running)
+    # _follow ends in one of: the kernel's reply (ok, error), a timeout (interrupt, then kill),
+    # the cell left running ("running"), the kernel's death; CellCall.result builds each reply.
 
     async def execute(
         self,
@@ -2474,79 +2522,63 @@ class SessionManager:
         env: str | None,
         timeout_s: float | None,
         progress: Progress | None = None,
-        on_timeout: Literal["interrupt", "continue"] = "interrupt",
+        on_timeout: OnTimeout = "interrupt",
     ) -> CellOutcome:
         """Run one cell; returns the result and the images to send inline as (mime, base64)."""
         check_session_name(name)
-        timeout_s = self._checked_timeout(timeout_s)
-        if on_timeout not in ("interrupt", "continue"):
-            raise ToolError(f"on_timeout must be 'interrupt' or 'continue', not {on_timeout!r}.")
+        call = CellCall(name, self._checked_timeout(timeout_s), on_timeout, progress)
         if "\x00" in code:
             raise ToolError("The code contains a NUL character (\\x00), which Python source cannot hold; remove it.")
-        started = time.monotonic()
-        deadline = started + timeout_s  # the whole call, waiting for the session included
-        warnings: list[str] = []
         try:
-            session, warnings = self._open(name, env)
+            session = self._open(name, env, call.warnings)
             session.calls += 1
             try:
-                await self._ensure_kernel(session, deadline, progress)  # a first start, or a restart after a death
-                if self._running_on(session):
-                    return CellOutcome(self._busy_result(session, started, warnings))
-                with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as queued:
+                await self._ensure_kernel(session, call.deadline, progress)  # a first start, or a restart after a death
+                if session.left_running_runs:
+                    return self._busy(call, session)
+                with anyio.move_on_after(call.remaining()) as queued:
                     await session.run_lock.acquire()  # one cell at a time per session
                 if queued.cancelled_caught:
-                    return CellOutcome(self._busy_result(session, started, warnings, queued_s=time.monotonic() - started))
+                    return self._busy(call, session, queued=True)
                 try:
-                    return await self._run(session, code, deadline, on_timeout, warnings, started, progress)
+                    return await self._run(call, session, code)
                 finally:
                     session.run_lock.release()
             finally:
                 session.calls -= 1
                 session.last_active = time.monotonic()
         except KernelStarting as starting:
-            result = ExecuteResult(
-                status="busy", session=name, stdout="", stderr="", result=None,
-                error=(
-                    f"The kernel of session {name!r} is still starting in env {starting.env!r} (python: {starting.python}), "
-                    f"{time.monotonic() - starting.since:.0f} s so far; this code was not run. It goes on starting in the "
-                    "background: call execute again (each call waits for it up to its own timeout_s)."
-                ),
-                execution_count=None, warning=" ".join(warnings) or None, duration_s=round(time.monotonic() - started, 3),
+            error = (
+                f"The kernel of session {name!r} is still starting in env {starting.env!r} (python: {starting.python}), "
+                f"{time.monotonic() - starting.since:.0f} s so far; this code was not run. It goes on starting in the "
+                "background: call execute again (each call waits for it up to its own timeout_s)."
             )
-            return CellOutcome(result)
+            return CellOutcome(call.result("busy", error=error))
         except EnvError as exc:
-            result = ExecuteResult(
-                status="env_error", session=name, stdout="", stderr="", result=None, error=exc.message,
-                execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
-            )
-            return CellOutcome(result)
+            return CellOutcome(call.result("env_error", error=exc.message, warning=None))
 
-    async def _run(
-        self, session: Session, code: str, deadline: float, on_timeout: str, warnings: list[str], started: float,
-        progress: Progress | None,
-    ) -> CellOutcome:
+    async def _run(self, call: CellCall, session: Session, code: str) -> CellOutcome:
         """Run one cell in a session whose run_lock the caller holds."""
-        if self._running_on(session):  # a cell was left running while this call queued
-            return CellOutcome(self._busy_result(session, started, warnings))
-        if session.background is not None:  # finished on its own since; nobody fetched the end
-            warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
-            self._release_background(session)
-        kernel = await self._ensure_kernel(session, deadline, progress)  # killed while this call queued: restarted
+        if session.left_running_runs:  # a cell was left running while this call queued
+            return self._busy(call, session)
+        if session.left_running is not None:  # finished on its own since; nobody fetched the end
+            call.warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
+            self._release_left_running(session)
+        kernel = await self._ensure_kernel(session, call.deadline, call.progress)  # killed while this call queued: restarted
         if session.lost_state:
-            warnings.append(session.lost_state)
+            call.warnings.append(session.lost_state)
             session.lost_state = None
-        warnings.extend(session.notices)
+        call.warnings.extend(session.notices)
         session.notices.clear()
-        # A cell gets what is left of timeout_s, but never less than a moment to run in.
-        timeout_s = max(deadline - time.monotonic(), MIN_CELL_S)
         try:
-            with anyio.fail_after(timeout_s):  # a kernel that stopped reading its pipe must not hang us
+            # A cell gets what is left of timeout_s, but never less than a moment to run in.
+            with anyio.fail_after(call.remaining(MIN_CELL_S)):  # a kernel that stopped reading its pipe must not hang us
                 execution = await kernel.start_execution(
-                    code, self.config.output_limit, self._spill_path(session.name), self.config.image_limit, self.config.image_bytes_limit
+                    code, self.config.output_limit, SpillTarget(self.files, session.name), self.config.image_limit,
+                    self.config.image_bytes_limit,
                 )
         except TimeoutError:
-            warnings.append(
+            call.warnings.append(
                 "The kernel did not take the code within timeout_s (stopped or stuck), so it was killed; a fresh kernel "
                 "is being restarted for the next call: variables and imports from before are gone."
             )
@@ -2556,111 +2588,85 @@ class SessionManager:
                 f"The previous kernel of session {session.name!r} stopped taking code and was killed; this call ran in a fresh "
                 "kernel, so variables and imports from before are gone.",
             )
-            result = ExecuteResult(
-                status="timeout", session=session.name, stdout="", stderr="", result=None,
-                error="The kernel did not accept the cell in time; the cell did not run.", execution_count=None,
-                warning=" ".join(warnings), duration_s=round(time.monotonic() - started, 3),
-            )
-            return CellOutcome(result)
-        wait_s = max(deadline - time.monotonic(), MIN_CELL_S)
-        return await self._follow(session, kernel, execution, deadline - started, on_timeout, warnings, started, progress, wait_s)
+            return CellOutcome(call.result("timeout", error="The kernel did not accept the cell in time; the cell did not run."))
+        return await self._follow(call, session, kernel, execution)
 
-    @staticmethod
-    def _running_on(session: Session) -> bool:
-        return session.background is not None and not session.background.reply.done()
-
-    async def wait(
-        self, name: str, timeout_s: float | None, progress: Progress | None = None
-    ) -> CellOutcome:
+    async def wait(self, name: str, timeout_s: float | None, progress: Progress | None = None) -> CellOutcome:
         """Output since the last call of a cell left running, and its end once it ends."""
         session = self.get(name)
-        timeout_s = self._checked_timeout(timeout_s)
-        started = time.monotonic()
+        call = CellCall(name, self._checked_timeout(timeout_s), "continue", progress)
         session.calls += 1
         try:
             async with session.wait_lock:
-                execution = session.background
+                execution = session.left_running
                 if execution is None or session.kernel is None:
                     raise ToolError(f"Session {name!r} has no cell running on (started with on_timeout='continue'); nothing to wait for.")
-                return await self._follow(session, session.kernel, execution, timeout_s, "continue", [], started, progress)
+                return await self._follow(call, session, session.kernel, execution)
         finally:
             session.calls -= 1
             session.last_active = time.monotonic()
 
     def _checked_timeout(self, timeout_s: float | None) -> float:
+        # The tool's schema only advertises exclusiveMinimum; pydantic lets 0, nan and inf through.
         if timeout_s is None:
             return self.config.default_timeout_s
         if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
             raise ToolError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}.")
         return float(timeout_s)
 
-    def _busy_result(self, session: Session, started: float, warnings: list[str], queued_s: float | None = None) -> ExecuteResult:
-        if queued_s is not None:
+    def _busy(self, call: CellCall, session: Session, queued: bool = False) -> CellOutcome:
+        """Nothing ran: other calls held the session for all of the call, or a cell left running still runs."""
+        if queued:
             error = (
-                f"Session {session.name!r} was busy with other calls for all of this call's timeout_s ({queued_s:.1f} s); "
+                f"Session {session.name!r} was busy with other calls for all of this call's timeout_s ({call.elapsed():.1f} s); "
                 "this code was not run. Wait for them, interrupt, or use another session."
             )
         else:
-            running_for = time.monotonic() - session.background.started if session.background else 0.0
+            running_for = time.monotonic() - session.left_running.started if session.left_running else 0.0
             error = (
                 f"Session {session.name!r} is still running a cell left running earlier ({running_for:.0f} s so far); "
                 "this code was not run. Call wait to follow that cell, interrupt to stop it, or use another session."
             )
-        return ExecuteResult(
-            status="busy", session=session.name, stdout="", stderr="", result=None, error=error,
-            execution_count=None, warning=" ".join(warnings) or None, duration_s=round(time.monotonic() - started, 3),
-        )
+        return CellOutcome(call.result("busy", error=error))
 
-    def _release_background(self, session: Session) -> None:
-        execution, session.background = session.background, None
+    def _release_left_running(self, session: Session) -> None:
+        execution, session.left_running = session.left_running, None
         if execution is not None and session.kernel is not None:
             session.kernel.finish_execution(execution)
 
-    async def _follow(
-        self,
-        session: Session,
-        kernel: Kernel,
-        execution: Execution,
-        timeout_s: float,
-        on_timeout: str,
-        warnings: list[str],
-        started: float,
-        progress: Progress | None,
-        wait_s: float | None = None,
-    ) -> CellOutcome:
-        """Wait for a cell's end for up to timeout_s (or the ``wait_s`` left of it), then
-        interrupt it or leave it running."""
-        ticker = asyncio.create_task(self._report_progress(execution, progress)) if progress else None
-        status: str | None = None
+    async def _follow(self, call: CellCall, session: Session, kernel: Kernel, execution: Execution) -> CellOutcome:
+        """Wait for a cell's end for what is left of the call, then interrupt it or leave it running."""
+        ticker = asyncio.create_task(self._report_progress(execution, call.progress)) if call.progress else None
+        status: CellStatus | None = None
         reply: dict[str, Any] | None = None
         error: str | None = None
-        running_on = False
+        left_running = False
         try:
             try:
-                with anyio.fail_after(timeout_s if wait_s is None else wait_s):
+                with anyio.fail_after(call.remaining(MIN_CELL_S)):
                     reply = await asyncio.shield(execution.reply)
             except TimeoutError:
-                if on_timeout == "continue":
-                    running_on = True
-                    session.background = execution
-                    return self._running_result(session, execution, warnings, started)
+                if call.on_timeout == "continue":
+                    left_running = True
+                    session.left_running = execution
+                    return self._running_result(call, execution)
                 status = "timeout"
-                reply = await self._interrupt_or_kill(session, kernel, execution, warnings)
+                reply = await self._interrupt_or_kill(call, session, kernel, execution)
                 if reply is None:
                     error = (
-                        f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed "
+                        f"The cell ran past timeout_s={call.timeout_s:g} s and did not stop on interrupt; its kernel was killed "
                         "(a fresh one is starting for the next call)."
                     )
                 else:
-                    error = f"The cell ran past timeout_s={timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
+                    error = f"The cell ran past timeout_s={call.timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
             except anyio.get_cancelled_exc_class():
                 # The client cancelled the call: stop the cell, keep the session. A cell
                 # followed by `wait` keeps running: only that wait was cancelled.
-                if session.background is not execution:
+                if session.left_running is not execution:
                     with anyio.CancelScope(shield=True), contextlib.suppress(KernelDied):
-                        await self._interrupt_or_kill(session, kernel, execution, warnings)
+                        await self._interrupt_or_kill(call, session, kernel, execution)
                 else:
-                    running_on = True
+                    left_running = True
                 raise
         except KernelDied as died:
             status, reply = "error", None
@@ -2668,38 +2674,34 @@ class SessionManager:
         finally:
             if ticker is not None:
                 ticker.cancel()
-            if not running_on:
-                if session.background is execution:
-                    session.background = None
+            if not left_running:
+                if session.left_running is execution:
+                    session.left_running = None
                 kernel.finish_execution(execution)
-        return self._final_result(session, execution, status, reply, error, warnings, started)
+        return self._final_result(call, session, execution, reply, status=status, error=error)
 
-    def _running_result(
-        self, session: Session, execution: Execution, warnings: list[str], started: float
-    ) -> CellOutcome:
-        """Output so far of a cell that runs on; the next `wait` starts after it."""
+    def _running_result(self, call: CellCall, execution: Execution) -> CellOutcome:
+        """Output so far of a cell left running; the next `wait` starts after it."""
         transcript = execution.transcript
         stdout, stderr, displays, images = execution.take_output()
         # "so far" is this call's duration_s (one clock reading for both); a `wait` also says
         # how long the cell has run in all, since it started before this call.
         now = time.monotonic()
-        duration_s = round(now - started, 3)
+        duration_s = round(now - call.started, 3)
         so_far = f"{duration_s:.0f} s so far"
-        if execution.started < started:
+        if execution.started < call.started:
             so_far += f" in this call; the cell has run {now - execution.started:.0f} s in all"
-        warnings.append(
+        call.warnings.append(
             f"The cell is still running ({so_far}). "
-            f"Call wait(session={session.name!r}) for its further output and final result, or interrupt to stop it."
+            f"Call wait(session={call.session!r}) for its further output and final result, or interrupt to stop it."
         )
-        output_files = self._note_cuts((stdout, stderr, displays), warnings)
-        image_infos, inline_images = self._save_images(session.name, images, warnings)
-        result = ExecuteResult(
-            status="running", session=session.name, stdout=reply_text(stdout.text), stderr=reply_text(stderr.text), result=None,
-            error=None, execution_count=None, warning=" ".join(warnings),
-            duration_s=duration_s, display=[reply_text(text) for text in displays.texts],
-            images=image_infos, output_files=output_files,
+        output_files = self._note_cuts((stdout, stderr, displays), call.warnings)
+        image_infos, inline_images = self._save_images(call.session, images, call.warnings)
+        result = call.result(
+            "running", stdout=reply_text(stdout.text), stderr=reply_text(stderr.text), duration_s=duration_s,
+            display=[reply_text(text) for text in displays.texts], images=image_infos, output_files=output_files,
         )
-        self._keep_named(session.name, result)
+        self._keep_named(call.session, result)
         return CellOutcome(result, inline_images, reply_text(transcript.text))
 
     def _note_cuts(self, buffers: tuple[OutputBuffer | DisplayTexts, ...], warnings: list[str]) -> dict[str, str]:
@@ -2719,47 +2721,36 @@ class SessionManager:
         return output_files
 
     def _final_result(
-        self,
-        session: Session,
-        execution: Execution,
-        status: str | None,
-        reply: dict[str, Any] | None,
-        error: str | None,
-        warnings: list[str],
-        started: float,
+        self, call: CellCall, session: Session, execution: Execution, reply: dict[str, Any] | None,
+        *, status: CellStatus | None = None, error: str | None = None,
     ) -> CellOutcome:
+        """The reply to a cell that ended: as the kernel said (``status`` None), or timed out, or died."""
         if reply is not None:
             session.exec_count += 1
             if status is None:
-                status = reply.get("status", "error")
+                status = "ok" if reply.get("status") == "ok" else "error"
                 error = reply.get("error")
-            warnings.extend(note for note in dict.fromkeys(reply.get("notes") or []) if note not in warnings)
-        if error and len(error) > ERROR_LIMIT_CHARS:
-            half = ERROR_LIMIT_CHARS // 2
-            error = f"{error[:half]}\n… [{len(error) - 2 * half} characters of traceback cut] …\n{error[-half:]}"
-        output_files = self._note_cuts((execution.stdout, execution.stderr, execution.displays), warnings)
+            call.warnings.extend(note for note in dict.fromkeys(reply.get("notes") or []) if note not in call.warnings)
+        status = status or "error"
+        output_files = self._note_cuts((execution.stdout, execution.stderr, execution.displays), call.warnings)
         result_images = (reply or {}).get("result_images") or {}
         mime = next((m for m in IMAGE_MIME_TYPES if isinstance(result_images.get(m), str)), None)
         if mime is not None:
             execution.images.add(mime, result_images[mime])
-        image_infos, inline_images = self._save_images(session.name, execution.images, warnings)
-        result = ExecuteResult(
-            status=status,  # type: ignore[arg-type]
-            session=session.name,
+        image_infos, inline_images = self._save_images(session.name, execution.images, call.warnings)
+        result = call.result(
+            status,
             stdout=reply_text(execution.stdout.text),
             stderr=reply_text(execution.stderr.text),
             result=reply.get("result") if reply and status == "ok" else None,
-            error=reply_text(error) if error and status != "ok" else None,
+            error=reply_text(cut_middle(error, ERROR_LIMIT_CHARS, "characters of traceback cut")[0]) if error and status != "ok" else None,
             execution_count=reply.get("execution_count") if reply else None,
-            warning=" ".join(warnings) or None,
-            duration_s=round(time.monotonic() - started, 3),
             display=[reply_text(text) for text in execution.displays.texts],
             images=image_infos,
             output_files=output_files,
         )
         self._keep_named(session.name, result, reply)
         return CellOutcome(result, inline_images, reply_text(execution.transcript.text))
-
 
     def _keep_named(self, session: str, result: ExecuteResult, reply: dict[str, Any] | None = None) -> None:
         """The files this reply names stay until the session's next reply, whatever the folder's cap."""
@@ -2819,7 +2810,7 @@ class SessionManager:
             await anyio.sleep(PROGRESS_INTERVAL_S)
 
     async def _interrupt_or_kill(
-        self, session: Session, kernel: Kernel, execution: Execution, warnings: list[str]
+        self, call: CellCall, session: Session, kernel: Kernel, execution: Execution
     ) -> dict[str, Any] | None:
         """SIGINT, then, if the cell ignores it, kill (the restart goes on after this call). Returns the reply, if any."""
         kernel.interrupt()
@@ -2831,7 +2822,7 @@ class SessionManager:
             pass
         except KernelDied:
             raise
-        warnings.append(
+        call.warnings.append(
             f"The cell did not stop within {grace_s:g} s of an interrupt, so its kernel was killed; a fresh kernel is "
             "being restarted for the next call: variables and imports from before are gone."
         )
@@ -2871,7 +2862,7 @@ class SessionManager:
                     python=str(session.python),
                     python_version=kernel.hello.get("python_version") if kernel else None,
                     ipython_version=kernel.hello.get("ipython") if kernel else None,
-                    status=session.status,  # type: ignore[arg-type]
+                    status=session.status,
                     pid=kernel.pid if kernel and kernel.alive else None,
                     uptime_s=round(now - session.created, 3),
                     exec_count=session.exec_count,
@@ -2911,7 +2902,7 @@ def clip(text: str, limit: int) -> str:
     """``text`` if it fits ``limit``, else its head and tail around a note of what is missing."""
     if len(text) <= limit:
         return text
-    half = limit // 2
+    half = limit // 2  # exactly half each side (not cut_middle's margin): the record's limits are round numbers
     return f"{text[:half]}\n… [{len(text) - 2 * half} characters not kept in the record] …\n{text[-half:]}"
 
 
@@ -3909,8 +3900,8 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
             content=[TextContent(type="text", text="\n".join(lines))], structured_content=listing.model_dump(mode="json")
         )
 
-    def action_result(session: str, outcome: str, message: str, pid: int | None = None) -> CallToolResult:
-        result = SessionAction(session=session, outcome=outcome, message=message, pid=pid)  # type: ignore[arg-type]
+    def action_result(session: str, outcome: ActionOutcome, message: str, pid: int | None = None) -> CallToolResult:
+        result = SessionAction(session=session, outcome=outcome, message=message, pid=pid)
         return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=result.model_dump(mode="json"))
 
     @server.tool(  # idempotent: a second reset wipes an already empty session again
