@@ -26,11 +26,16 @@ A kernel start runs on its own (``SessionManager._ensure_kernel``): a call waits
 until its deadline, then answers ``busy`` while the start goes on for the next call.
 
 A cell ends ``ok`` or ``error``; past ``timeout_s`` it is interrupted (``timeout``), or,
-with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanwhile
-``execute`` answers ``busy``). How the file reads, top to bottom: constants, exceptions,
-pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``),
-``Kernel`` (one child process), envs (install, list), ``SessionManager`` (names ->
-kernels, locks), the session record, the MCP tools, ``main``.
+with ``on_timeout="continue"``, it is left running (``running``, then ``wait``; meanwhile
+``execute`` answers ``busy``). Each execute or wait call is one ``CellCall``: its deadline
+bounds the whole call (waiting for the session, its kernel and the cell), and every reply,
+whatever its status, is built by ``CellCall.result``.
+
+How the file reads, top to bottom: constants; exceptions; pure functions (envs, hints,
+timeouts); saved output files and the per-call output buffers; the wire (``Execution``);
+``Kernel`` (one child process) and the orphan guard; envs (install, list); sessions
+(``Config``, ``Session``, ``CellCall``, ``SessionManager``: names -> kernels, locks);
+the session record; the MCP tools; the transports (stdio, HTTP); the command line.
 
 Guarantees:
 - Every call returns by ``timeout_s`` plus a grace: cells are bounded by ``timeout_s``;
@@ -196,6 +201,38 @@ SPILL_BUFFER_BYTES = 64 * 1024
 SERVER_FOLDER = re.compile(r"server-(\d+)-[0-9a-f]+")
 
 
+# The session record (history, notebook, export).
+# Cells one session's record keeps in memory (for `history` and the resources); the
+# file keeps them all.
+RECORD_MAX_CELLS = 500
+# ... and characters of text for all of them together, so a chatty session stays small.
+RECORD_MEMORY_CHARS = 8_000_000
+# A cell's code, and each of its outputs, are kept up to this (head and tail).
+RECORD_CODE_CHARS = 100_000
+RECORD_TEXT_CHARS = 20_000
+# Outputs kept per cell (stream pieces, displays, images): a display loop keeps its first ones.
+RECORD_OUTPUTS_PER_CELL = 200
+# `history`: cells shown when `last` is not given, and how much of each.
+HISTORY_DEFAULT_CELLS = 20
+HISTORY_CODE_CHARS = 2_000
+HISTORY_EXCERPT_CHARS = 300
+RECORD_FILE_SUFFIX = "record.jsonl"
+RECORD_FORMAT = 1
+NOTEBOOK_MIME_TYPE = "application/x-ipynb+json"
+
+# HTTP transport.
+HTTP_PATH = "/mcp"
+# A megabyte of code is a large cell, and JSON escaping can make it six; a bigger body is refused
+# (413) from its Content-Length, or as soon as the bytes streamed in pass the limit (the SDK's check).
+HTTP_BODY_LIMIT_BYTES = 16 * 1024 * 1024
+# After SIGTERM the kernels are gone first; open streams then get this long to close (whole seconds).
+HTTP_SHUTDOWN_GRACE_S = 2
+# A shorter secret could be guessed over a network; a generated one has 256 bits.
+TOKEN_MIN_CHARS = 16
+TOKEN_ENV = "IPYTHON_MCP_TOKEN"
+# Key in each HTTP request's ASGI scope: an event that NoticeDisconnects sets when the client leaves.
+DISCONNECTED = "ipython_mcp.disconnected"
+
 Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> a progress notification
 OnTimeout = Literal["interrupt", "continue"]  # what a cell past its timeout_s does
 SessionStatus = Literal["starting", "idle", "busy", "dead", "stopped"]
@@ -236,6 +273,18 @@ class KernelDied(Exception):
     def __init__(self, how: str, log_tail: str = "", reason: str | None = None):
         self.how, self.log_tail, self.reason = how, log_tail, reason
         super().__init__(how)
+
+
+class UnsafeFolder(OSError):
+    """A folder we must not write into: a link, not a folder, another user's, or writable by others."""
+
+
+class ExportFailed(Exception):
+    """Why `ipython-mcp export` wrote nothing."""
+
+
+class HttpSetupError(Exception):
+    """The HTTP server cannot start as asked: unsafe flags, a weak token, an unsafe folder, a busy port."""
 
 
 # --- Pure functions: env spec -> interpreter, install hints, defaults -----------------
@@ -553,10 +602,6 @@ def descendants(pid: int) -> list[int]:
 
 
 # --- Saved output: one private folder per server, files made safely, capped ------------
-
-
-class UnsafeFolder(OSError):
-    """A folder we must not write into: a link, not a folder, another user's, or writable by others."""
 
 
 def create_private_file(name: str | Path, dir_fd: int | None = None) -> int:
@@ -1983,7 +2028,7 @@ class EnvCatalog:
             for i, (_, python) in enumerate(candidates):
                 group.start_soon(probe_one, i, python)
         envs = []
-        for (name, python), answer in zip(candidates, answers):
+        for (name, python), answer in zip(candidates, answers, strict=True):
             problem = answer.get("error")
             if problem is None and not answer.get("ipython"):
                 problem = f"IPython is not installed. {install_hint(python)}"
@@ -2389,6 +2434,18 @@ class SessionManager:
             return None
         finally:
             session.last_active = time.monotonic()
+
+    def interrupt(self, name: str) -> tuple[str, ActionOutcome, str, int | None]:
+        """SIGINT to the session's running cell, if any: (session, outcome, message, kernel pid)."""
+        session = self.get(name)
+        kernel = session.kernel
+        if kernel is None or not kernel.alive:
+            return name, "no_kernel", f"Session {name!r} has no running kernel ({session.status}); nothing to interrupt.", None
+        if not kernel.busy:
+            return name, "idle", f"Session {name!r} was idle; nothing to interrupt.", kernel.pid
+        kernel.interrupt()
+        message = f"Sent an interrupt to session {name!r}; the running cell stops with KeyboardInterrupt."
+        return name, "interrupted", message, kernel.pid
 
     async def shutdown(self, name: str) -> Session:
         session = self.get(name)
@@ -2877,25 +2934,7 @@ class SessionManager:
 # Fed by the MCP tools (a cell's outcome, a reset, a shutdown), kept apart from the
 # manager: the last cells in memory, all of them as JSON lines in a 0600 file of the
 # session's private folder, which `ipython-mcp export` reads from another process.
-# Its sizes are named here, with the code that uses them.
-
-# Cells one session's record keeps in memory (for `history` and the resources); the
-# file keeps them all.
-RECORD_MAX_CELLS = 500
-# ... and characters of text for all of them together, so a chatty session stays small.
-RECORD_MEMORY_CHARS = 8_000_000
-# A cell's code, and each of its outputs, are kept up to this (head and tail).
-RECORD_CODE_CHARS = 100_000
-RECORD_TEXT_CHARS = 20_000
-# Outputs kept per cell (stream pieces, displays, images): a display loop keeps its first ones.
-RECORD_OUTPUTS_PER_CELL = 200
-# `history`: cells shown when `last` is not given, and how much of each.
-HISTORY_DEFAULT_CELLS = 20
-HISTORY_CODE_CHARS = 2_000
-HISTORY_EXCERPT_CHARS = 300
-RECORD_FILE_SUFFIX = "record.jsonl"
-RECORD_FORMAT = 1
-NOTEBOOK_MIME_TYPE = "application/x-ipynb+json"
+# Its sizes are with the other constants, at the top.
 
 
 def clip(text: str, limit: int) -> str:
@@ -3583,10 +3622,6 @@ def find_records(roots: list[Path]) -> list[FoundRecord]:
     return found
 
 
-class ExportFailed(Exception):
-    """Why `ipython-mcp export` wrote nothing."""
-
-
 def export_session(
     session: str, path: Path | None, output_dir: Path, overwrite: bool = False
 ) -> tuple[FoundRecord, Path, int, int, str | None]:
@@ -3729,26 +3764,28 @@ class IPythonMCP(MCPServer):
         return result
 
 
-# Managers alive in this process (one per connection), so a signal handler can kill
-# their kernels at once; each is owned by its server lifespan, this only points at it.
-_live_managers: set[SessionManager] = set()
+def build_server(
+    config: Config | None = None, *, bearer: BearerToken | None = None, live: set[SessionManager] | None = None
+) -> MCPServer:
+    """The MCP server with its tools; ``bearer`` makes its HTTP app require that token.
 
-
-def build_server(config: Config | None = None, *, bearer: BearerToken | None = None) -> MCPServer:
-    """The MCP server with its tools; ``bearer`` makes its HTTP app require that token."""
+    Each manager is owned by the server lifespan; while it lives it is also in ``live``, so
+    the transport's signal handler (and main's last resort) can kill its kernels at once.
+    """
     config = config or Config()
+    live = set() if live is None else live
 
     @asynccontextmanager
     async def lifespan(_: MCPServer):
         manager = SessionManager(config)
-        _live_managers.add(manager)
+        live.add(manager)
         manager.guard.start()
         manager.start_spares()
         manager.start_idle_watch()
         try:
             yield manager
         finally:
-            _live_managers.discard(manager)
+            live.discard(manager)
             with anyio.CancelScope(shield=True):
                 await manager.close_all()
             manager.records.close_all()
@@ -3946,16 +3983,7 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
     )
     async def interrupt(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Interrupt the cell running in a session (like Ctrl-C); the session keeps its state."""
-        entry = manager_of(ctx).get(session)
-        kernel = entry.kernel
-        if kernel is None or not kernel.alive:
-            message = f"Session {session!r} has no running kernel ({entry.status}); nothing to interrupt."
-            return action_result(session, "no_kernel", message)
-        if not kernel.busy:
-            return action_result(session, "idle", f"Session {session!r} was idle; nothing to interrupt.", kernel.pid)
-        kernel.interrupt()
-        message = f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
-        return action_result(session, "interrupted", message, kernel.pid)
+        return action_result(*manager_of(ctx).interrupt(session))
 
     @server.tool(annotations=ToolAnnotations(title="Cells a session ran", read_only_hint=True))
     async def history(
@@ -4075,27 +4103,7 @@ def session_resources(session: str) -> tuple[str, str]:
     return f"ipython://sessions/{session}/history", f"ipython://sessions/{session}/notebook"
 
 
-# --- main ---------------------------------------------------------------------------------
-
-
-HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on stdin/stdout.
-It is meant to be started by an MCP client, not used by hand. To connect one:
-  Claude Code:  claude mcp add ipython -- {command}
-  Any client:   {{"mcpServers": {{"ipython": {{"command": {program}, "args": {args}}}}}}}
-  Inspector:    npx -y @modelcontextprotocol/inspector --cli {command} --method tools/list
-Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
-
-
-def greeting() -> str:
-    """How to connect a client to this server, started the way it was started now."""
-    launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if launcher is not None and launcher.suffix != ".py" and launcher.is_file():
-        argv = [str(launcher)]  # an installed `ipython-mcp` script
-    else:
-        argv = ["uv", "run", str(Path(__file__).resolve())]
-    return HUMAN_GREETING.format(
-        version=__version__, command=" ".join(argv), program=json.dumps(argv[0]), args=json.dumps(argv[1:])
-    )
+# --- Over stdio: the SDK's stdio transport, answering lines that are not JSON-RPC ---------
 
 
 class AnswerParseErrors:
@@ -4142,8 +4150,9 @@ class AnswerParseErrors:
         return getattr(self._inner, name)
 
 
-async def serve(config: Config) -> None:
-    server = build_server(config)
+async def serve(config: Config, live: set[SessionManager]) -> None:
+    """Serve MCP over stdin/stdout until EOF or a signal; ``live`` holds the managers alive."""
+    server = build_server(config, live=live)
     async with anyio.create_task_group() as group:
 
         async def stop_on_signal() -> None:
@@ -4151,7 +4160,7 @@ async def serve(config: Config) -> None:
                 async for signum in signals:
                     log.info("received %s; stopping", signal.Signals(signum).name)
                     with anyio.CancelScope(shield=True):
-                        for manager in list(_live_managers):
+                        for manager in list(live):
                             await manager.close_all()
                     # The SDK's stdin reader thread may block in read() until stdin closes;
                     # every kernel is gone, so leave now instead of waiting for it.
@@ -4178,22 +4187,6 @@ async def serve(config: Config) -> None:
 # The SDK's streamable HTTP app (Starlette, served by uvicorn) with the SDK's bearer check and
 # its Host/Origin checks. One SessionManager serves every client of the server: the SDK's HTTP
 # session manager enters the server lifespan once for the app, not once per connection.
-
-HTTP_PATH = "/mcp"
-# A megabyte of code is a large cell, and JSON escaping can make it six; a bigger body is refused
-# (413) from its Content-Length, or as soon as the bytes streamed in pass the limit (the SDK's check).
-HTTP_BODY_LIMIT_BYTES = 16 * 1024 * 1024
-# After SIGTERM the kernels are gone first; open streams then get this long to close (whole seconds).
-HTTP_SHUTDOWN_GRACE_S = 2
-# A shorter secret could be guessed over a network; a generated one has 256 bits.
-TOKEN_MIN_CHARS = 16
-TOKEN_ENV = "IPYTHON_MCP_TOKEN"
-# Key in each HTTP request's ASGI scope: an event that NoticeDisconnects sets when the client leaves.
-DISCONNECTED = "ipython_mcp.disconnected"
-
-
-class HttpSetupError(Exception):
-    """The HTTP server cannot start as asked: unsafe flags, a weak token, an unsafe folder, a busy port."""
 
 
 class BearerToken:
@@ -4368,7 +4361,9 @@ class QuietUvicorn(uvicorn.Server):
         yield
 
 
-async def serve_http(config: Config, host: str, port: int, no_auth: bool = False, allow_hosts: Sequence[str] = ()) -> None:
+async def serve_http(
+    config: Config, live: set[SessionManager], host: str, port: int, no_auth: bool = False, allow_hosts: Sequence[str] = ()
+) -> None:
     loopback = loopback_only(host)
     if no_auth and not loopback:
         raise HttpSetupError(
@@ -4386,7 +4381,7 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
     token_file = save_token(runtime, port, token) if runtime is not None and token is not None else None
     try:
         bearer = BearerToken(token, issuer_url=url.removesuffix(HTTP_PATH)) if token is not None else None
-        server = build_server(config, bearer=bearer)
+        server = build_server(config, bearer=bearer, live=live)
         app = server.streamable_http_app(
             streamable_http_path=HTTP_PATH,
             max_request_body_size=HTTP_BODY_LIMIT_BYTES,
@@ -4427,7 +4422,7 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
                     async for signum in signals:
                         log.info("received %s; stopping", signal.Signals(signum).name)
                         with anyio.CancelScope(shield=True):
-                            for manager in list(_live_managers):
+                            for manager in list(live):
                                 await manager.close_all()
                         http.handle_exit(signum, None)
 
@@ -4441,6 +4436,29 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
         if token_file is not None:
             with contextlib.suppress(OSError):
                 token_file.unlink()
+
+
+# --- Command line: the greeting for a person at a terminal, arguments, export, main -------
+
+
+HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on stdin/stdout.
+It is meant to be started by an MCP client, not used by hand. To connect one:
+  Claude Code:  claude mcp add ipython -- {command}
+  Any client:   {{"mcpServers": {{"ipython": {{"command": {program}, "args": {args}}}}}}}
+  Inspector:    npx -y @modelcontextprotocol/inspector --cli {command} --method tools/list
+Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
+
+
+def greeting() -> str:
+    """How to connect a client to this server, started the way it was started now."""
+    launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if launcher is not None and launcher.suffix != ".py" and launcher.is_file():
+        argv = [str(launcher)]  # an installed `ipython-mcp` script
+    else:
+        argv = ["uv", "run", str(Path(__file__).resolve())]
+    return HUMAN_GREETING.format(
+        version=__version__, command=" ".join(argv), program=json.dumps(argv[0]), args=json.dumps(argv[1:])
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -4567,11 +4585,12 @@ def main(argv: list[str] | None = None) -> None:
         config.idle_timeout_s = args.idle_timeout_s if math.isfinite(args.idle_timeout_s) and args.idle_timeout_s > 0 else None
     if args.transport == "stdio" and sys.stdin.isatty():
         print(greeting(), file=sys.stderr)
+    live: set[SessionManager] = set()  # the server's managers, while their lifespans run
     try:
         if args.transport == "http":
-            anyio.run(serve_http, config, args.host, args.port, args.no_auth, args.allow_host)
+            anyio.run(serve_http, config, live, args.host, args.port, args.no_auth, args.allow_host)
         else:
-            anyio.run(serve, config)
+            anyio.run(serve, config, live)
     except KeyboardInterrupt:
         pass
     except HttpSetupError as exc:
@@ -4579,7 +4598,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(2)
     finally:
-        for manager in list(_live_managers):
+        for manager in list(live):  # a last resort: each lifespan has closed its own manager
             manager.kill_all_now()
     # A stdin reader thread may still block in read(); nothing is left to clean up.
     sys.stderr.flush()
