@@ -82,7 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -1896,11 +1896,43 @@ class OrphanGuard:
 # --- Envs: installing the prerequisite, and finding what is there ----------------------
 
 
-async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: set[int]) -> None:
-    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure.
+class Helpers:
+    """The server's helper processes (the ipykernel installer, env probes), run like ``subprocess.run``.
 
-    The installer's pid is in ``helpers`` while it runs, so a server stopping kills it too.
+    Each runs in its own process group. When its caller is done with it (finished, timed
+    out, cancelled), a helper still running is killed with its group and reaped within
+    ``KILL_REAP_TIMEOUT_S``, in one place; ``kill_all`` ends every one when the server stops.
     """
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    @asynccontextmanager
+    async def run(self, argv: Sequence[str], cwd: Path | None = None, merge_stderr: bool = False) -> AsyncIterator[asyncio.subprocess.Process]:
+        """The started process (stdin closed, stdout piped, stderr piped or into stdout). OSError: it could not start."""
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        self.pids.add(process.pid)
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+                    await process.wait()
+            self.pids.discard(process.pid)
+
+    def kill_all(self) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers) -> None:
+    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
     python = Path(error.python or "")
     plan = install_plan(python, error.has_pip)
     if plan.argv is None:
@@ -1908,39 +1940,26 @@ async def install_ipykernel(error: EnvError, progress: Progress | None, helpers:
     log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
     started = time.monotonic()
     tail = ""
+    returncode: int | None = None
     try:
-        process = await asyncio.create_subprocess_exec(
-            *plan.argv, cwd=plan.cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )
+        async with helpers.run(plan.argv, cwd=plan.cwd, merge_stderr=True) as process:
+            assert process.stdout is not None
+            with anyio.move_on_after(INSTALL_TIMEOUT_S):  # returncode stays None
+                last_sent = 0.0
+                while line := await process.stdout.readline():
+                    text = line.decode("utf-8", "replace").rstrip()
+                    tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
+                    now = time.monotonic()
+                    if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
+                        last_sent = now
+                        with contextlib.suppress(Exception):
+                            await progress(now - started, f"installing ipykernel: {text[:200]}")
+                returncode = await process.wait()
     except OSError as exc:
         raise EnvError(
             error.env, error.python, f"Could not run `{plan.text}` to install ipykernel into env {error.env!r}: {exc}.",
             kind="missing_ipython",
         ) from exc
-    helpers.add(process.pid)
-    try:
-        assert process.stdout is not None
-        with anyio.fail_after(INSTALL_TIMEOUT_S):
-            last_sent = 0.0
-            while line := await process.stdout.readline():
-                text = line.decode("utf-8", "replace").rstrip()
-                tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
-                now = time.monotonic()
-                if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
-                    last_sent = now
-                    with contextlib.suppress(Exception):
-                        await progress(now - started, f"installing ipykernel: {text[:200]}")
-            returncode = await process.wait()
-    except TimeoutError:
-        returncode = None
-    finally:
-        if process.returncode is None:  # timed out or the call was cancelled
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
-                await process.wait()
-        helpers.discard(process.pid)
     if returncode != 0:
         how = f"did not finish within {INSTALL_TIMEOUT_S:.0f} s" if returncode is None else f"failed ({describe_exit(returncode)})"
         raise EnvError(
@@ -1976,39 +1995,28 @@ class EnvList(BaseModel):
 class EnvCatalog:
     """Probes interpreters (in parallel, cached) for list_envs."""
 
-    def __init__(self, helpers: set[int]) -> None:
+    def __init__(self, helpers: Helpers) -> None:
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
-        self._helpers = helpers  # probe pids, killed if the server stops mid-probe
+        self._helpers = helpers  # runs the probes, killed if the server stops mid-probe
 
     async def probe(self, python: Path) -> dict[str, Any]:
         cached = self._cache.get(python)
         if cached and time.monotonic() - cached[0] < ENV_PROBE_CACHE_S:
             return cached[1]
         answer: dict[str, Any] = {"python_version": None, "ipython": None, "error": None}
+        err = b""
         try:
-            process = await asyncio.create_subprocess_exec(
-                str(python), "-c", ENV_PROBE, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            )
+            async with self._helpers.run([str(python), "-c", ENV_PROBE]) as process:
+                with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
+                    out, err = await process.communicate()
+                answer.update(json.loads(out.decode().strip().splitlines()[-1]))
         except OSError as exc:
             answer["error"] = f"cannot run {python}: {exc}"
             return answer
-        self._helpers.add(process.pid)
-        try:
-            with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
-                out, err = await process.communicate()
-            answer.update(json.loads(out.decode().strip().splitlines()[-1]))
         except TimeoutError:
             answer["error"] = f"{python} did not answer within {ENV_PROBE_TIMEOUT_S:.0f} s"
         except (ValueError, IndexError):
             answer["error"] = f"{python} could not run a probe: {err.decode('utf-8', 'replace').strip()[-300:]}"
-        finally:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                with anyio.CancelScope(shield=True):
-                    await process.wait()
-            self._helpers.discard(process.pid)
         self._cache[python] = (time.monotonic(), answer)
         return answer
 
@@ -2237,7 +2245,7 @@ class SessionManager:
     def __init__(self, config: Config):
         self.config = config
         self.sessions: dict[str, Session] = {}
-        self.helpers: set[int] = set()  # installer and probe pids (own process groups)
+        self.helpers = Helpers()  # the installer and env probes
         self.envs = EnvCatalog(self.helpers)
         self.guard = OrphanGuard()  # kills every kernel's group if this server dies without cleaning up
         self._closing = False
@@ -2523,7 +2531,7 @@ class SessionManager:
         self._closing = True
         for session in self.sessions.values():
             session.closed = ToolError("The server is shutting down.")
-        self._kill_helpers()
+        self.helpers.kill_all()
         for kernel in self._starting:  # kernels still starting belong to no session yet
             kernel.kill_now()
         tasks = [task for task in (*self._start_tasks, self._refill, self._idle_watch) if task is not None]
@@ -2545,13 +2553,8 @@ class SessionManager:
             await self.guard.close()
         self.files.remove_all()
 
-    def _kill_helpers(self) -> None:
-        for pid in list(self.helpers):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-
     def kill_all_now(self) -> None:
-        self._kill_helpers()
+        self.helpers.kill_all()
         for kernel in [*self._spares, *self._starting, *(s.kernel for s in self.sessions.values() if s.kernel is not None)]:
             kernel.kill_now()
         self.guard.close_now()
