@@ -1072,16 +1072,6 @@ def cut_middle(text: str, limit: int, what: str = "characters cut") -> tuple[str
     return f"{text[:half]}\n… [{cut} {what}] …\n{text[-half:]}", cut
 
 
-class _NullFile:
-    """Where spilled text goes when there is no file to keep it."""
-
-    def write(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class OutputBuffer:
     """One stream of one cell: everything up to ``limit`` chars, then head + tail.
 
@@ -1095,8 +1085,11 @@ class OutputBuffer:
         self.head = ""
         self.tail = ""
         self.total = 0  # characters kept (after redraws collapsed), in memory or in the file
+        # Past the limit: memory keeps head and tail only, and the file (if one could be made,
+        # and this buffer has a spill target at all) keeps everything.
+        self.overflowed = False
+        self._file: SpillFile | None = None
         self.file_path: Path | None = None
-        self._file: Any = None
         self.last_line = ""
 
     def write(self, text: str) -> None:
@@ -1106,12 +1099,13 @@ class OutputBuffer:
             text = self._reopen_last_line() + text
             text = collapse_redraws(text)
         self.total += len(text)
-        if self._file is None and self.total <= self.limit:
+        if not self.overflowed and self.total <= self.limit:
             self.head += text
         else:
-            if self._file is None:
+            if not self.overflowed:
                 self._spill()
-                self._file.write(text)
+                if self._file is not None:
+                    self._file.write(text)
             keep = self.limit // 2
             if len(self.head) < keep:  # the chunk that overflowed may be the first one
                 self.head, text = self.head + text[: keep - len(self.head)], text[keep - len(self.head) :]
@@ -1124,7 +1118,7 @@ class OutputBuffer:
 
     def _reopen_last_line(self) -> str:
         """Take the unfinished last line back out, so a redraw can replace it."""
-        buffer = "tail" if self._file is not None else "head"
+        buffer = "tail" if self.overflowed else "head"
         kept = getattr(self, buffer)
         cut = kept.rfind("\n") + 1
         setattr(self, buffer, kept[:cut])
@@ -1132,6 +1126,7 @@ class OutputBuffer:
         return kept[cut:]
 
     def _spill(self) -> None:
+        self.overflowed = True
         if self._spill_path is not None:
             try:
                 self._file = self._spill_path(self.name)  # never raises once made: a full disk cuts the file only
@@ -1141,21 +1136,19 @@ class OutputBuffer:
                 log.warning("cannot save the full %s: %s", self.name, exc)
                 self.file_path = None
                 self._file = None
-        if self._file is None:  # a view of other streams (their files keep the text), or no file
-            self._file = _NullFile()
         keep = self.limit // 2
         self.head, self.tail = self.head[:keep], self.head[keep:]
 
     @property
     def ends_line(self) -> bool:
-        return (self.tail if self._file is not None else self.head).endswith("\n")
+        return (self.tail if self.overflowed else self.head).endswith("\n")
 
     def clear(self) -> None:
         """clear_output(): what the agent gets starts again (a spill file so far is closed and not named)."""
-        self.head, self.tail, self.total = "", "", 0
+        self.head, self.tail, self.total, self.overflowed = "", "", 0, False
         if self._file is not None:
             self._file.close()
-            self._file, self.file_path = None, None
+        self._file, self.file_path = None, None
 
     def close(self) -> None:
         if self._file is not None:
@@ -1168,7 +1161,7 @@ class OutputBuffer:
 
     @property
     def cut(self) -> int:
-        return max(self.total - len(self.head) - len(self._kept_tail), 0) if self._file is not None else 0
+        return max(self.total - len(self.head) - len(self._kept_tail), 0) if self.overflowed else 0
 
     @property
     def _kept_tail(self) -> str:
@@ -1176,7 +1169,7 @@ class OutputBuffer:
 
     @property
     def text(self) -> str:
-        if self._file is None:
+        if not self.overflowed:
             return self.head
         where = ""
         if self.file_path:
@@ -1315,10 +1308,12 @@ class Execution:
     """What one ``execute`` request collects until the kernel says ``done``."""
 
     request_id: int
-    stdout: OutputBuffer
-    stderr: OutputBuffer
+    limit: int  # characters kept per stream, and for the display texts
+    spill: SpillTarget | None  # where the full text of cut output goes
     image_limit: int = DEFAULT_IMAGE_LIMIT  # images sent inline per call
     image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT
+    stdout: OutputBuffer = dataclasses.field(init=False)
+    stderr: OutputBuffer = dataclasses.field(init=False)
     displays: DisplayTexts = dataclasses.field(init=False)  # display() text, bounded like stdout
     images: ShownImages = dataclasses.field(init=False)
     # stdout and display() text interleaved as the cell produced them, for the text block
@@ -1354,8 +1349,14 @@ class Execution:
             self.reply.set_result(message)
 
     def __post_init__(self) -> None:
-        self.transcript = OutputBuffer("output", self.stdout.limit, None)
-        self.displays = DisplayTexts(self.stdout.limit, self.stdout._spill_path)
+        self._collect_afresh()
+
+    def _collect_afresh(self) -> None:
+        """New buffers for all a cell shows: at its start, and each time `wait` takes the output so far."""
+        self.stdout = OutputBuffer("stdout", self.limit, self.spill)
+        self.stderr = OutputBuffer("stderr", self.limit, self.spill)
+        self.transcript = OutputBuffer("output", self.limit, None)  # a view: stdout and displays keep the files
+        self.displays = DisplayTexts(self.limit, self.spill)
         self.images = ShownImages(self.image_limit, self.image_bytes_limit)
 
     def _clear_if_pending(self) -> None:
@@ -1389,11 +1390,7 @@ class Execution:
     def take_output(self) -> tuple[OutputBuffer, OutputBuffer, DisplayTexts, ShownImages]:
         """Hand over what was collected so far and start collecting afresh (for `wait`)."""
         taken = self.stdout, self.stderr, self.displays, self.images
-        self.stdout = OutputBuffer("stdout", self.stdout.limit, self.stdout._spill_path)
-        self.stderr = OutputBuffer("stderr", self.stderr.limit, self.stderr._spill_path)
-        self.transcript = OutputBuffer("output", self.stdout.limit, None)
-        self.displays = DisplayTexts(self.stdout.limit, self.stdout._spill_path)
-        self.images = ShownImages(self.image_limit, self.image_bytes_limit)
+        self._collect_afresh()
         return taken
 
     @property
@@ -1721,14 +1718,7 @@ class Kernel:
         image_limit: int = DEFAULT_IMAGE_LIMIT, image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT,
     ) -> Execution:
         request_id = next(self._ids)
-        per_stream = max(output_limit // 2, 2)
-        execution = Execution(
-            request_id,
-            OutputBuffer("stdout", per_stream, spill_path),
-            OutputBuffer("stderr", per_stream, spill_path),
-            image_limit,
-            image_bytes_limit,
-        )
+        execution = Execution(request_id, max(output_limit // 2, 2), spill_path, image_limit, image_bytes_limit)
         if not self.alive:
             execution.fail(KernelDied("it had already exited"))
             return execution
