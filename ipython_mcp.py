@@ -87,6 +87,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+__version__ = "0.1.0"
+
+# `ipython-mcp --version` answers here, before the MCP SDK, uvicorn and pydantic are imported
+# (~0.8 s): the console script imports this whole module to call main(), too late for a fast
+# path there. Only the exact command line `<ipython-mcp or ipython_mcp.py> --version` counts,
+# so importing this module (tests, `import ipython_mcp`) never exits.
+if sys.argv[1:] == ["--version"] and Path(sys.argv[0] or "").name in ("ipython-mcp", "ipython_mcp.py"):
+    print(f"ipython-mcp {__version__}")
+    sys.exit(0)
+
 import anyio
 import anyio.abc
 import uvicorn
@@ -115,7 +125,6 @@ from mcp.types import (
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__version__ = "0.1.0"
 log = logging.getLogger("ipython_mcp")
 
 # --- Constants: every timing and size, with why ---------------------------------------
