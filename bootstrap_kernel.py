@@ -794,15 +794,17 @@ class Cell:
         self.done = False  # post_execute ran: displays now come from the end-of-cell flush
 
 
-def make_shell(wire, relay, state, cell):
-    import IPython
-    from IPython.core.displayhook import DisplayHook
-    from IPython.core.displaypub import DisplayPublisher
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets import Type
-    from traitlets.config import Config
+class Displays:
+    """What a cell displays, made a JSON-ready, bounded mime bundle and sent.
 
-    def encode_bundle(data, text_limit=MAX_TEXT_CHARS):
+    Our own processing must never raise into the user's cell: what fails becomes a note
+    of the cell (``Cell.notes``), and the cell runs on.
+    """
+
+    def __init__(self, wire, cell):
+        self.wire, self.cell = wire, cell
+
+    def encode_bundle(self, data, text_limit=MAX_TEXT_CHARS):
         """JSON-ready mime bundle; bounded, so no protocol line can grow without limit."""
         bundle = {}
         for mime, value in data.items():
@@ -812,7 +814,7 @@ def make_shell(wire, relay, state, cell):
                 value = base64.b64encode(value).decode("ascii")
             if mime.startswith("image/"):
                 if len(value) > MAX_IMAGE_B64_CHARS:
-                    cell.notes.append(
+                    self.cell.notes.append(
                         "An %s image of about %d MB was dropped: over the %d MB a kernel sends."
                         % (mime, len(value) * 3 // 4 >> 20, MAX_IMAGE_B64_CHARS * 3 // 4 >> 20)
                     )
@@ -828,41 +830,56 @@ def make_shell(wire, relay, state, cell):
                 size = len(value)
                 value, cut = truncate_middle(value, text_limit)
                 if cut:  # said once per kind in the reply's notes (see execute)
-                    count, largest = cell.kernel_cuts.get(mime, (0, 0))
-                    cell.kernel_cuts[mime] = (count + 1, max(largest, size))
+                    count, largest = self.cell.kernel_cuts.get(mime, (0, 0))
+                    self.cell.kernel_cuts[mime] = (count + 1, max(largest, size))
             if isinstance(value, str) or mime == "application/json":
                 bundle[mime] = value
         return bundle
 
-    def prepare(data, text_limit=MAX_TEXT_CHARS):
+    def prepare(self, data, text_limit=MAX_TEXT_CHARS):
         """The bundle to send, or None. Our own processing must never raise into the user's
         cell: what fails here becomes a note, and the cell runs on."""
-        notes = cell.notes
+        notes = self.cell.notes
         try:
-            bundle = encode_bundle(data, text_limit)
+            bundle = self.encode_bundle(data, text_limit)
         except Exception as exc:
             notes.append("A display output could not be encoded (%s: %s) and was dropped." % (type(exc).__name__, exc))
             return None
         try:
-            shrink_images(bundle, cell.image_budget, notes)
+            shrink_images(bundle, self.cell.image_budget, notes)
         except Exception as exc:  # shrink_images guards each image; this is the last resort
             notes.append("Images of a display output could not be checked (%s: %s); they are sent as they were." % (type(exc).__name__, exc))
         return bundle
 
-    def send_display(bundle):
+    def send(self, bundle):
         try:
-            wire.send({"kind": "display", "data": bundle})
+            self.wire.send({"kind": "display", "data": bundle})
         except (TypeError, ValueError) as exc:  # not JSON-serialisable: nothing was written
-            cell.notes.append(
+            self.cell.notes.append(
                 "A display output could not be sent (%s: %s) and was dropped." % (type(exc).__name__, exc)
             )
+
+
+def make_shell(wire, relay, state, cell):
+    """The session's InteractiveShell: headless, its displays and result sent over the wire.
+
+    Its classes derive from IPython's, so they are defined here rather than at module level:
+    this file imports IPython only after ``check_prerequisites`` (and never for ``--pip``).
+    """
+    displays = Displays(wire, cell)
+    import IPython
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets import Type
+    from traitlets.config import Config
 
     class WireDisplayPublisher(DisplayPublisher):
         def publish(self, data, metadata=None, *args, **kwargs):
             relay.drain()  # what was printed before the display comes first
-            bundle = prepare(data)
+            bundle = displays.prepare(data)
             if bundle is not None:
-                send_display(bundle)
+                displays.send(bundle)
 
         def clear_output(self, wait=False):
             relay.drain()
@@ -878,7 +895,7 @@ def make_shell(wire, relay, state, cell):
             pass
 
         def write_format_data(self, format_dict, md_dict=None):
-            cell.result = prepare(format_dict, text_limit=None)  # execute() cuts and saves the text
+            cell.result = displays.prepare(format_dict, text_limit=None)  # execute() cuts and saves the text
 
         def finish_displayhook(self):
             self._is_active = False
@@ -959,25 +976,31 @@ def make_shell(wire, relay, state, cell):
     config.InteractiveShell.autocall = 0
     shell = HeadlessShell.instance(config=config)
 
-    def pip_magic(line):
-        """Run pip for this session's own interpreter (its pip, else uv, else pip after ensurepip).
-
-        Usage: %pip install PACKAGE ...  (also uninstall, list, show, freeze). The package
-        imports right after; a failed command fails the cell with the installer's last lines.
-        """
-        import shlex
-
-        from IPython.core.error import UsageError
-
-        try:
-            args = shlex.split(line)
-        except ValueError as exc:
-            raise UsageError("%%pip: %s" % exc) from None
-        run_pip(args)
-
     shell.register_magic_function(pip_magic, "line", "pip")
-    # Remember what a cell showed, so the end-of-cell flush of open figures (matplotlib's
-    # inline backend has one in post_execute, and we have one) does not show it again.
+    show_figures_once(shell, cell)
+    return shell
+
+
+def pip_magic(line):
+    """Run pip for this session's own interpreter (its pip, else uv, else pip after ensurepip).
+
+    Usage: %pip install PACKAGE ...  (also uninstall, list, show, freeze). The package
+    imports right after; a failed command fails the cell with the installer's last lines.
+    """
+    import shlex
+
+    from IPython.core.error import UsageError
+
+    try:
+        args = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError("%%pip: %s" % exc) from None
+    run_pip(args)
+
+
+def show_figures_once(shell, cell):
+    """Remember what a cell showed, so the end-of-cell flush of open figures (matplotlib's
+    inline backend has one in post_execute, and we have one) does not show it again."""
     format_for_display = shell.display_formatter.format
 
     def format_once_after_cell(obj, *args, **kwargs):
@@ -989,7 +1012,6 @@ def make_shell(wire, relay, state, cell):
     shell.display_formatter.format = format_once_after_cell
     # Registered first, so it runs before post_execute hooks that flush figures.
     shell.events.register("post_execute", lambda: setattr(cell, "done", True))
-    return shell
 
 
 def shrink_images(bundle, budget, notes):

@@ -3773,6 +3773,10 @@ def build_server(
 
     Each manager is owned by the server lifespan; while it lives it is also in ``live``, so
     the transport's signal handler (and main's last resort) can kill its kernels at once.
+
+    Long on purpose: the tools are registered by the SDK's decorators on this server, and
+    each is a few lines translating between the manager and MCP results; one function keeps
+    the whole tool surface (names, schemas, annotations) on one page, in the order of the README.
     """
     config = config or Config()
     live = set() if live is None else live
@@ -4366,6 +4370,11 @@ class QuietUvicorn(uvicorn.Server):
 async def serve_http(
     config: Config, live: set[SessionManager], host: str, port: int, no_auth: bool = False, allow_hosts: Sequence[str] = ()
 ) -> None:
+    """Serve MCP over HTTP until a signal: refuse unsafe flags, bind, print where, serve, clean up.
+
+    One function (~75 lines) because its steps share the listener and the token file, which
+    its one ``finally`` removes.
+    """
     loopback = loopback_only(host)
     if no_auth and not loopback:
         raise HttpSetupError(
@@ -4464,6 +4473,7 @@ def greeting() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # A flat list of options, each with its help: long, and easiest to read as it is.
     parser = argparse.ArgumentParser(prog="ipython-mcp", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (without one, the server runs)")
     export = commands.add_parser(
