@@ -2659,7 +2659,7 @@ class SessionManager:
             async with session.wait_lock:
                 execution = session.left_running
                 if execution is None or session.kernel is None:
-                    raise ToolError(f"Session {name!r} has no cell running on (started with on_timeout='continue'); nothing to wait for.")
+                    raise ToolError(f"Session {name!r} has no cell left running (by on_timeout='continue'); nothing to wait for.")
                 return await self._follow(call, session, session.kernel, execution)
         finally:
             session.calls -= 1
@@ -3883,7 +3883,7 @@ def build_server(
         ] = None,
         on_timeout: Annotated[
             Literal["interrupt", "continue"],
-            Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue' it in the background and return status 'running' (follow it with `wait`)."),
+            Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue': leave it running and return status 'running' (follow it with `wait`)."),
         ] = "interrupt",
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Run code in a stateful IPython session and return its output, result, error and images. \
