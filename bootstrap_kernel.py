@@ -34,8 +34,8 @@ Messages (one JSON object per line, ``kind`` says which):
                            stops cell ``id`` (now, or when it would start); when the
                            server could not signal the process group itself, the
                            kernel signals it (pipes that carry no signals: ssh, exec)
-    kernel -> server   hello {protocol, pid, python, python_version, ipython, error,
-                              missing, pip, prefix}   (first line; ``missing`` says
+    kernel -> server   hello {protocol, pid, python_version, ipython, error,
+                              missing, pip}   (first line; ``missing`` says
                               what is absent or too old: "python" or "ipython";
                               ``pip`` whether pip is there)
                        stream {name, text}     stdout/stderr of the running cell
@@ -782,15 +782,37 @@ def shell_pip_args(cmd):
     return None
 
 
-def make_shell(wire, relay, state, capture):
-    import IPython
-    from IPython.core.displayhook import DisplayHook
-    from IPython.core.displaypub import DisplayPublisher
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets import Type
-    from traitlets.config import Config
+class Cell:
+    """What the running cell produced besides its output streams; reset before each cell.
 
-    def encode_bundle(data, text_limit=MAX_TEXT_CHARS):
+    Written by the shell's hooks (display, result, traceback) and read by ``build_reply``.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, image_budget=None):
+        self.notes = []  # sentences for the reply's notes
+        self.image_budget = image_budget  # (count, bytes) of images the server shows, or None
+        self.kernel_cuts = {}  # mime -> (displays cut before sending, the largest one's size)
+        self.result = None  # the last expression's mime bundle, as prepared for sending
+        self.stb = []  # the traceback as IPython showed it (for IPython's own history)
+        self.error = None  # that traceback as plain text
+        self.shown = set()  # ids of objects displayed, so the end-of-cell flush does not show a figure twice
+        self.done = False  # post_execute ran: displays now come from the end-of-cell flush
+
+
+class Displays:
+    """What a cell displays, made a JSON-ready, bounded mime bundle and sent.
+
+    Our own processing must never raise into the user's cell: what fails becomes a note
+    of the cell (``Cell.notes``), and the cell runs on.
+    """
+
+    def __init__(self, wire, cell):
+        self.wire, self.cell = wire, cell
+
+    def encode_bundle(self, data, text_limit=MAX_TEXT_CHARS):
         """JSON-ready mime bundle; bounded, so no protocol line can grow without limit."""
         bundle = {}
         for mime, value in data.items():
@@ -800,7 +822,7 @@ def make_shell(wire, relay, state, capture):
                 value = base64.b64encode(value).decode("ascii")
             if mime.startswith("image/"):
                 if len(value) > MAX_IMAGE_B64_CHARS:
-                    capture.setdefault("notes", []).append(
+                    self.cell.notes.append(
                         "An %s image of about %d MB was dropped: over the %d MB a kernel sends."
                         % (mime, len(value) * 3 // 4 >> 20, MAX_IMAGE_B64_CHARS * 3 // 4 >> 20)
                     )
@@ -816,41 +838,56 @@ def make_shell(wire, relay, state, capture):
                 size = len(value)
                 value, cut = truncate_middle(value, text_limit)
                 if cut:  # said once per kind in the reply's notes (see execute)
-                    count, largest = capture.setdefault("kernel_cuts", {}).get(mime, (0, 0))
-                    capture["kernel_cuts"][mime] = (count + 1, max(largest, size))
+                    count, largest = self.cell.kernel_cuts.get(mime, (0, 0))
+                    self.cell.kernel_cuts[mime] = (count + 1, max(largest, size))
             if isinstance(value, str) or mime == "application/json":
                 bundle[mime] = value
         return bundle
 
-    def prepare(data, text_limit=MAX_TEXT_CHARS):
+    def prepare(self, data, text_limit=MAX_TEXT_CHARS):
         """The bundle to send, or None. Our own processing must never raise into the user's
         cell: what fails here becomes a note, and the cell runs on."""
-        notes = capture.setdefault("notes", [])
+        notes = self.cell.notes
         try:
-            bundle = encode_bundle(data, text_limit)
+            bundle = self.encode_bundle(data, text_limit)
         except Exception as exc:
             notes.append("A display output could not be encoded (%s: %s) and was dropped." % (type(exc).__name__, exc))
             return None
         try:
-            shrink_images(bundle, capture.get("image_budget"), notes)
+            shrink_images(bundle, self.cell.image_budget, notes)
         except Exception as exc:  # shrink_images guards each image; this is the last resort
             notes.append("Images of a display output could not be checked (%s: %s); they are sent as they were." % (type(exc).__name__, exc))
         return bundle
 
-    def send_display(bundle):
+    def send(self, bundle):
         try:
-            wire.send({"kind": "display", "data": bundle})
+            self.wire.send({"kind": "display", "data": bundle})
         except (TypeError, ValueError) as exc:  # not JSON-serialisable: nothing was written
-            capture.setdefault("notes", []).append(
+            self.cell.notes.append(
                 "A display output could not be sent (%s: %s) and was dropped." % (type(exc).__name__, exc)
             )
+
+
+def make_shell(wire, relay, state, cell):
+    """The session's InteractiveShell: headless, its displays and result sent over the wire.
+
+    Its classes derive from IPython's, so they are defined here rather than at module level:
+    this file imports IPython only after ``check_prerequisites`` (and never for ``--pip``).
+    """
+    displays = Displays(wire, cell)
+    import IPython
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets import Type
+    from traitlets.config import Config
 
     class WireDisplayPublisher(DisplayPublisher):
         def publish(self, data, metadata=None, *args, **kwargs):
             relay.drain()  # what was printed before the display comes first
-            bundle = prepare(data)
+            bundle = displays.prepare(data)
             if bundle is not None:
-                send_display(bundle)
+                displays.send(bundle)
 
         def clear_output(self, wait=False):
             relay.drain()
@@ -866,7 +903,7 @@ def make_shell(wire, relay, state, capture):
             pass
 
         def write_format_data(self, format_dict, md_dict=None):
-            capture["result"] = prepare(format_dict, text_limit=None)  # execute() cuts and saves the text
+            cell.result = displays.prepare(format_dict, text_limit=None)  # execute() cuts and saves the text
 
         def finish_displayhook(self):
             self._is_active = False
@@ -897,14 +934,13 @@ def make_shell(wire, relay, state, capture):
         def _format_exception_for_storage(self, exception, *args, **kwargs):
             # IPython 9 formats every error a second time for its history; the text we just
             # showed is that same traceback (and the second pass would cost 5-40 ms).
-            return {"ename": type(exception).__name__, "evalue": str(exception), "traceback": capture.get("stb", [])}
+            return {"ename": type(exception).__name__, "evalue": str(exception), "traceback": cell.stb}
 
         def _showtraceback(self, etype, evalue, stb):
             # Frames of this file (the SIGINT handler, the input() refusal) are ours, not the user's.
             stb = [entry for entry in stb if THIS_FILE not in ANSI_ESCAPE.sub("", entry)] or stb
-            capture["stb"] = stb
-            capture["error"] = ANSI_ESCAPE.sub("", self.InteractiveTB.stb2text(stb))
-            capture["error_name"] = getattr(etype, "__name__", str(etype))
+            cell.stb = stb
+            cell.error = ANSI_ESCAPE.sub("", self.InteractiveTB.stb2text(stb))
 
         def system(self, cmd):
             # `!pip install x` is `%pip install x` (expanded here as system_raw would: `{var}`, `$var`).
@@ -948,38 +984,42 @@ def make_shell(wire, relay, state, capture):
     config.InteractiveShell.autocall = 0
     shell = HeadlessShell.instance(config=config)
 
-    def pip_magic(line):
-        """Run pip for this session's own interpreter (its pip, else uv, else pip after ensurepip).
-
-        Usage: %pip install PACKAGE ...  (also uninstall, list, show, freeze). The package
-        imports right after; a failed command fails the cell with the installer's last lines.
-        """
-        import shlex
-
-        from IPython.core.error import UsageError
-
-        try:
-            args = shlex.split(line)
-        except ValueError as exc:
-            raise UsageError("%%pip: %s" % exc)
-        run_pip(args)
-
     shell.register_magic_function(pip_magic, "line", "pip")
-    # Remember what a cell showed, so the end-of-cell flush of open figures (matplotlib's
-    # inline backend has one in post_execute, and we have one) does not show it again.
+    show_figures_once(shell, cell)
+    return shell
+
+
+def pip_magic(line):
+    """Run pip for this session's own interpreter (its pip, else uv, else pip after ensurepip).
+
+    Usage: %pip install PACKAGE ...  (also uninstall, list, show, freeze). The package
+    imports right after; a failed command fails the cell with the installer's last lines.
+    """
+    import shlex
+
+    from IPython.core.error import UsageError
+
+    try:
+        args = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError("%%pip: %s" % exc) from None
+    run_pip(args)
+
+
+def show_figures_once(shell, cell):
+    """Remember what a cell showed, so the end-of-cell flush of open figures (matplotlib's
+    inline backend has one in post_execute, and we have one) does not show it again."""
     format_for_display = shell.display_formatter.format
 
     def format_once_after_cell(obj, *args, **kwargs):
-        shown = capture.setdefault("shown", set())
-        if capture.get("cell_done") and id(obj) in shown and type(obj).__module__.startswith("matplotlib"):
+        if cell.done and id(obj) in cell.shown and type(obj).__module__.startswith("matplotlib"):
             return {}, {}  # display() publishes nothing for an empty bundle
-        shown.add(id(obj))
+        cell.shown.add(id(obj))
         return format_for_display(obj, *args, **kwargs)
 
     shell.display_formatter.format = format_once_after_cell
     # Registered first, so it runs before post_execute hooks that flush figures.
-    shell.events.register("post_execute", lambda: capture.__setitem__("cell_done", True))
-    return shell
+    shell.events.register("post_execute", lambda: setattr(cell, "done", True))
 
 
 def shrink_images(bundle, budget, notes):
@@ -1112,9 +1152,9 @@ def result_text(bundle, notes):
         return bundle.get("text/plain")
 
 
-def cut_notes(capture, notes):
+def cut_notes(cell, notes):
     """Say what the kernel cut before sending (once per kind), and keep the notes few."""
-    for mime, (count, largest) in sorted(capture.get("kernel_cuts", {}).items()):
+    for mime, (count, largest) in sorted(cell.kernel_cuts.items()):
         notes.append(
             "%d display output(s) of %s were longer than the %d characters a kernel sends (the largest: %d); "
             "the middle of each was cut before sending and is not kept anywhere." % (count, mime, MAX_TEXT_CHARS, largest)
@@ -1171,11 +1211,19 @@ def inline_text(text, path, limit):
     return " Full text: %s" % path, text
 
 
-def execute(shell, relay, state, capture, request):
-    capture.clear()
-    notes = capture["notes"] = []
-    if request.get("image_budget"):
-        capture["image_budget"] = tuple(request["image_budget"])
+def execute(shell, relay, state, cell, request):
+    """One execute request: the cell, our stdio put back, then the reply that ends it."""
+    cell.reset(tuple(request["image_budget"]) if request.get("image_budget") else None)
+    result, interrupted_outside_cell = run_cell(shell, state, cell, request)
+    restore_after_cell(shell, relay, cell.notes)
+    return build_reply(shell, cell, request, result, interrupted_outside_cell)
+
+
+def run_cell(shell, state, cell, request):
+    """Run the code (unless interrupted before it starts) with our SIGINT handler put back after.
+
+    Returns (IPython's ExecutionResult or None, whether an interrupt landed outside the cell).
+    """
     interrupted_outside_cell = False
     sigint_handler = signal.getsignal(signal.SIGINT)
     result = None
@@ -1183,7 +1231,7 @@ def execute(shell, relay, state, capture, request):
         if state.begin(request["id"]):
             result = shell.run_cell(request["code"], store_history=True)
             if in_forked_child():
-                end_forked_child(0 if result.success else 1, capture.get("error"))
+                end_forked_child(0 if result.success else 1, cell.error)
             if result.success:
                 flush_matplotlib_figures()
     except KeyboardInterrupt:
@@ -1194,6 +1242,11 @@ def execute(shell, relay, state, capture, request):
         state.end(request["id"])
         # User code may have replaced the handler (SIG_IGN, its own): restore ours.
         signal.signal(signal.SIGINT, sigint_handler)
+    return result, interrupted_outside_cell
+
+
+def restore_after_cell(shell, relay, notes):
+    """Our fds 1 and 2, working sys.stdout/stderr, the cell's output relayed; exit() undone."""
     try:  # the kernel must never die of its own bookkeeping, whatever the cell did
         restore_standard_fds(relay.spares, relay.wire.private)
         for name, fd in (("stdout", 1), ("stderr", 2)):  # a cell that closed sys.stdout still leaves a working one
@@ -1206,7 +1259,12 @@ def execute(shell, relay, state, capture, request):
     if shell.exit_now:
         shell.exit_now = False
         notes.append("exit() was ignored: use the shutdown tool to end a session.")
-    cut_notes(capture, notes)
+
+
+def build_reply(shell, cell, request, result, interrupted_outside_cell):
+    """The ``done`` message: status, result (cut, its full text saved), error, notes."""
+    notes = cell.notes
+    cut_notes(cell, notes)
 
     reply = {
         "kind": "done",
@@ -1221,7 +1279,7 @@ def execute(shell, relay, state, capture, request):
         reply["error"] = "KeyboardInterrupt"
     elif result.success:
         reply["status"] = "ok"
-        plain = result_text(capture.get("result") or {}, notes)
+        plain = result_text(cell.result or {}, notes)
         if plain is not None:
             full = plain
             plain, cut = truncate_middle(plain, request.get("max_result_chars"))
@@ -1237,13 +1295,13 @@ def execute(shell, relay, state, capture, request):
                         reply["result_file"] = {"path": request["spill_path"], "bytes": size}
                 notes.append(note + saved)
             reply["result"] = plain
-        bundle = capture.get("result") or {}
+        bundle = cell.result or {}
         images = {k: v for k, v in bundle.items() if k in ("image/png", "image/jpeg")}
         if images:
             reply["result_images"] = images
     else:
         reply["status"] = "error"
-        error = capture.get("error")
+        error = cell.error
         if not error:
             exc = result.error_in_exec or result.error_before_exec
             error = "%s: %s" % (type(exc).__name__, exc)
@@ -1253,31 +1311,15 @@ def execute(shell, relay, state, capture, request):
     return reply
 
 
-def main():
-    die_with_server()
-    private, proto_in, proto_out, log, readers, spares = take_standard_fds()
-    state = KernelState()
-    wire = Wire(proto_out, state, private)
-    hello = {
-        "kind": "hello",
-        "protocol": PROTOCOL_VERSION,
-        "pid": os.getpid(),
-        "python": sys.executable,
-        "python_version": "%d.%d.%d" % sys.version_info[:3],
-        "ipython": None,
-        "error": None,
-    }
-    try:
-        import faulthandler
+def check_prerequisites(hello):
+    """Python and IPython recent enough (importing IPython's bulk now, bytecode cached)?
 
-        faulthandler.enable(file=os.fdopen(log, "w", closefd=False))
-    except Exception:
-        pass
+    Fills in the hello: ``ipython``, and when not, ``error``, ``missing`` and ``pip``.
+    """
     if sys.version_info[:2] < MIN_PYTHON:
         hello["error"] = "Python %s is older than the %d.%d this kernel needs" % ((hello["python_version"],) + MIN_PYTHON)
         hello["missing"] = "python"
-        wire.send(hello, newline_first=True)
-        return 3
+        return False
     # With PYTHONDONTWRITEBYTECODE set (and installers such as uv write no .pyc), every
     # kernel would compile IPython from source again: ~150 ms of CPU per start. Cache the
     # bytecode of what we import here; the cell's own imports keep the user's setting.
@@ -1290,17 +1332,14 @@ def main():
         hello["error"] = "%s: %s" % (type(exc).__name__, exc)
         hello["missing"] = "ipython"
         hello["pip"] = importlib.util.find_spec("pip") is not None
-        hello["prefix"] = sys.prefix
-        wire.send(hello, newline_first=True)
-        return 3
+        return False
     finally:
         sys.dont_write_bytecode = dont_write_bytecode
     hello["ipython"] = IPython.__version__
     if tuple(IPython.version_info[:2]) < MIN_IPYTHON:
         hello["error"] = "IPython %s is older than the %d.%d this kernel needs" % ((IPython.__version__,) + MIN_IPYTHON)
         hello["missing"] = "ipython"
-        wire.send(hello, newline_first=True)
-        return 3
+        return False
     sys.dont_write_bytecode = False
     try:
         from IPython.core import interactiveshell  # noqa: F401 (the bulk of the import cost)
@@ -1308,17 +1347,67 @@ def main():
         pass  # make_shell reports it
     finally:
         sys.dont_write_bytecode = dont_write_bytecode
+    return True
 
+
+def headless_stdio(wire, readers, spares):
+    """sys.stdout/stderr on fds 1 and 2 (the relay's pipes), no stdin, no screen; the relay."""
     sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
     sys.stdin = open(os.devnull)
     headless_environment()
     relay = Relay(wire, readers)
     relay.spares = spares
-    signal.signal(signal.SIGINT, state.on_sigint)
-    capture = {}
+    return relay
+
+
+def serve_requests(inbox, shell, relay, state, cell, wire, private):
+    """The main thread's loop: one execute request at a time, each answered by its ``done``."""
+    while True:
+        try:
+            request = inbox.get()
+        except KeyboardInterrupt:  # only if user code left its own SIGINT handler behind
+            continue
+        if request.get("kind") != "execute":
+            continue
+        try:
+            reply = execute(shell, relay, state, cell, request)
+        except KeyboardInterrupt:
+            state.end(request["id"])
+            relay.drain()
+            reply = {"kind": "done", "id": request["id"], "status": "error", "error": "KeyboardInterrupt",
+                     "result": None, "execution_count": None, "notes": []}
+        private.check_all()  # the cell that closed or replaced one of our fds gets the news
+        wire.send(reply)
+
+
+def main():
+    die_with_server()
+    private, proto_in, proto_out, log, readers, spares = take_standard_fds()
+    state = KernelState()
+    wire = Wire(proto_out, state, private)
+    hello = {
+        "kind": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "python_version": "%d.%d.%d" % sys.version_info[:3],
+        "ipython": None,
+        "error": None,
+    }
     try:
-        shell = make_shell(wire, relay, state, capture)
+        import faulthandler
+
+        faulthandler.enable(file=os.fdopen(log, "w", closefd=False))
+    except Exception:
+        pass
+    if not check_prerequisites(hello):
+        wire.send(hello, newline_first=True)
+        return 3
+    relay = headless_stdio(wire, readers, spares)
+    signal.signal(signal.SIGINT, state.on_sigint)
+    cell = Cell()
+    try:
+        shell = make_shell(wire, relay, state, cell)
     except Exception as exc:
         hello["error"] = "IPython could not start: %s: %s" % (type(exc).__name__, exc)
         wire.send(hello, newline_first=True)
@@ -1329,23 +1418,7 @@ def main():
     threading.Thread(target=read_requests, args=(proto_in, inbox, state, private), name="requests", daemon=True).start()
     # After a newline: start-up output of the env without one (a banner) must not hide the hello.
     wire.send(hello, newline_first=True)
-
-    while True:
-        try:
-            request = inbox.get()
-        except KeyboardInterrupt:  # only if user code left its own SIGINT handler behind
-            continue
-        kind = request.get("kind")
-        if kind == "execute":
-            try:
-                reply = execute(shell, relay, state, capture, request)
-            except KeyboardInterrupt:
-                state.end(request["id"])
-                relay.drain()
-                reply = {"kind": "done", "id": request["id"], "status": "error", "error": "KeyboardInterrupt",
-                         "result": None, "execution_count": None, "notes": []}
-            private.check_all()  # the cell that closed or replaced one of our fds gets the news
-            wire.send(reply)
+    serve_requests(inbox, shell, relay, state, cell, wire, private)
 
 
 if __name__ == "__main__":

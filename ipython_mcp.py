@@ -26,11 +26,16 @@ A kernel start runs on its own (``SessionManager._ensure_kernel``): a call waits
 until its deadline, then answers ``busy`` while the start goes on for the next call.
 
 A cell ends ``ok`` or ``error``; past ``timeout_s`` it is interrupted (``timeout``), or,
-with ``on_timeout="continue"``, keeps running (``running``, then ``wait``; meanwhile
-``execute`` answers ``busy``). How the file reads, top to bottom: constants, exceptions,
-pure functions (envs, hints, timeouts), output buffers, the wire (``Execution``),
-``Kernel`` (one child process), envs (install, list), ``SessionManager`` (names ->
-kernels, locks), the session record, the MCP tools, ``main``.
+with ``on_timeout="continue"``, it is left running (``running``, then ``wait``; meanwhile
+``execute`` answers ``busy``). Each execute or wait call is one ``CellCall``: its deadline
+bounds the whole call (waiting for the session, its kernel and the cell), and every reply,
+whatever its status, is built by ``CellCall.result``.
+
+How the file reads, top to bottom: constants; exceptions; pure functions (envs, hints,
+timeouts); saved output files and the per-call output buffers; the wire (``Execution``);
+``Kernel`` (one child process) and the orphan guard; envs (install, list); sessions
+(``Config``, ``Session``, ``CellCall``, ``SessionManager``: names -> kernels, locks);
+the session record; the MCP tools; the transports (stdio, HTTP); the command line.
 
 Guarantees:
 - Every call returns by ``timeout_s`` plus a grace: cells are bounded by ``timeout_s``;
@@ -78,10 +83,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
+
+__version__ = "0.1.0"
+
+# `ipython-mcp --version` answers here, before the MCP SDK, uvicorn and pydantic are imported
+# (~0.8 s): the console script imports this whole module to call main(), too late for a fast
+# path there. Only the exact command line `<ipython-mcp or ipython_mcp.py> --version` counts,
+# so importing this module (tests, `import ipython_mcp`) never exits.
+if sys.argv[1:] == ["--version"] and Path(sys.argv[0] or "").name in ("ipython-mcp", "ipython_mcp.py"):
+    print(f"ipython-mcp {__version__}")
+    sys.exit(0)
 
 import anyio
 import anyio.abc
@@ -111,7 +126,6 @@ from mcp.types import (
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__version__ = "0.1.0"
 log = logging.getLogger("ipython_mcp")
 
 # --- Constants: every timing and size, with why ---------------------------------------
@@ -197,7 +211,42 @@ SPILL_BUFFER_BYTES = 64 * 1024
 SERVER_FOLDER = re.compile(r"server-(\d+)-[0-9a-f]+")
 
 
+# The session record (history, notebook, export).
+# Cells one session's record keeps in memory (for `history` and the resources); the
+# file keeps them all.
+RECORD_MAX_CELLS = 500
+# ... and characters of text for all of them together, so a chatty session stays small.
+RECORD_MEMORY_CHARS = 8_000_000
+# A cell's code, and each of its outputs, are kept up to this (head and tail).
+RECORD_CODE_CHARS = 100_000
+RECORD_TEXT_CHARS = 20_000
+# Outputs kept per cell (stream pieces, displays, images): a display loop keeps its first ones.
+RECORD_OUTPUTS_PER_CELL = 200
+# `history`: cells shown when `last` is not given, and how much of each.
+HISTORY_DEFAULT_CELLS = 20
+HISTORY_CODE_CHARS = 2_000
+HISTORY_EXCERPT_CHARS = 300
+RECORD_FILE_SUFFIX = "record.jsonl"
+RECORD_FORMAT = 1
+NOTEBOOK_MIME_TYPE = "application/x-ipynb+json"
+
+# HTTP transport.
+HTTP_PATH = "/mcp"
+# A megabyte of code is a large cell, and JSON escaping can make it six; a bigger body is refused
+# (413) from its Content-Length, or as soon as the bytes streamed in pass the limit (the SDK's check).
+HTTP_BODY_LIMIT_BYTES = 16 * 1024 * 1024
+# After SIGTERM the kernels are gone first; open streams then get this long to close (whole seconds).
+HTTP_SHUTDOWN_GRACE_S = 2
+# A shorter secret could be guessed over a network; a generated one has 256 bits.
+TOKEN_MIN_CHARS = 16
+TOKEN_ENV = "IPYTHON_MCP_TOKEN"
+# Key in each HTTP request's ASGI scope: an event that NoticeDisconnects sets when the client leaves.
+DISCONNECTED = "ipython_mcp.disconnected"
+
 Progress = Callable[[float, str], Awaitable[None]]  # (elapsed seconds, message) -> a progress notification
+OnTimeout = Literal["interrupt", "continue"]  # what a cell past its timeout_s does
+SessionStatus = Literal["starting", "idle", "busy", "dead", "stopped"]
+ActionOutcome = Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"]  # of reset, shutdown, interrupt
 
 
 # --- Exceptions that carry data ---------------------------------------------------------
@@ -236,6 +285,18 @@ class KernelDied(Exception):
     def __init__(self, how: str, log_tail: str = "", reason: str | None = None):
         self.how, self.log_tail, self.reason = how, log_tail, reason
         super().__init__(how)
+
+
+class UnsafeFolder(OSError):
+    """A folder we must not write into: a link, not a folder, another user's, or writable by others."""
+
+
+class ExportFailed(Exception):
+    """Why `ipython-mcp export` wrote nothing."""
+
+
+class HttpSetupError(Exception):
+    """The HTTP server cannot start as asked: unsafe flags, a weak token, an unsafe folder, a busy port."""
 
 
 # --- Pure functions: env spec -> interpreter, install hints, defaults -----------------
@@ -761,10 +822,6 @@ def descendants(pid: int) -> list[int]:
 # --- Saved output: one private folder per server, files made safely, capped ------------
 
 
-class UnsafeFolder(OSError):
-    """A folder we must not write into: a link, not a folder, another user's, or writable by others."""
-
-
 def create_private_file(name: str | Path, dir_fd: int | None = None) -> int:
     """A new file that only this user can read or write (0600), open for writing.
 
@@ -1220,23 +1277,17 @@ def reply_text(text: str) -> str:
     return TERMINAL_SEQUENCE.sub("", text)
 
 
-def cut_middle(text: str, limit: int, where: str = "") -> tuple[str, int]:
-    """``text`` in about ``limit`` characters: head and tail, with a marker saying what was cut."""
+def cut_middle(text: str, limit: int, what: str = "characters cut") -> tuple[str, int]:
+    """``text`` in at most ``limit`` characters: head and tail around one marker, ``… [N {what}] …``.
+
+    Returns the text and how many characters were cut. Every cut in the middle (output,
+    tracebacks, the record) goes through here, so they all read alike.
+    """
     if len(text) <= limit:
         return text, 0
-    half = max(limit - 60 - len(where), 2) // 2
+    half = max(limit - 60 - len(what), 2) // 2  # room for the marker
     cut = len(text) - 2 * half
-    return f"{text[:half]}\n… [{cut} characters cut{where}] …\n{text[-half:]}", cut
-
-
-class _NullFile:
-    """Where spilled text goes when there is no file to keep it."""
-
-    def write(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return f"{text[:half]}\n… [{cut} {what}] …\n{text[-half:]}", cut
 
 
 class OutputBuffer:
@@ -1252,8 +1303,11 @@ class OutputBuffer:
         self.head = ""
         self.tail = ""
         self.total = 0  # characters kept (after redraws collapsed), in memory or in the file
+        # Past the limit: memory keeps head and tail only, and the file (if one could be made,
+        # and this buffer has a spill target at all) keeps everything.
+        self.overflowed = False
+        self._file: SpillFile | None = None
         self.file_path: Path | None = None
-        self._file: Any = None
         self.last_line = ""
 
     def write(self, text: str) -> None:
@@ -1263,12 +1317,13 @@ class OutputBuffer:
             text = self._reopen_last_line() + text
             text = collapse_redraws(text)
         self.total += len(text)
-        if self._file is None and self.total <= self.limit:
+        if not self.overflowed and self.total <= self.limit:
             self.head += text
         else:
-            if self._file is None:
+            if not self.overflowed:
                 self._spill()
-                self._file.write(text)
+                if self._file is not None:
+                    self._file.write(text)
             keep = self.limit // 2
             if len(self.head) < keep:  # the chunk that overflowed may be the first one
                 self.head, text = self.head + text[: keep - len(self.head)], text[keep - len(self.head) :]
@@ -1281,7 +1336,7 @@ class OutputBuffer:
 
     def _reopen_last_line(self) -> str:
         """Take the unfinished last line back out, so a redraw can replace it."""
-        buffer = "tail" if self._file is not None else "head"
+        buffer = "tail" if self.overflowed else "head"
         kept = getattr(self, buffer)
         cut = kept.rfind("\n") + 1
         setattr(self, buffer, kept[:cut])
@@ -1289,6 +1344,7 @@ class OutputBuffer:
         return kept[cut:]
 
     def _spill(self) -> None:
+        self.overflowed = True
         if self._spill_path is not None:
             try:
                 self._file = self._spill_path(self.name)  # never raises once made: a full disk cuts the file only
@@ -1298,21 +1354,19 @@ class OutputBuffer:
                 log.warning("cannot save the full %s: %s", self.name, exc)
                 self.file_path = None
                 self._file = None
-        if self._file is None:  # a view of other streams (their files keep the text), or no file
-            self._file = _NullFile()
         keep = self.limit // 2
         self.head, self.tail = self.head[:keep], self.head[keep:]
 
     @property
     def ends_line(self) -> bool:
-        return (self.tail if self._file is not None else self.head).endswith("\n")
+        return (self.tail if self.overflowed else self.head).endswith("\n")
 
     def clear(self) -> None:
         """clear_output(): what the agent gets starts again (a spill file so far is closed and not named)."""
-        self.head, self.tail, self.total = "", "", 0
+        self.head, self.tail, self.total, self.overflowed = "", "", 0, False
         if self._file is not None:
             self._file.close()
-            self._file, self.file_path = None, None
+        self._file, self.file_path = None, None
 
     def close(self) -> None:
         if self._file is not None:
@@ -1325,7 +1379,7 @@ class OutputBuffer:
 
     @property
     def cut(self) -> int:
-        return max(self.total - len(self.head) - len(self._kept_tail), 0) if self._file is not None else 0
+        return max(self.total - len(self.head) - len(self._kept_tail), 0) if self.overflowed else 0
 
     @property
     def _kept_tail(self) -> str:
@@ -1333,7 +1387,7 @@ class OutputBuffer:
 
     @property
     def text(self) -> str:
-        if self._file is None:
+        if not self.overflowed:
             return self.head
         where = ""
         if self.file_path:
@@ -1369,7 +1423,7 @@ class DisplayTexts:
         self.total += len(text)
         self._full.write(text if text.endswith("\n") else text + "\n")
         keep = self.limit // 2
-        text, cut = cut_middle(text, keep, self._where)
+        text, cut = cut_middle(text, keep, f"characters cut{self._where}")
         self.cut += cut
         if self._head_open and self._head_chars + len(text) <= keep:
             self.head.append(text)
@@ -1472,10 +1526,12 @@ class Execution:
     """What one ``execute`` request collects until the kernel says ``done``."""
 
     request_id: int
-    stdout: OutputBuffer
-    stderr: OutputBuffer
+    limit: int  # characters kept per stream, and for the display texts
+    spill: SpillTarget | None  # where the full text of cut output goes
     image_limit: int = DEFAULT_IMAGE_LIMIT  # images sent inline per call
     image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT
+    stdout: OutputBuffer = dataclasses.field(init=False)
+    stderr: OutputBuffer = dataclasses.field(init=False)
     displays: DisplayTexts = dataclasses.field(init=False)  # display() text, bounded like stdout
     images: ShownImages = dataclasses.field(init=False)
     # stdout and display() text interleaved as the cell produced them, for the text block
@@ -1511,8 +1567,14 @@ class Execution:
             self.reply.set_result(message)
 
     def __post_init__(self) -> None:
-        self.transcript = OutputBuffer("output", self.stdout.limit, None)
-        self.displays = DisplayTexts(self.stdout.limit, self.stdout._spill_path)
+        self._collect_afresh()
+
+    def _collect_afresh(self) -> None:
+        """New buffers for all a cell shows: at its start, and each time `wait` takes the output so far."""
+        self.stdout = OutputBuffer("stdout", self.limit, self.spill)
+        self.stderr = OutputBuffer("stderr", self.limit, self.spill)
+        self.transcript = OutputBuffer("output", self.limit, None)  # a view: stdout and displays keep the files
+        self.displays = DisplayTexts(self.limit, self.spill)
         self.images = ShownImages(self.image_limit, self.image_bytes_limit)
 
     def _clear_if_pending(self) -> None:
@@ -1546,11 +1608,7 @@ class Execution:
     def take_output(self) -> tuple[OutputBuffer, OutputBuffer, DisplayTexts, ShownImages]:
         """Hand over what was collected so far and start collecting afresh (for `wait`)."""
         taken = self.stdout, self.stderr, self.displays, self.images
-        self.stdout = OutputBuffer("stdout", self.stdout.limit, self.stdout._spill_path)
-        self.stderr = OutputBuffer("stderr", self.stderr.limit, self.stderr._spill_path)
-        self.transcript = OutputBuffer("output", self.stdout.limit, None)
-        self.displays = DisplayTexts(self.stdout.limit, self.stdout._spill_path)
-        self.images = ShownImages(self.image_limit, self.image_bytes_limit)
+        self._collect_afresh()
         return taken
 
     @property
@@ -2044,14 +2102,7 @@ class Kernel:
         image_limit: int = DEFAULT_IMAGE_LIMIT, image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT,
     ) -> Execution:
         request_id = next(self._ids)
-        per_stream = max(output_limit // 2, 2)
-        execution = Execution(
-            request_id,
-            OutputBuffer("stdout", per_stream, spill_path),
-            OutputBuffer("stderr", per_stream, spill_path),
-            image_limit,
-            image_bytes_limit,
-        )
+        execution = Execution(request_id, max(output_limit // 2, 2), spill_path, image_limit, image_bytes_limit)
         if not self.alive:
             execution.fail(KernelDied("it had already exited"))
             return execution
@@ -2217,11 +2268,43 @@ class OrphanGuard:
 # --- Envs: installing the prerequisite, and finding what is there ----------------------
 
 
-async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: set[int]) -> None:
-    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure.
+class Helpers:
+    """The server's helper processes (the ipykernel installer, env probes), run like ``subprocess.run``.
 
-    The installer's pid is in ``helpers`` while it runs, so a server stopping kills it too.
+    Each runs in its own process group. When its caller is done with it (finished, timed
+    out, cancelled), a helper still running is killed with its group and reaped within
+    ``KILL_REAP_TIMEOUT_S``, in one place; ``kill_all`` ends every one when the server stops.
     """
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    @asynccontextmanager
+    async def run(self, argv: Sequence[str], cwd: Path | None = None, merge_stderr: bool = False) -> AsyncIterator[asyncio.subprocess.Process]:
+        """The started process (stdin closed, stdout piped, stderr piped or into stdout). OSError: it could not start."""
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        self.pids.add(process.pid)
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+                    await process.wait()
+            self.pids.discard(process.pid)
+
+    def kill_all(self) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers) -> None:
+    """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
     python = Path(error.python or "")
     plan = error.plan or install_plan(python, error.has_pip)
     if plan.argv is None:
@@ -2229,39 +2312,26 @@ async def install_ipykernel(error: EnvError, progress: Progress | None, helpers:
     log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
     started = time.monotonic()
     tail = ""
+    returncode: int | None = None
     try:
-        process = await asyncio.create_subprocess_exec(
-            *plan.argv, cwd=plan.cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )
+        async with helpers.run(plan.argv, cwd=plan.cwd, merge_stderr=True) as process:
+            assert process.stdout is not None
+            with anyio.move_on_after(INSTALL_TIMEOUT_S):  # returncode stays None
+                last_sent = 0.0
+                while line := await process.stdout.readline():
+                    text = line.decode("utf-8", "replace").rstrip()
+                    tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
+                    now = time.monotonic()
+                    if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
+                        last_sent = now
+                        with contextlib.suppress(Exception):
+                            await progress(now - started, f"installing ipykernel: {text[:200]}")
+                returncode = await process.wait()
     except OSError as exc:
         raise EnvError(
             error.env, error.python, f"Could not run `{plan.text}` to install ipykernel into env {error.env!r}: {exc}.",
             kind="missing_ipython",
         ) from exc
-    helpers.add(process.pid)
-    try:
-        assert process.stdout is not None
-        with anyio.fail_after(INSTALL_TIMEOUT_S):
-            last_sent = 0.0
-            while line := await process.stdout.readline():
-                text = line.decode("utf-8", "replace").rstrip()
-                tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
-                now = time.monotonic()
-                if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
-                    last_sent = now
-                    with contextlib.suppress(Exception):
-                        await progress(now - started, f"installing ipykernel: {text[:200]}")
-            returncode = await process.wait()
-    except TimeoutError:
-        returncode = None
-    finally:
-        if process.returncode is None:  # timed out or the call was cancelled
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
-                await process.wait()
-        helpers.discard(process.pid)
     if returncode != 0:
         how = f"did not finish within {INSTALL_TIMEOUT_S:.0f} s" if returncode is None else f"failed ({describe_exit(returncode)})"
         raise EnvError(
@@ -2297,9 +2367,9 @@ class EnvList(BaseModel):
 class EnvCatalog:
     """Probes interpreters (in parallel, cached) for list_envs."""
 
-    def __init__(self, helpers: set[int]) -> None:
+    def __init__(self, helpers: Helpers) -> None:
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
-        self._helpers = helpers  # probe pids, killed if the server stops mid-probe
+        self._helpers = helpers  # runs the probes, killed if the server stops mid-probe
 
     async def probe(self, python: Path | LaunchedPython) -> dict[str, Any]:
         """Python and IPython versions of an interpreter (for a launched one: through its launcher, bounded alike)."""
@@ -2311,30 +2381,19 @@ class EnvCatalog:
         if isinstance(python, LaunchedPython) and shutil.which(python.program) is None:
             answer["error"] = launcher_missing_error("", python, None).reason
             return answer
+        err = b""
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            )
+            async with self._helpers.run(argv) as process:
+                with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
+                    out, err = await process.communicate()
+                answer.update(json.loads(out.decode().strip().splitlines()[-1]))
         except OSError as exc:
             answer["error"] = f"cannot run {python}: {exc}"
             return answer
-        self._helpers.add(process.pid)
-        try:
-            with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
-                out, err = await process.communicate()
-            answer.update(json.loads(out.decode().strip().splitlines()[-1]))
         except TimeoutError:
             answer["error"] = f"{python} did not answer within {ENV_PROBE_TIMEOUT_S:.0f} s"
         except (ValueError, IndexError):
             answer["error"] = f"{python} could not run a probe: {err.decode('utf-8', 'replace').strip()[-300:]}"
-        finally:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                with anyio.CancelScope(shield=True):
-                    await process.wait()
-            self._helpers.discard(process.pid)
         self._cache[python] = (time.monotonic(), answer)
         return answer
 
@@ -2355,7 +2414,7 @@ class EnvCatalog:
             for i, (_, python) in enumerate(candidates):
                 group.start_soon(probe_one, i, python)
         envs = []
-        for (name, python), answer in zip(candidates, answers):
+        for (name, python), answer in zip(candidates, answers, strict=True):
             problem = answer.get("error")
             if problem is None and not answer.get("ipython"):
                 problem = "IPython is not installed. " + (
@@ -2430,7 +2489,8 @@ class Session:
     lost_state: str | None = None  # why the next call runs in a fresh kernel
     closed: Exception | None = None  # shut down, or never created: what waiting calls are told
     notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
-    background: Execution | None = None  # a cell left running by on_timeout="continue"
+    # The cell left running by on_timeout="continue", followed by `wait` (its one name: "left running").
+    left_running: Execution | None = None
     wait_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one `wait` at a time
 
     def check_open(self) -> None:
@@ -2438,7 +2498,12 @@ class Session:
             raise self.closed
 
     @property
-    def status(self) -> str:
+    def left_running_runs(self) -> bool:
+        """A cell left running is still running (so the session can take no other cell)."""
+        return self.left_running is not None and not self.left_running.reply.done()
+
+    @property
+    def status(self) -> SessionStatus:
         if self.kernel is None or self.starting is not None:
             return "starting"
         if not self.kernel.alive:
@@ -2446,8 +2511,9 @@ class Session:
         return "busy" if self.kernel.busy else "idle"
 
 
+CellStatus = Literal["ok", "error", "timeout", "env_error", "running", "busy"]
 # Statuses of an execute/wait result that are also MCP tool errors (isError: true).
-FAILED_STATUSES = frozenset({"error", "timeout", "env_error", "busy"})
+FAILED_STATUSES: frozenset[CellStatus] = frozenset({"error", "timeout", "env_error", "busy"})
 
 
 class ExecuteImage(BaseModel):
@@ -2460,7 +2526,7 @@ class ExecuteImage(BaseModel):
 class ExecuteResult(BaseModel):
     """What one ``execute`` call returns (also as a readable text block)."""
 
-    status: Literal["ok", "error", "timeout", "env_error", "running", "busy"] = Field(
+    status: CellStatus = Field(
         description="ok: ran cleanly. error: the cell raised, was interrupted, or its kernel died "
         "(see `error`). timeout: ran past timeout_s and was interrupted; partial output kept, "
         "session alive. env_error: the env cannot run a kernel (see `error` for the fix). "
@@ -2469,14 +2535,15 @@ class ExecuteResult(BaseModel):
         "other calls kept the session busy for all of timeout_s, or its kernel is still starting (call again)."
     )
     session: str
-    stdout: str = Field(description="Everything written to stdout (fd 1), including child processes.")
-    stderr: str = Field(description="Everything written to stderr (fd 2), including child processes.")
+    stdout: str = Field("", description="Everything written to stdout (fd 1), including child processes.")
+    stderr: str = Field("", description="Everything written to stderr (fd 2), including child processes.")
     result: str | None = Field(
+        None,
         description="Text form of the cell's last expression, as display() would give it (markdown, a meaningful repr, HTML, LaTeX, JSON), or null."
     )
-    error: str | None = Field(description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
-    execution_count: int | None = Field(description="IPython's prompt number of this cell (In [n]).")
-    warning: str | None = Field(description="Something the agent should know: env ignored, state lost, output cut, ...")
+    error: str | None = Field(None, description="Plain-text traceback ending in 'ExceptionName: message', or the env problem.")
+    execution_count: int | None = Field(None, description="IPython's prompt number of this cell (In [n]).")
+    warning: str | None = Field(None, description="Something the agent should know: env ignored, state lost, output cut, ...")
     duration_s: float = Field(description="Seconds this call took (waiting for the session and starting its kernel included).")
     display: list[str] = Field(default_factory=list, description="Text form of each display() output, in order.")
     images: list[ExecuteImage] = Field(default_factory=list, description="Images shown by the cell, sent as image content.")
@@ -2492,13 +2559,45 @@ class CellOutcome:
     transcript: str = ""  # stdout and display text in the order the cell produced them
 
 
+@dataclasses.dataclass
+class CellCall:
+    """One execute or wait call: its session, its clock, and what it says besides the cell's output.
+
+    ``timeout_s`` bounds the whole call, waiting for the session and its kernel included:
+    ``deadline`` is when it ends, ``remaining()`` what is left of it. Every reply of the
+    call (ok, error, timeout, running, busy, env_error) is built by ``result``.
+    """
+
+    session: str
+    timeout_s: float
+    on_timeout: OnTimeout = "interrupt"
+    progress: Progress | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # joined into the reply's `warning`
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s
+
+    def remaining(self, at_least: float = 0.0) -> float:
+        return max(self.deadline - time.monotonic(), at_least)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def result(self, status: CellStatus, **fields: Any) -> ExecuteResult:
+        fields.setdefault("warning", " ".join(self.warnings) or None)
+        fields.setdefault("duration_s", round(self.elapsed(), 3))
+        return ExecuteResult(status=status, session=self.session, **fields)
+
+
 class SessionInfo(BaseModel):
     name: str
     env: str = Field(description="The env as given ('default' for the server's own Python).")
     python: str
     python_version: str | None
     ipython_version: str | None
-    status: Literal["starting", "idle", "busy", "dead", "stopped"] = Field(
+    status: SessionStatus = Field(
         description="stopped: its kernel was stopped after idle_timeout_s; the next execute starts a fresh one."
     )
     pid: int | None
@@ -2511,7 +2610,7 @@ class SessionAction(BaseModel):
     """What reset, shutdown and interrupt did."""
 
     session: str
-    outcome: Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"] = Field(
+    outcome: ActionOutcome = Field(
         description="interrupted: a running cell was interrupted; idle: nothing was running; no_kernel: the session's kernel is dead or starting."
     )
     message: str
@@ -2529,7 +2628,7 @@ class SessionManager:
     def __init__(self, config: Config):
         self.config = config
         self.sessions: dict[str, Session] = {}
-        self.helpers: set[int] = set()  # installer and probe pids (own process groups)
+        self.helpers = Helpers()  # the installer and env probes
         self.envs = EnvCatalog(self.helpers)
         self.guard = OrphanGuard()  # kills every kernel's group if this server dies without cleaning up
         self._closing = False
@@ -2552,9 +2651,8 @@ class SessionManager:
     # an idle stop) or asked for one (``reset``); a kernel this server killed because a cell
     # ignored its interrupt is restarted in the background, after that call's reply.
 
-    def _open(self, name: str, env: str | None) -> tuple[Session, list[str]]:
-        """The session called ``name``, created (its kernel not yet started) if new."""
-        warnings: list[str] = []
+    def _open(self, name: str, env: str | None, warnings: list[str]) -> Session:
+        """The session called ``name``, created (its kernel not yet started) if new; ``warnings`` hears of an env ignored."""
         session = self.sessions.get(name)
         if session is None:
             if self._closing:
@@ -2570,13 +2668,13 @@ class SessionManager:
                     "Call shutdown(session=...) on one you no longer need, or use one of them."
                 )
             session = self.sessions[name] = Session(name, label, python)
-            return session, warnings
+            return session
         if env is not None and env.strip() and env != session.env_label and not self._same_interpreter(env, session):
             warnings.append(
                 f"Session {name!r} already runs in env {session.env_label!r} ({session.python}); "
                 f"env {env!r} was ignored. Use a new session name, or shutdown this one first, to change env."
             )
-        return session, warnings
+        return session
 
     def _same_interpreter(self, env: str, session: Session) -> bool:
         try:
@@ -2706,7 +2804,7 @@ class SessionManager:
 
     def _restart_later(self, session: Session, lost_state: str) -> None:
         """After a kill no caller asked for: the fresh kernel starts now, and the next call (not this one) waits for it."""
-        session.background = None
+        session.left_running = None
         session.lost_state = lost_state
         if not self._closing and session.closed is None and (session.starting is None or session.starting.done()):
             self._begin_start(session)
@@ -2717,7 +2815,7 @@ class SessionManager:
         Returns None when the fresh kernel is still starting by then; it goes on starting.
         """
         session.check_open()
-        session.background = None  # a cell left running dies with its kernel
+        session.left_running = None  # a cell left running dies with its kernel
         if session.kernel is not None:
             await session.kernel.kill("reset")
         session.lost_state = None  # asked for: no warning on the next call
@@ -2727,6 +2825,18 @@ class SessionManager:
             return None
         finally:
             session.last_active = time.monotonic()
+
+    def interrupt(self, name: str) -> tuple[str, ActionOutcome, str, int | None]:
+        """SIGINT to the session's running cell, if any: (session, outcome, message, kernel pid)."""
+        session = self.get(name)
+        kernel = session.kernel
+        if kernel is None or not kernel.alive:
+            return name, "no_kernel", f"Session {name!r} has no running kernel ({session.status}); nothing to interrupt.", None
+        if not kernel.busy:
+            return name, "idle", f"Session {name!r} was idle; nothing to interrupt.", kernel.pid
+        kernel.interrupt()
+        message = f"Sent an interrupt to session {name!r}; the running cell stops with KeyboardInterrupt."
+        return name, "interrupted", message, kernel.pid
 
     async def shutdown(self, name: str) -> Session:
         session = self.get(name)
@@ -2759,7 +2869,7 @@ class SessionManager:
                 kernel = session.kernel
                 if (
                     kernel is None or not kernel.alive or kernel.stop_reason is not None or kernel.busy
-                    or session.calls or session.starting is not None or session.background is not None
+                    or session.calls or session.starting is not None or session.left_running is not None
                     or now - session.last_active < idle_s
                 ):
                     continue
@@ -2804,7 +2914,7 @@ class SessionManager:
         self._closing = True
         for session in self.sessions.values():
             session.closed = ToolError("The server is shutting down.")
-        self._kill_helpers()
+        self.helpers.kill_all()
         for kernel in self._starting:  # kernels still starting belong to no session yet
             kernel.kill_now()
         tasks = [task for task in (*self._start_tasks, self._refill, self._idle_watch) if task is not None]
@@ -2826,13 +2936,8 @@ class SessionManager:
             await self.guard.close()
         self.files.remove_all()
 
-    def _kill_helpers(self) -> None:
-        for pid in list(self.helpers):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-
     def kill_all_now(self) -> None:
-        self._kill_helpers()
+        self.helpers.kill_all()
         for kernel in [*self._spares, *self._starting, *(s.kernel for s in self.sessions.values() if s.kernel is not None)]:
             kernel.kill_now()
         self.guard.close_now()
@@ -2846,10 +2951,12 @@ class SessionManager:
             raise ToolError(f"No session named {name!r}. Live sessions: {live}.")
         return session
 
-    # -- running cells
-
-    def _spill_path(self, session: str) -> SpillTarget:
-        return SpillTarget(self.files, session)
+    # -- running cells: one CellCall per execute or wait call
+    #
+    # execute: _open -> _ensure_kernel -> run_lock -> _run (kernel.start_execution) -> _follow
+    # wait:    get -> wait_lock -> _follow (the cell left running)
+    # _follow ends in one of: the kernel's reply (ok, error), a timeout (interrupt, then kill),
+    # the cell left running ("running"), the kernel's death; CellCall.result builds each reply.
 
     async def execute(
         self,
@@ -2858,79 +2965,63 @@ class SessionManager:
         env: str | None,
         timeout_s: float | None,
         progress: Progress | None = None,
-        on_timeout: Literal["interrupt", "continue"] = "interrupt",
+        on_timeout: OnTimeout = "interrupt",
     ) -> CellOutcome:
         """Run one cell; returns the result and the images to send inline as (mime, base64)."""
         check_session_name(name)
-        timeout_s = self._checked_timeout(timeout_s)
-        if on_timeout not in ("interrupt", "continue"):
-            raise ToolError(f"on_timeout must be 'interrupt' or 'continue', not {on_timeout!r}.")
+        call = CellCall(name, self._checked_timeout(timeout_s), on_timeout, progress)
         if "\x00" in code:
             raise ToolError("The code contains a NUL character (\\x00), which Python source cannot hold; remove it.")
-        started = time.monotonic()
-        deadline = started + timeout_s  # the whole call, waiting for the session included
-        warnings: list[str] = []
         try:
-            session, warnings = self._open(name, env)
+            session = self._open(name, env, call.warnings)
             session.calls += 1
             try:
-                await self._ensure_kernel(session, deadline, progress)  # a first start, or a restart after a death
-                if self._running_on(session):
-                    return CellOutcome(self._busy_result(session, started, warnings))
-                with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as queued:
+                await self._ensure_kernel(session, call.deadline, progress)  # a first start, or a restart after a death
+                if session.left_running_runs:
+                    return self._busy(call, session)
+                with anyio.move_on_after(call.remaining()) as queued:
                     await session.run_lock.acquire()  # one cell at a time per session
                 if queued.cancelled_caught:
-                    return CellOutcome(self._busy_result(session, started, warnings, queued_s=time.monotonic() - started))
+                    return self._busy(call, session, queued=True)
                 try:
-                    return await self._run(session, code, deadline, on_timeout, warnings, started, progress)
+                    return await self._run(call, session, code)
                 finally:
                     session.run_lock.release()
             finally:
                 session.calls -= 1
                 session.last_active = time.monotonic()
         except KernelStarting as starting:
-            result = ExecuteResult(
-                status="busy", session=name, stdout="", stderr="", result=None,
-                error=(
-                    f"The kernel of session {name!r} is still starting in env {starting.env!r} (python: {starting.python}), "
-                    f"{time.monotonic() - starting.since:.0f} s so far; this code was not run. It goes on starting in the "
-                    "background: call execute again (each call waits for it up to its own timeout_s)."
-                ),
-                execution_count=None, warning=" ".join(warnings) or None, duration_s=round(time.monotonic() - started, 3),
+            error = (
+                f"The kernel of session {name!r} is still starting in env {starting.env!r} (python: {starting.python}), "
+                f"{time.monotonic() - starting.since:.0f} s so far; this code was not run. It goes on starting in the "
+                "background: call execute again (each call waits for it up to its own timeout_s)."
             )
-            return CellOutcome(result)
+            return CellOutcome(call.result("busy", error=error))
         except EnvError as exc:
-            result = ExecuteResult(
-                status="env_error", session=name, stdout="", stderr="", result=None, error=exc.message,
-                execution_count=None, warning=None, duration_s=round(time.monotonic() - started, 3),
-            )
-            return CellOutcome(result)
+            return CellOutcome(call.result("env_error", error=exc.message, warning=None))
 
-    async def _run(
-        self, session: Session, code: str, deadline: float, on_timeout: str, warnings: list[str], started: float,
-        progress: Progress | None,
-    ) -> CellOutcome:
+    async def _run(self, call: CellCall, session: Session, code: str) -> CellOutcome:
         """Run one cell in a session whose run_lock the caller holds."""
-        if self._running_on(session):  # a cell was left running while this call queued
-            return CellOutcome(self._busy_result(session, started, warnings))
-        if session.background is not None:  # finished on its own since; nobody fetched the end
-            warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
-            self._release_background(session)
-        kernel = await self._ensure_kernel(session, deadline, progress)  # killed while this call queued: restarted
+        if session.left_running_runs:  # a cell was left running while this call queued
+            return self._busy(call, session)
+        if session.left_running is not None:  # finished on its own since; nobody fetched the end
+            call.warnings.append("The cell left running earlier has finished; its final output was not fetched with wait and is dropped.")
+            self._release_left_running(session)
+        kernel = await self._ensure_kernel(session, call.deadline, call.progress)  # killed while this call queued: restarted
         if session.lost_state:
-            warnings.append(session.lost_state)
+            call.warnings.append(session.lost_state)
             session.lost_state = None
-        warnings.extend(session.notices)
+        call.warnings.extend(session.notices)
         session.notices.clear()
-        # A cell gets what is left of timeout_s, but never less than a moment to run in.
-        timeout_s = max(deadline - time.monotonic(), MIN_CELL_S)
         try:
-            with anyio.fail_after(timeout_s):  # a kernel that stopped reading its pipe must not hang us
+            # A cell gets what is left of timeout_s, but never less than a moment to run in.
+            with anyio.fail_after(call.remaining(MIN_CELL_S)):  # a kernel that stopped reading its pipe must not hang us
                 execution = await kernel.start_execution(
-                    code, self.config.output_limit, self._spill_path(session.name), self.config.image_limit, self.config.image_bytes_limit
+                    code, self.config.output_limit, SpillTarget(self.files, session.name), self.config.image_limit,
+                    self.config.image_bytes_limit,
                 )
         except TimeoutError:
-            warnings.append(
+            call.warnings.append(
                 "The kernel did not take the code within timeout_s (stopped or stuck), so it was killed; a fresh kernel "
                 "is being restarted for the next call: variables and imports from before are gone."
             )
@@ -2940,111 +3031,85 @@ class SessionManager:
                 f"The previous kernel of session {session.name!r} stopped taking code and was killed; this call ran in a fresh "
                 "kernel, so variables and imports from before are gone.",
             )
-            result = ExecuteResult(
-                status="timeout", session=session.name, stdout="", stderr="", result=None,
-                error="The kernel did not accept the cell in time; the cell did not run.", execution_count=None,
-                warning=" ".join(warnings), duration_s=round(time.monotonic() - started, 3),
-            )
-            return CellOutcome(result)
-        wait_s = max(deadline - time.monotonic(), MIN_CELL_S)
-        return await self._follow(session, kernel, execution, deadline - started, on_timeout, warnings, started, progress, wait_s)
+            return CellOutcome(call.result("timeout", error="The kernel did not accept the cell in time; the cell did not run."))
+        return await self._follow(call, session, kernel, execution)
 
-    @staticmethod
-    def _running_on(session: Session) -> bool:
-        return session.background is not None and not session.background.reply.done()
-
-    async def wait(
-        self, name: str, timeout_s: float | None, progress: Progress | None = None
-    ) -> CellOutcome:
+    async def wait(self, name: str, timeout_s: float | None, progress: Progress | None = None) -> CellOutcome:
         """Output since the last call of a cell left running, and its end once it ends."""
         session = self.get(name)
-        timeout_s = self._checked_timeout(timeout_s)
-        started = time.monotonic()
+        call = CellCall(name, self._checked_timeout(timeout_s), "continue", progress)
         session.calls += 1
         try:
             async with session.wait_lock:
-                execution = session.background
+                execution = session.left_running
                 if execution is None or session.kernel is None:
-                    raise ToolError(f"Session {name!r} has no cell running on (started with on_timeout='continue'); nothing to wait for.")
-                return await self._follow(session, session.kernel, execution, timeout_s, "continue", [], started, progress)
+                    raise ToolError(f"Session {name!r} has no cell left running (by on_timeout='continue'); nothing to wait for.")
+                return await self._follow(call, session, session.kernel, execution)
         finally:
             session.calls -= 1
             session.last_active = time.monotonic()
 
     def _checked_timeout(self, timeout_s: float | None) -> float:
+        # The tool's schema only advertises exclusiveMinimum; pydantic lets 0, nan and inf through.
         if timeout_s is None:
             return self.config.default_timeout_s
         if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
             raise ToolError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}.")
         return float(timeout_s)
 
-    def _busy_result(self, session: Session, started: float, warnings: list[str], queued_s: float | None = None) -> ExecuteResult:
-        if queued_s is not None:
+    def _busy(self, call: CellCall, session: Session, queued: bool = False) -> CellOutcome:
+        """Nothing ran: other calls held the session for all of the call, or a cell left running still runs."""
+        if queued:
             error = (
-                f"Session {session.name!r} was busy with other calls for all of this call's timeout_s ({queued_s:.1f} s); "
+                f"Session {session.name!r} was busy with other calls for all of this call's timeout_s ({call.elapsed():.1f} s); "
                 "this code was not run. Wait for them, interrupt, or use another session."
             )
         else:
-            running_for = time.monotonic() - session.background.started if session.background else 0.0
+            running_for = time.monotonic() - session.left_running.started if session.left_running else 0.0
             error = (
                 f"Session {session.name!r} is still running a cell left running earlier ({running_for:.0f} s so far); "
                 "this code was not run. Call wait to follow that cell, interrupt to stop it, or use another session."
             )
-        return ExecuteResult(
-            status="busy", session=session.name, stdout="", stderr="", result=None, error=error,
-            execution_count=None, warning=" ".join(warnings) or None, duration_s=round(time.monotonic() - started, 3),
-        )
+        return CellOutcome(call.result("busy", error=error))
 
-    def _release_background(self, session: Session) -> None:
-        execution, session.background = session.background, None
+    def _release_left_running(self, session: Session) -> None:
+        execution, session.left_running = session.left_running, None
         if execution is not None and session.kernel is not None:
             session.kernel.finish_execution(execution)
 
-    async def _follow(
-        self,
-        session: Session,
-        kernel: Kernel,
-        execution: Execution,
-        timeout_s: float,
-        on_timeout: str,
-        warnings: list[str],
-        started: float,
-        progress: Progress | None,
-        wait_s: float | None = None,
-    ) -> CellOutcome:
-        """Wait for a cell's end for up to timeout_s (or the ``wait_s`` left of it), then
-        interrupt it or leave it running."""
-        ticker = asyncio.create_task(self._report_progress(execution, progress)) if progress else None
-        status: str | None = None
+    async def _follow(self, call: CellCall, session: Session, kernel: Kernel, execution: Execution) -> CellOutcome:
+        """Wait for a cell's end for what is left of the call, then interrupt it or leave it running."""
+        ticker = asyncio.create_task(self._report_progress(execution, call.progress)) if call.progress else None
+        status: CellStatus | None = None
         reply: dict[str, Any] | None = None
         error: str | None = None
-        running_on = False
+        left_running = False
         try:
             try:
-                with anyio.fail_after(timeout_s if wait_s is None else wait_s):
+                with anyio.fail_after(call.remaining(MIN_CELL_S)):
                     reply = await asyncio.shield(execution.reply)
             except TimeoutError:
-                if on_timeout == "continue":
-                    running_on = True
-                    session.background = execution
-                    return self._running_result(session, execution, warnings, started)
+                if call.on_timeout == "continue":
+                    left_running = True
+                    session.left_running = execution
+                    return self._running_result(call, execution)
                 status = "timeout"
-                reply = await self._interrupt_or_kill(session, kernel, execution, warnings)
+                reply = await self._interrupt_or_kill(call, session, kernel, execution)
                 if reply is None:
                     error = (
-                        f"The cell ran past timeout_s={timeout_s:g} s and did not stop on interrupt; its kernel was killed "
+                        f"The cell ran past timeout_s={call.timeout_s:g} s and did not stop on interrupt; its kernel was killed "
                         "(a fresh one is starting for the next call)."
                     )
                 else:
-                    error = f"The cell ran past timeout_s={timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
+                    error = f"The cell ran past timeout_s={call.timeout_s:g} s and was interrupted.\n{reply.get('error') or ''}".rstrip()
             except anyio.get_cancelled_exc_class():
                 # The client cancelled the call: stop the cell, keep the session. A cell
                 # followed by `wait` keeps running: only that wait was cancelled.
-                if session.background is not execution:
+                if session.left_running is not execution:
                     with anyio.CancelScope(shield=True), contextlib.suppress(KernelDied):
-                        await self._interrupt_or_kill(session, kernel, execution, warnings)
+                        await self._interrupt_or_kill(call, session, kernel, execution)
                 else:
-                    running_on = True
+                    left_running = True
                 raise
         except KernelDied as died:
             status, reply = "error", None
@@ -3052,38 +3117,34 @@ class SessionManager:
         finally:
             if ticker is not None:
                 ticker.cancel()
-            if not running_on:
-                if session.background is execution:
-                    session.background = None
+            if not left_running:
+                if session.left_running is execution:
+                    session.left_running = None
                 kernel.finish_execution(execution)
-        return self._final_result(session, execution, status, reply, error, warnings, started)
+        return self._final_result(call, session, execution, reply, status=status, error=error)
 
-    def _running_result(
-        self, session: Session, execution: Execution, warnings: list[str], started: float
-    ) -> CellOutcome:
-        """Output so far of a cell that runs on; the next `wait` starts after it."""
+    def _running_result(self, call: CellCall, execution: Execution) -> CellOutcome:
+        """Output so far of a cell left running; the next `wait` starts after it."""
         transcript = execution.transcript
         stdout, stderr, displays, images = execution.take_output()
         # "so far" is this call's duration_s (one clock reading for both); a `wait` also says
         # how long the cell has run in all, since it started before this call.
         now = time.monotonic()
-        duration_s = round(now - started, 3)
+        duration_s = round(now - call.started, 3)
         so_far = f"{duration_s:.0f} s so far"
-        if execution.started < started:
+        if execution.started < call.started:
             so_far += f" in this call; the cell has run {now - execution.started:.0f} s in all"
-        warnings.append(
+        call.warnings.append(
             f"The cell is still running ({so_far}). "
-            f"Call wait(session={session.name!r}) for its further output and final result, or interrupt to stop it."
+            f"Call wait(session={call.session!r}) for its further output and final result, or interrupt to stop it."
         )
-        output_files = self._note_cuts((stdout, stderr, displays), warnings)
-        image_infos, inline_images = self._save_images(session.name, images, warnings)
-        result = ExecuteResult(
-            status="running", session=session.name, stdout=reply_text(stdout.text), stderr=reply_text(stderr.text), result=None,
-            error=None, execution_count=None, warning=" ".join(warnings),
-            duration_s=duration_s, display=[reply_text(text) for text in displays.texts],
-            images=image_infos, output_files=output_files,
+        output_files = self._note_cuts((stdout, stderr, displays), call.warnings)
+        image_infos, inline_images = self._save_images(call.session, images, call.warnings)
+        result = call.result(
+            "running", stdout=reply_text(stdout.text), stderr=reply_text(stderr.text), duration_s=duration_s,
+            display=[reply_text(text) for text in displays.texts], images=image_infos, output_files=output_files,
         )
-        self._keep_named(session.name, result)
+        self._keep_named(call.session, result)
         return CellOutcome(result, inline_images, reply_text(transcript.text))
 
     def _note_cuts(self, buffers: tuple[OutputBuffer | DisplayTexts, ...], warnings: list[str]) -> dict[str, str]:
@@ -3103,47 +3164,36 @@ class SessionManager:
         return output_files
 
     def _final_result(
-        self,
-        session: Session,
-        execution: Execution,
-        status: str | None,
-        reply: dict[str, Any] | None,
-        error: str | None,
-        warnings: list[str],
-        started: float,
+        self, call: CellCall, session: Session, execution: Execution, reply: dict[str, Any] | None,
+        *, status: CellStatus | None = None, error: str | None = None,
     ) -> CellOutcome:
+        """The reply to a cell that ended: as the kernel said (``status`` None), or timed out, or died."""
         if reply is not None:
             session.exec_count += 1
             if status is None:
-                status = reply.get("status", "error")
+                status = "ok" if reply.get("status") == "ok" else "error"
                 error = reply.get("error")
-            warnings.extend(note for note in dict.fromkeys(reply.get("notes") or []) if note not in warnings)
-        if error and len(error) > ERROR_LIMIT_CHARS:
-            half = ERROR_LIMIT_CHARS // 2
-            error = f"{error[:half]}\n… [{len(error) - 2 * half} characters of traceback cut] …\n{error[-half:]}"
-        output_files = self._note_cuts((execution.stdout, execution.stderr, execution.displays), warnings)
+            call.warnings.extend(note for note in dict.fromkeys(reply.get("notes") or []) if note not in call.warnings)
+        status = status or "error"
+        output_files = self._note_cuts((execution.stdout, execution.stderr, execution.displays), call.warnings)
         result_images = (reply or {}).get("result_images") or {}
         mime = next((m for m in IMAGE_MIME_TYPES if isinstance(result_images.get(m), str)), None)
         if mime is not None:
             execution.images.add(mime, result_images[mime])
-        image_infos, inline_images = self._save_images(session.name, execution.images, warnings)
-        result = ExecuteResult(
-            status=status,  # type: ignore[arg-type]
-            session=session.name,
+        image_infos, inline_images = self._save_images(session.name, execution.images, call.warnings)
+        result = call.result(
+            status,
             stdout=reply_text(execution.stdout.text),
             stderr=reply_text(execution.stderr.text),
             result=reply.get("result") if reply and status == "ok" else None,
-            error=reply_text(error) if error and status != "ok" else None,
+            error=reply_text(cut_middle(error, ERROR_LIMIT_CHARS, "characters of traceback cut")[0]) if error and status != "ok" else None,
             execution_count=reply.get("execution_count") if reply else None,
-            warning=" ".join(warnings) or None,
-            duration_s=round(time.monotonic() - started, 3),
             display=[reply_text(text) for text in execution.displays.texts],
             images=image_infos,
             output_files=output_files,
         )
         self._keep_named(session.name, result, reply)
         return CellOutcome(result, inline_images, reply_text(execution.transcript.text))
-
 
     def _keep_named(self, session: str, result: ExecuteResult, reply: dict[str, Any] | None = None) -> None:
         """The files this reply names stay until the session's next reply, whatever the folder's cap."""
@@ -3203,7 +3253,7 @@ class SessionManager:
             await anyio.sleep(PROGRESS_INTERVAL_S)
 
     async def _interrupt_or_kill(
-        self, session: Session, kernel: Kernel, execution: Execution, warnings: list[str]
+        self, call: CellCall, session: Session, kernel: Kernel, execution: Execution
     ) -> dict[str, Any] | None:
         """SIGINT, then, if the cell ignores it, kill (the restart goes on after this call). Returns the reply, if any."""
         kernel.interrupt()
@@ -3215,7 +3265,7 @@ class SessionManager:
             pass
         except KernelDied:
             raise
-        warnings.append(
+        call.warnings.append(
             f"The cell did not stop within {grace_s:g} s of an interrupt, so its kernel was killed; a fresh kernel is "
             "being restarted for the next call: variables and imports from before are gone."
         )
@@ -3255,7 +3305,7 @@ class SessionManager:
                     python=str(session.python),
                     python_version=kernel.hello.get("python_version") if kernel else None,
                     ipython_version=kernel.hello.get("ipython") if kernel else None,
-                    status=session.status,  # type: ignore[arg-type]
+                    status=session.status,
                     pid=kernel.pid if kernel and kernel.alive else None,
                     uptime_s=round(now - session.created, 3),
                     exec_count=session.exec_count,
@@ -3270,32 +3320,14 @@ class SessionManager:
 # Fed by the MCP tools (a cell's outcome, a reset, a shutdown), kept apart from the
 # manager: the last cells in memory, all of them as JSON lines in a 0600 file of the
 # session's private folder, which `ipython-mcp export` reads from another process.
-# Its sizes are named here, with the code that uses them.
-
-# Cells one session's record keeps in memory (for `history` and the resources); the
-# file keeps them all.
-RECORD_MAX_CELLS = 500
-# ... and characters of text for all of them together, so a chatty session stays small.
-RECORD_MEMORY_CHARS = 8_000_000
-# A cell's code, and each of its outputs, are kept up to this (head and tail).
-RECORD_CODE_CHARS = 100_000
-RECORD_TEXT_CHARS = 20_000
-# Outputs kept per cell (stream pieces, displays, images): a display loop keeps its first ones.
-RECORD_OUTPUTS_PER_CELL = 200
-# `history`: cells shown when `last` is not given, and how much of each.
-HISTORY_DEFAULT_CELLS = 20
-HISTORY_CODE_CHARS = 2_000
-HISTORY_EXCERPT_CHARS = 300
-RECORD_FILE_SUFFIX = "record.jsonl"
-RECORD_FORMAT = 1
-NOTEBOOK_MIME_TYPE = "application/x-ipynb+json"
+# Its sizes are with the other constants, at the top.
 
 
 def clip(text: str, limit: int) -> str:
     """``text`` if it fits ``limit``, else its head and tail around a note of what is missing."""
     if len(text) <= limit:
         return text
-    half = limit // 2
+    half = limit // 2  # exactly half each side (not cut_middle's margin): the record's limits are round numbers
     return f"{text[:half]}\n… [{len(text) - 2 * half} characters not kept in the record] …\n{text[-half:]}"
 
 
@@ -3976,10 +4008,6 @@ def find_records(roots: list[Path]) -> list[FoundRecord]:
     return found
 
 
-class ExportFailed(Exception):
-    """Why `ipython-mcp export` wrote nothing."""
-
-
 def export_session(
     session: str, path: Path | None, output_dir: Path, overwrite: bool = False
 ) -> tuple[FoundRecord, Path, int, int, str | None]:
@@ -4122,26 +4150,32 @@ class IPythonMCP(MCPServer):
         return result
 
 
-# Managers alive in this process (one per connection), so a signal handler can kill
-# their kernels at once; each is owned by its server lifespan, this only points at it.
-_live_managers: set[SessionManager] = set()
+def build_server(
+    config: Config | None = None, *, bearer: BearerToken | None = None, live: set[SessionManager] | None = None
+) -> MCPServer:
+    """The MCP server with its tools; ``bearer`` makes its HTTP app require that token.
 
+    Each manager is owned by the server lifespan; while it lives it is also in ``live``, so
+    the transport's signal handler (and main's last resort) can kill its kernels at once.
 
-def build_server(config: Config | None = None, *, bearer: BearerToken | None = None) -> MCPServer:
-    """The MCP server with its tools; ``bearer`` makes its HTTP app require that token."""
+    Long on purpose: the tools are registered by the SDK's decorators on this server, and
+    each is a few lines translating between the manager and MCP results; one function keeps
+    the whole tool surface (names, schemas, annotations) on one page, in the order of the README.
+    """
     config = config or Config()
+    live = set() if live is None else live
 
     @asynccontextmanager
     async def lifespan(_: MCPServer):
         manager = SessionManager(config)
-        _live_managers.add(manager)
+        live.add(manager)
         manager.guard.start()
         manager.start_spares()
         manager.start_idle_watch()
         try:
             yield manager
         finally:
-            _live_managers.discard(manager)
+            live.discard(manager)
             with anyio.CancelScope(shield=True):
                 await manager.close_all()
             manager.records.close_all()
@@ -4234,7 +4268,7 @@ def build_server(config: Config | None = None, *, bearer: BearerToken | None = N
         ] = None,
         on_timeout: Annotated[
             Literal["interrupt", "continue"],
-            Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue' it in the background and return status 'running' (follow it with `wait`)."),
+            Field(description="At timeout_s: 'interrupt' the cell (default), or 'continue': leave it running and return status 'running' (follow it with `wait`)."),
         ] = "interrupt",
     ) -> Annotated[CallToolResult, ExecuteResult]:
         """Run code in a stateful IPython session and return its output, result, error and images. \
@@ -4294,8 +4328,8 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
             content=[TextContent(type="text", text="\n".join(lines))], structured_content=listing.model_dump(mode="json")
         )
 
-    def action_result(session: str, outcome: str, message: str, pid: int | None = None) -> CallToolResult:
-        result = SessionAction(session=session, outcome=outcome, message=message, pid=pid)  # type: ignore[arg-type]
+    def action_result(session: str, outcome: ActionOutcome, message: str, pid: int | None = None) -> CallToolResult:
+        result = SessionAction(session=session, outcome=outcome, message=message, pid=pid)
         return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=result.model_dump(mode="json"))
 
     @server.tool(  # idempotent: a second reset wipes an already empty session again
@@ -4340,16 +4374,7 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
     )
     async def interrupt(session: str, ctx: Context) -> Annotated[CallToolResult, SessionAction]:
         """Interrupt the cell running in a session (like Ctrl-C); the session keeps its state."""
-        entry = manager_of(ctx).get(session)
-        kernel = entry.kernel
-        if kernel is None or not kernel.alive:
-            message = f"Session {session!r} has no running kernel ({entry.status}); nothing to interrupt."
-            return action_result(session, "no_kernel", message)
-        if not kernel.busy:
-            return action_result(session, "idle", f"Session {session!r} was idle; nothing to interrupt.", kernel.pid)
-        kernel.interrupt()
-        message = f"Sent an interrupt to session {session!r}; the running cell stops with KeyboardInterrupt."
-        return action_result(session, "interrupted", message, kernel.pid)
+        return action_result(*manager_of(ctx).interrupt(session))
 
     @server.tool(
         annotations=ToolAnnotations(
@@ -4477,27 +4502,7 @@ def session_resources(session: str) -> tuple[str, str]:
     return f"ipython://sessions/{session}/history", f"ipython://sessions/{session}/notebook"
 
 
-# --- main ---------------------------------------------------------------------------------
-
-
-HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on stdin/stdout.
-It is meant to be started by an MCP client, not used by hand. To connect one:
-  Claude Code:  claude mcp add ipython -- {command}
-  Any client:   {{"mcpServers": {{"ipython": {{"command": {program}, "args": {args}}}}}}}
-  Inspector:    npx -y @modelcontextprotocol/inspector --cli {command} --method tools/list
-Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
-
-
-def greeting() -> str:
-    """How to connect a client to this server, started the way it was started now."""
-    launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if launcher is not None and launcher.suffix != ".py" and launcher.is_file():
-        argv = [str(launcher)]  # an installed `ipython-mcp` script
-    else:
-        argv = ["uv", "run", str(Path(__file__).resolve())]
-    return HUMAN_GREETING.format(
-        version=__version__, command=" ".join(argv), program=json.dumps(argv[0]), args=json.dumps(argv[1:])
-    )
+# --- Over stdio: the SDK's stdio transport, answering lines that are not JSON-RPC ---------
 
 
 class AnswerParseErrors:
@@ -4544,8 +4549,9 @@ class AnswerParseErrors:
         return getattr(self._inner, name)
 
 
-async def serve(config: Config) -> None:
-    server = build_server(config)
+async def serve(config: Config, live: set[SessionManager]) -> None:
+    """Serve MCP over stdin/stdout until EOF or a signal; ``live`` holds the managers alive."""
+    server = build_server(config, live=live)
     async with anyio.create_task_group() as group:
 
         async def stop_on_signal() -> None:
@@ -4553,7 +4559,7 @@ async def serve(config: Config) -> None:
                 async for signum in signals:
                     log.info("received %s; stopping", signal.Signals(signum).name)
                     with anyio.CancelScope(shield=True):
-                        for manager in list(_live_managers):
+                        for manager in list(live):
                             await manager.close_all()
                     # The SDK's stdin reader thread may block in read() until stdin closes;
                     # every kernel is gone, so leave now instead of waiting for it.
@@ -4580,22 +4586,6 @@ async def serve(config: Config) -> None:
 # The SDK's streamable HTTP app (Starlette, served by uvicorn) with the SDK's bearer check and
 # its Host/Origin checks. One SessionManager serves every client of the server: the SDK's HTTP
 # session manager enters the server lifespan once for the app, not once per connection.
-
-HTTP_PATH = "/mcp"
-# A megabyte of code is a large cell, and JSON escaping can make it six; a bigger body is refused
-# (413) from its Content-Length, or as soon as the bytes streamed in pass the limit (the SDK's check).
-HTTP_BODY_LIMIT_BYTES = 16 * 1024 * 1024
-# After SIGTERM the kernels are gone first; open streams then get this long to close (whole seconds).
-HTTP_SHUTDOWN_GRACE_S = 2
-# A shorter secret could be guessed over a network; a generated one has 256 bits.
-TOKEN_MIN_CHARS = 16
-TOKEN_ENV = "IPYTHON_MCP_TOKEN"
-# Key in each HTTP request's ASGI scope: an event that NoticeDisconnects sets when the client leaves.
-DISCONNECTED = "ipython_mcp.disconnected"
-
-
-class HttpSetupError(Exception):
-    """The HTTP server cannot start as asked: unsafe flags, a weak token, an unsafe folder, a busy port."""
 
 
 class BearerToken:
@@ -4770,7 +4760,14 @@ class QuietUvicorn(uvicorn.Server):
         yield
 
 
-async def serve_http(config: Config, host: str, port: int, no_auth: bool = False, allow_hosts: Sequence[str] = ()) -> None:
+async def serve_http(
+    config: Config, live: set[SessionManager], host: str, port: int, no_auth: bool = False, allow_hosts: Sequence[str] = ()
+) -> None:
+    """Serve MCP over HTTP until a signal: refuse unsafe flags, bind, print where, serve, clean up.
+
+    One function (~75 lines) because its steps share the listener and the token file, which
+    its one ``finally`` removes.
+    """
     loopback = loopback_only(host)
     if no_auth and not loopback:
         raise HttpSetupError(
@@ -4788,7 +4785,7 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
     token_file = save_token(runtime, port, token) if runtime is not None and token is not None else None
     try:
         bearer = BearerToken(token, issuer_url=url.removesuffix(HTTP_PATH)) if token is not None else None
-        server = build_server(config, bearer=bearer)
+        server = build_server(config, bearer=bearer, live=live)
         app = server.streamable_http_app(
             streamable_http_path=HTTP_PATH,
             max_request_body_size=HTTP_BODY_LIMIT_BYTES,
@@ -4829,7 +4826,7 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
                     async for signum in signals:
                         log.info("received %s; stopping", signal.Signals(signum).name)
                         with anyio.CancelScope(shield=True):
-                            for manager in list(_live_managers):
+                            for manager in list(live):
                                 await manager.close_all()
                         http.handle_exit(signum, None)
 
@@ -4845,7 +4842,31 @@ async def serve_http(config: Config, host: str, port: int, no_auth: bool = False
                 token_file.unlink()
 
 
+# --- Command line: the greeting for a person at a terminal, arguments, export, main -------
+
+
+HUMAN_GREETING = """ipython-mcp {version}: an MCP server speaking JSON-RPC on stdin/stdout.
+It is meant to be started by an MCP client, not used by hand. To connect one:
+  Claude Code:  claude mcp add ipython -- {command}
+  Any client:   {{"mcpServers": {{"ipython": {{"command": {program}, "args": {args}}}}}}}
+  Inspector:    npx -y @modelcontextprotocol/inspector --cli {command} --method tools/list
+Serving on stdio now; press Ctrl-D or Ctrl-C to stop."""
+
+
+def greeting() -> str:
+    """How to connect a client to this server, started the way it was started now."""
+    launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if launcher is not None and launcher.suffix != ".py" and launcher.is_file():
+        argv = [str(launcher)]  # an installed `ipython-mcp` script
+    else:
+        argv = ["uv", "run", str(Path(__file__).resolve())]
+    return HUMAN_GREETING.format(
+        version=__version__, command=" ".join(argv), program=json.dumps(argv[0]), args=json.dumps(argv[1:])
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # A flat list of options, each with its help: long, and easiest to read as it is.
     parser = argparse.ArgumentParser(prog="ipython-mcp", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (without one, the server runs)")
     export = commands.add_parser(
@@ -4979,11 +5000,12 @@ def main(argv: list[str] | None = None) -> None:
         config.idle_timeout_s = args.idle_timeout_s if math.isfinite(args.idle_timeout_s) and args.idle_timeout_s > 0 else None
     if args.transport == "stdio" and sys.stdin.isatty():
         print(greeting(), file=sys.stderr)
+    live: set[SessionManager] = set()  # the server's managers, while their lifespans run
     try:
         if args.transport == "http":
-            anyio.run(serve_http, config, args.host, args.port, args.no_auth, args.allow_host)
+            anyio.run(serve_http, config, live, args.host, args.port, args.no_auth, args.allow_host)
         else:
-            anyio.run(serve, config)
+            anyio.run(serve, config, live)
     except KeyboardInterrupt:
         pass
     except HttpSetupError as exc:
@@ -4991,7 +5013,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(2)
     finally:
-        for manager in list(_live_managers):
+        for manager in list(live):  # a last resort: each lifespan has closed its own manager
             manager.kill_all_now()
     # A stdin reader thread may still block in read(); nothing is left to clean up.
     sys.stderr.flush()
