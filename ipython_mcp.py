@@ -3297,7 +3297,7 @@ class HistoryEntry(BaseModel):
         None, description="A short excerpt of what the cell returned: its output, result, or the error's last line."
     )
     duration_s: float | None = None
-    by: str | None = Field(None, description="Who ran the cell: 'agent'.")
+    by: str | None = Field(None, description="Who ran the cell: 'agent', or 'person' (through `ipython-mcp attach`).")
     reason: str | None = Field(None, description="Why the kernel restarted.")
 
 
