@@ -11,6 +11,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -21,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pexpect
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+import ipython_mcp
 
 from conftest import run, touch, wait_for_file
 
@@ -228,6 +233,33 @@ async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(run
     assert results[0]["result"] == "42"
 
 
+async def test_a_server_over_http_serves_the_persons_socket_too_without_its_token(runtime: Path, tmp_path: Path) -> None:
+    token = "attach-test-token-0123456789"
+    arguments = [str(SERVER), "--transport", "http", "--port", "0", "--spare-kernels", "0", "--output-dir", str(tmp_path / "out")]
+    server = pexpect.spawn(
+        sys.executable, arguments, env={**environment(runtime), "IPYTHON_MCP_TOKEN": token}, encoding="utf-8", timeout=SLOW_S
+    )
+    try:
+        with anyio.fail_after(SLOW_S * 2):
+            await anyio.to_thread.run_sync(server.expect, r"serving MCP over HTTP at (http://\S+)")
+            url = server.match.group(1)
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(SLOW_S, read=300))
+            async with http, Client(streamable_http_client(url, http_client=http)) as client:
+                await run(client, "web", "shared = 'set over http'")
+                listing = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
+                async with ipython_mcp.person_client(runtime / "ipython-mcp" / f"{server.pid}.sock") as person_side:
+                    seen = await run(person_side, "web", "shared")
+                entries = await history(client, "web")
+    finally:
+        server.kill(signal.SIGTERM)
+        server.expect(pexpect.EOF)
+        server.close(force=True)
+    assert f"server pid {server.pid} (" in listing.stdout.decode() and "  web: env default, idle, 1 cells" in listing.stdout.decode()
+    assert seen["result"] == "'set over http'"
+    assert [entry["by"] for entry in entries] == ["agent", "person"]
+    assert not (runtime / "ipython-mcp" / f"{server.pid}.sock").exists()
+
+
 # --- Only the user who runs the server gets in ---------------------------------------------------
 
 
@@ -321,8 +353,6 @@ async def test_a_runtime_folder_others_may_write_gets_no_socket_and_the_agent_is
 
 
 def test_socket_path_and_peer_check_helpers(tmp_path: Path) -> None:
-    import ipython_mcp  # noqa: PLC0415
-
     left, right = socket.socketpair(socket.AF_UNIX)
     with left, right:
         assert ipython_mcp.peer_uid(left) == os.getuid()
