@@ -4905,9 +4905,7 @@ async def attach(session: str, server_pid: int | None, colour: bool) -> None:
             flush=True,
         )
         while True:
-            history = await client.call_tool("history", {"session": session, "last": 1})
-            counts = [e.get("execution_count") for e in (history.structured_content or {}).get("entries", []) if e.get("execution_count")]
-            count = (counts[-1] if counts else 0) + 1
+            count = await next_count(client, session)
             try:
                 code = await prompt.prompt_async(ANSI(terminal.paint(f"In [{count}]: ", "32")))
             except KeyboardInterrupt:
@@ -4917,6 +4915,7 @@ async def attach(session: str, server_pid: int | None, colour: bool) -> None:
             code = code.rstrip()
             if not code:
                 continue
+            await next_count(client, session)  # still there: `execute` would start a new session of that name
             data = await run_person_cell(client, session, code)
             if data is None:
                 print(terminal.paint("KeyboardInterrupt: your cell was interrupted; the session keeps its state.", "31"), flush=True)
@@ -4926,6 +4925,17 @@ async def attach(session: str, server_pid: int | None, colour: bool) -> None:
                     print(text, flush=True)
             print(flush=True)
     print(f"Detached from session {session!r}; it goes on in server pid {pid}.", flush=True)
+
+
+async def next_count(client: Any, session: str) -> int:
+    """The session's next execution count; PersonCommandError once the agent shut the session down."""
+    history = await client.call_tool("history", {"session": session, "last": 1})
+    if history.is_error:
+        gone = " ".join(getattr(block, "text", "") for block in history.content)
+        raise PersonCommandError(f"Session {session!r} is gone ({gone}); detached.")
+    entries = (history.structured_content or {}).get("entries") or []
+    counts = [entry["execution_count"] for entry in entries if entry.get("execution_count")]
+    return (counts[-1] if counts else 0) + 1
 
 
 async def run_person_cell(client: Any, session: str, code: str) -> dict[str, Any] | None:
@@ -4964,15 +4974,18 @@ def person_command(args: argparse.Namespace) -> int:
 
     try:
         anyio.run(run)
-    except KeyboardInterrupt:
-        return 0
-    except PersonCommandError as exc:
-        print(f"ipython-mcp {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - a server that went away mid-way, said in a line
-        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+    except BaseException as exc:  # noqa: BLE001 - said in a line, not a traceback
+        # The SDK's task groups wrap what happened in exception groups (a backport before 3.11).
+        while isinstance(getattr(exc, "exceptions", None), tuple) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
-        print(f"ipython-mcp {args.command}: the server did not answer ({type(exc).__name__}: {exc}).", file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt):
+            return 0
+        if not isinstance(exc, Exception):
+            raise
+        if isinstance(exc, PersonCommandError):
+            print(f"ipython-mcp {args.command}: {exc}", file=sys.stderr)
+        else:  # a server that went away mid-way
+            print(f"ipython-mcp {args.command}: the server did not answer ({type(exc).__name__}: {exc}).", file=sys.stderr)
         return 1
     return 0
 

@@ -38,6 +38,11 @@ SLOW_S = 90  # the machine is shared and loaded: generous bounds, exact synchron
 OTHER_USER = "ipymcp-other"
 PROMPT = r"In \[\d+\]:"  # its trailing space is drawn as a cursor move
 
+
+def prompt(count: int) -> str:
+    """The prompt for cell ``count``: waiting for it (not the redrawn line just typed) means the last cell ended."""
+    return rf"In \[{count}\]:"
+
 pytestmark = pytest.mark.anyio
 
 
@@ -103,17 +108,17 @@ async def test_person_and_agent_share_one_kernel_and_the_record_marks_the_person
             terminal = person(runtime, "attach", "s")
             try:
                 terminal.expect("Attached to session 's'")
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(2))
                 type_cell(terminal, "print('the person sees', agent_value + 1)")
                 terminal.expect("the person sees 42")
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(3))
                 type_cell(terminal, "def double(v):\n    return 2 * v\n")  # multi-line: Enter on the empty line runs it
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(4))
                 type_cell(terminal, "person_value = double(agent_value)")  # a complete line runs on Enter
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(5))
                 type_cell(terminal, "person_value")
                 terminal.expect(r"Out\[5\]: 82")
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(6))
                 seen = await run(client, "s", "person_value, double(1)")
             finally:
                 finish(terminal)
@@ -132,7 +137,7 @@ async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_stat
             await run(client, "s", "kept = 'still here'")
             terminal = person(runtime, "attach", "s")
             try:
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(2))
                 started = tmp_path / "started"
                 type_cell(terminal, f"{touch(started)}; import time; time.sleep(600)")
                 await wait_for_file(started)
@@ -141,7 +146,7 @@ async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_stat
                 terminal.expect(PROMPT)
                 type_cell(terminal, "print(kept)")
                 terminal.expect("still here")
-                terminal.expect(PROMPT)
+                terminal.expect(PROMPT)  # the next one
             finally:
                 finish(terminal)
             after = await run(client, "s", "kept")
@@ -159,9 +164,9 @@ async def test_ctrl_d_detaches_and_the_session_lives_on(runtime: Path, tmp_path:
             await run(client, "s", "n = 1")
             terminal = person(runtime, "attach", "s")
             try:
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(2))
                 type_cell(terminal, "n += 1")
-                terminal.expect(PROMPT)
+                terminal.expect(prompt(3))
                 terminal.sendcontrol("d")
                 terminal.expect("Detached from session 's'")
                 terminal.expect(pexpect.EOF)
@@ -172,6 +177,24 @@ async def test_ctrl_d_detaches_and_the_session_lives_on(runtime: Path, tmp_path:
     assert terminal.exitstatus == 0
     assert [(s["name"], s["status"]) for s in listed.structured_content["sessions"]] == [("s", "idle")]
     assert after["result"] == "2"
+
+
+async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_no_new_one(runtime: Path, tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S * 3):
+        async with agent(runtime, tmp_path) as (client, _, _):
+            await run(client, "s", "1")
+            terminal = person(runtime, "attach", "s")
+            try:
+                terminal.expect(prompt(2))
+                await client.call_tool("shutdown", {"session": "s"})
+                type_cell(terminal, "x = 2")
+                terminal.expect("Session 's' is gone")
+                terminal.expect(pexpect.EOF)
+            finally:
+                terminal.close(force=True)
+            listed = await client.call_tool("list_sessions", {})
+    assert terminal.exitstatus == 1
+    assert listed.structured_content["sessions"] == []
 
 
 async def test_attach_without_a_name_lists_live_sessions_and_their_server(runtime: Path, tmp_path: Path) -> None:
