@@ -4916,13 +4916,7 @@ async def attach(session: str, server_pid: int | None, colour: bool) -> None:
             if not code:
                 continue
             await next_count(client, session)  # still there: `execute` would start a new session of that name
-            data = await run_person_cell(client, session, code)
-            if data is None:
-                print(terminal.paint("KeyboardInterrupt: your cell was interrupted; the session keeps its state.", "31"), flush=True)
-            else:
-                text = terminal.execute_result(data)
-                if text:
-                    print(text, flush=True)
+            await run_person_cell(client, session, code, terminal)
             print(flush=True)
     print(f"Detached from session {session!r}; it goes on in server pid {pid}.", flush=True)
 
@@ -4938,9 +4932,11 @@ async def next_count(client: Any, session: str) -> int:
     return (counts[-1] if counts else 0) + 1
 
 
-async def run_person_cell(client: Any, session: str, code: str) -> dict[str, Any] | None:
-    """Run a cell as the person; Ctrl-C cancels the call, which interrupts the cell. None when interrupted."""
+async def run_person_cell(client: Any, session: str, code: str, terminal: Terminal) -> None:
+    """Run a cell as the person, its output shown as it streams; Ctrl-C cancels the call, which interrupts the cell."""
     arguments = {"session": session, "code": code, "timeout_s": PERSON_CELL_TIMEOUT_S}
+    after = (await read_live(client, session, 1 << 62))["count"]
+    streamed = {"shown": 0, "total": 0}  # of this cell's stdout and display text, printed while it ran
     result = None
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
         async with anyio.create_task_group() as group:
@@ -4950,14 +4946,39 @@ async def run_person_cell(client: Any, session: str, code: str) -> dict[str, Any
                     group.cancel_scope.cancel()  # the SDK tells the server, which interrupts the cell
                     return
 
+            async def follow() -> None:  # as `watch` does; the cell may also wait behind the agent's
+                while True:
+                    await anyio.sleep(WATCH_POLL_S)
+                    running = (await read_live(client, session, 1 << 62))["running"]
+                    if running is None or running["code"] != code:
+                        continue
+                    new = running["output_total"] - streamed["total"]
+                    if new > 0:
+                        text = running["output"][-new:]
+                        print(text, end="", flush=True)
+                        streamed["shown"] += len(text)
+                    streamed["total"] = running["output_total"]
+
             group.start_soon(on_ctrl_c)
+            group.start_soon(follow)
             result = await client.call_tool("execute", arguments)
             group.cancel_scope.cancel()
     if result is None:
-        return None
-    if result.structured_content:
-        return dict(result.structured_content)
-    return {"error": "\n".join(getattr(block, "text", "") for block in result.content)}
+        if streamed["shown"]:
+            print(flush=True)
+        print(terminal.paint("KeyboardInterrupt: your cell was interrupted; the session keeps its state.", "31"), flush=True)
+        return
+    # The record has the cell whole, outputs in the order it made them: show what was not streamed.
+    entries = (await read_live(client, session, after))["entries"]
+    cell = next((e for e in reversed(entries) if e.get("kind") == "cell" and e.get("by") == "person" and e.get("code") == code), None)
+    if cell is not None:
+        text = terminal.recorded_cell(cell, streamed["shown"])
+    elif result.structured_content:
+        text = terminal.execute_result(dict(result.structured_content))
+    else:
+        text = "\n".join(getattr(block, "text", "") for block in result.content)
+    if text:
+        print(text, flush=True)
 
 
 def person_command(args: argparse.Namespace) -> int:

@@ -131,6 +131,26 @@ async def test_person_and_agent_share_one_kernel_and_the_record_marks_the_person
     assert [entry["execution_count"] for entry in entries] == [1, 2, 3, 4, 5, 6]  # one kernel, one count
 
 
+async def test_attach_shows_the_persons_output_as_it_streams_and_the_rest_when_the_cell_ends(runtime: Path, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    waits = f"[time.sleep(0.05) for _ in iter(lambda: os.path.exists({str(release)!r}), True)]"
+    with anyio.fail_after(SLOW_S * 3):
+        async with agent(runtime, tmp_path) as (client, _, _):
+            await run(client, "s", "import os, time")
+            terminal = person(runtime, "attach", "s")
+            try:
+                terminal.expect(prompt(2))
+                type_cell(terminal, f"print('streamed' + ' early', flush=True); {waits}; print('after' + ' release'); 6 * 7")
+                terminal.expect("streamed early")  # while the cell still waits for `release`
+                release.touch()
+                terminal.expect(prompt(3))
+                rest = terminal.before
+            finally:
+                finish(terminal)
+    assert "after release" in rest and "Out[2]: 42" in rest
+    assert "streamed early" not in rest  # shown once, not again when the cell ended
+
+
 async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_state(runtime: Path, tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S * 3):
         async with agent(runtime, tmp_path) as (client, _, _):
