@@ -79,6 +79,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,7 @@ from mcp.types import (
 )
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("ipython_mcp")
 
@@ -1541,6 +1543,7 @@ class Execution:
     last_stream: str = "stdout"
     clear_pending: bool = False  # clear_output() was called; clear at the next output
     lines_seen: int = 0  # bumps on every stream message, so progress knows something is new
+    code: str = ""  # the cell's source, for `ipython-mcp watch` to show while it runs
 
     def on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
@@ -3020,6 +3023,7 @@ class SessionManager:
                     code, self.config.output_limit, SpillTarget(self.files, session.name), self.config.image_limit,
                     self.config.image_bytes_limit,
                 )
+            execution.code = code
         except TimeoutError:
             call.warnings.append(
                 "The kernel did not take the code within timeout_s (stopped or stuck), so it was killed; a fresh kernel "
@@ -3351,7 +3355,7 @@ class CellRecord:
     result: str | None = None
     error: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
-    by: str = "agent"  # who ran it: the agent (a person attached to the session, later)
+    by: str = "agent"  # who ran it: the agent, or "person" (`ipython-mcp attach`, through the person's socket)
     outputs_dropped: int = 0  # past RECORD_OUTPUTS_PER_CELL
 
     kind = "cell"
@@ -3649,7 +3653,7 @@ class SessionRecords:
     def get(self, name: str) -> SessionRecord | None:
         return self.by_name.get(name)
 
-    def cell(self, session: Session, code: str | None, outcome: CellOutcome) -> CellRecord | None:
+    def cell(self, session: Session, code: str | None, outcome: CellOutcome, by: str = "agent") -> CellRecord | None:
         """Record an `execute` (``code``) or `wait` (None) reply; never fails the call it records."""
         if outcome.result.status in ("busy", "env_error"):  # nothing ran
             return None
@@ -3661,7 +3665,7 @@ class SessionRecords:
                 record = self.by_name[session.name] = SessionRecord(session.name, self.files, self.about(session))
             if code is None:
                 return record.continue_cell(outcome)
-            return record.add_cell(code, outcome)
+            return record.add_cell(code, outcome, by)
         except Exception:  # the record is an aside: the agent's reply must come back
             log.exception("session %r: the cell could not be recorded", session.name)
             return None
@@ -3709,7 +3713,7 @@ class HistoryEntry(BaseModel):
         None, description="A short excerpt of what the cell returned: its output, result, or the error's last line."
     )
     duration_s: float | None = None
-    by: str | None = Field(None, description="Who ran the cell: 'agent'.")
+    by: str | None = Field(None, description="Who ran the cell: 'agent', or 'person' (through `ipython-mcp attach`).")
     reason: str | None = Field(None, description="Why the kernel restarted.")
 
 
@@ -4211,7 +4215,8 @@ def build_server(
         """Add a reply to its session's record (``code`` None: a `wait`), and tell clients what changed."""
         manager = manager_of(ctx)
         live = manager.sessions.get(session)
-        if live is not None and manager.records.cell(live, code, outcome) is not None:
+        by = "person" if through_person_socket(ctx) else "agent"
+        if live is not None and manager.records.cell(live, code, outcome, by) is not None:
             for uri in session_resources(session):
                 with contextlib.suppress(Exception):  # only `subscriptions/listen` streams (2026-07-28) hear these
                     await ctx.notify_resource_updated(uri)
@@ -4455,6 +4460,14 @@ To add a package, run `%pip install NAME` in the session: it goes into the sessi
         about = record.about if record else SessionRecords.about(manager.sessions[session])
         return json.dumps(notebook_of(about, entries, note), indent=1)
 
+    @server.resource(
+        "ipython://sessions/{session}/live/{after}", name="session live view", mime_type="application/json",
+        description="For `ipython-mcp watch`: the record's entries after index AFTER, and the cell running now with its output so far.",
+    )
+    async def live_resource(session: str, after: str, ctx: Context) -> str:
+        manager = resource_manager_of(ctx, session)
+        return json.dumps(live_view(manager, session, int(after) if after.isdigit() else 0))
+
     def resource_manager_of(ctx: Context, session: str) -> SessionManager:
         manager = manager_of(ctx)
         if session not in manager.sessions:
@@ -4552,7 +4565,8 @@ class AnswerParseErrors:
 async def serve(config: Config, live: set[SessionManager]) -> None:
     """Serve MCP over stdin/stdout until EOF or a signal; ``live`` holds the managers alive."""
     server = build_server(config, live=live)
-    async with anyio.create_task_group() as group:
+    person_listener = open_person_socket()  # before any kernel: the umask it sets is process-wide
+    async with shared_lifespan(server), anyio.create_task_group() as group:
 
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -4563,22 +4577,32 @@ async def serve(config: Config, live: set[SessionManager]) -> None:
                             await manager.close_all()
                     # The SDK's stdin reader thread may block in read() until stdin closes;
                     # every kernel is gone, so leave now instead of waiting for it.
+                    remove_person_socket()
                     logging.shutdown()
                     os._exit(0)
 
         group.start_soon(stop_on_signal)
+        person = PersonSocketServer(server, person_listener) if person_listener is not None else None
+        if person is not None:
+            group.start_soon(person.serve)
         lowlevel = server._lowlevel_server  # the SDK has no public hook for the read side
         async with stdio_server() as (read_stream, write_stream):
             try:
                 await lowlevel.run(AnswerParseErrors(read_stream, write_stream), write_stream, lowlevel.create_initialization_options())
             except anyio.get_cancelled_exc_class():
                 # Nothing here cancels this but the SDK's stdio task group, when its writer failed:
-                # the client closed its end of our stdout (EPIPE). The lifespan has ended every
-                # kernel on the way out; the stdin reader thread may block in read() for as long
-                # as the client keeps stdin open, so leave now instead of lingering.
+                # the client closed its end of our stdout (EPIPE). The stdin reader thread may
+                # block in read() for as long as the client keeps stdin open, so end every kernel
+                # (the lifespan, shared with the person's socket, is still open) and leave now.
                 log.warning("the stdio transport broke (the client closed its end of our stdout, or stdin failed); stopping")
+                with anyio.CancelScope(shield=True):
+                    for manager in list(live):
+                        await manager.close_all()
+                remove_person_socket()
                 logging.shutdown()
                 os._exit(0)
+        if person is not None:
+            await person.stop()
         group.cancel_scope.cancel()
 
 
@@ -4818,7 +4842,11 @@ async def serve_http(
             )
         lines.append('Clients send the header "Authorization: Bearer <token>" with every request.' if token else "")
 
-        async with anyio.create_task_group() as group:
+        person_listener = open_person_socket()  # before any kernel: the umask it sets is process-wide
+        person = PersonSocketServer(server, person_listener) if person_listener is not None else None
+        async with shared_lifespan(server), anyio.create_task_group() as group:
+            if person is not None:
+                group.start_soon(person.serve)
 
             async def stop_on_signal(*, task_status: anyio.abc.TaskStatus[None]) -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -4834,12 +4862,543 @@ async def serve_http(
             # Printed once SIGTERM is ours: whoever reads the URL may stop the server at once.
             print("\n".join(line for line in lines if line), file=sys.stderr, flush=True)
             await http.serve(sockets=[listener])
+            if person is not None:
+                await person.stop()
             group.cancel_scope.cancel()
     finally:
         listener.close()
         if token_file is not None:
             with contextlib.suppress(OSError):
                 token_file.unlink()
+
+
+# --- The person's side: attach and watch, over a Unix socket --------------------------------
+# Every server also serves MCP (the SDK's streamable HTTP app, under uvicorn) on a Unix socket
+# in the private runtime folder, `<runtime folder>/<pid>.sock`: the folder 0700, the socket
+# 0600, both the user's, and each connection's peer uid checked (SO_PEERCRED, where the system
+# has it), so only the user who runs the server gets in and no token is needed. The socket and
+# the stdio (or HTTP) transport share one SessionManager: the server lifespan is entered once
+# and handed to both. `ipython-mcp attach` and `watch` are MCP clients of that socket. A cell
+# that comes in through it is recorded as the person's: who ran a cell is known from the door
+# it came through, so the agent's `execute` has no argument it could use to pass for the person.
+
+PERSON_SOCKET_SUFFIX = ".sock"
+PERSON_URL = f"http://localhost{HTTP_PATH}"  # no browser reaches a Unix socket: Host/Origin are not checked
+PERSON_DOOR = "ipython_mcp.person"  # key in an ASGI scope: the request came through the person's socket
+# `watch` asks what changed this often: it looks live, and each ask is one small JSON read.
+WATCH_POLL_S = 0.25
+# A person's cell runs until it ends or Ctrl-C stops it; the call still has a bound: a week.
+PERSON_CELL_TIMEOUT_S = 7 * 24 * 3600.0
+# A live server answers a connect at once; one that is stuck should not hang the terminal.
+PERSON_CONNECT_TIMEOUT_S = 10.0
+# Unix socket paths are at most 108 bytes on Linux (104 on macOS), the terminating NUL included.
+UNIX_PATH_MAX = 104
+_person_socket: Path | None = None  # removed on every way out, os._exit included
+
+
+def through_person_socket(ctx: Context) -> bool:
+    """True when the request came through the person's Unix socket (attach), not the agent's transport."""
+    return bool(getattr(ctx.request_context.request, "scope", {}).get(PERSON_DOOR))
+
+
+def live_view(manager: SessionManager, session: str, after: int) -> dict[str, Any]:
+    """For `watch`: the record's entries after index ``after``, and the running cell with its output so far."""
+    record = manager.records.get(session)
+    entries = [entry.to_json() for entry in (record.entries if record else ()) if entry.index > after]
+    live = manager.sessions.get(session)
+    kernel = live.kernel if live is not None else None
+    running = None
+    if kernel is not None and kernel.busy and kernel.current is not None:
+        execution = kernel.current
+        running = {
+            "code": execution.code,
+            "seconds": round(time.monotonic() - execution.started, 1),
+            "output": execution.transcript.text,  # stdout and display lines, as they came
+            "output_total": execution.transcript.total,
+        }
+    counts = [e.execution_count for e in (record.entries if record else ()) if isinstance(e, CellRecord) and e.execution_count]
+    return {
+        "session": session, "count": record.count if record else 0, "last_execution_count": counts[-1] if counts else None,
+        "entries": entries, "running": running,
+    }
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The uid of the process at the other end of a Unix socket, or None where the system cannot say."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None  # the folder's and the socket's modes are the guard there
+    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", pid_uid_gid)[1]
+
+
+class SameUserOnly(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol that hangs up on a peer who is not this server's user."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        try:
+            uid = peer_uid(sock) if sock is not None else None
+        except OSError:
+            uid = -1
+        if uid is not None and uid != os.getuid():
+            log.warning("refused a connection to the person's socket from uid %s (not this server's user)", uid)
+            transport.abort()
+
+
+class PersonDoor:
+    """ASGI middleware marking each request of the socket app as the person's."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[PERSON_DOOR] = True
+        await self.app(scope, receive, send)
+
+
+def open_person_socket() -> socket.socket | None:
+    """Listen on ``<runtime folder>/<pid>.sock`` (0600 in a 0700 folder), or None, logged, when that is unsafe."""
+    global _person_socket
+    try:
+        folder = private_runtime_dir()
+    except (HttpSetupError, OSError) as exc:
+        log.warning("no person's socket (attach/watch will not find this server): %s", exc)
+        return None
+    path = folder / f"{os.getpid()}{PERSON_SOCKET_SUFFIX}"
+    if len(os.fsencode(path)) >= UNIX_PATH_MAX:
+        log.warning("no person's socket: its path %s is too long for a Unix socket; set XDG_RUNTIME_DIR", path)
+        return None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a dead server's, which had our pid; the folder is ours alone
+        umask = os.umask(0o177)  # born 0600: never a moment open to others
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(umask)
+        info = path.lstat()
+        if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise OSError(f"{path} is not a socket of ours with mode 0600 (mode {stat.filemode(info.st_mode)})")
+        listener.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        listener.close()
+        log.warning("no person's socket (attach/watch will not find this server): %s", exc)
+        return None
+    _person_socket = path
+    return listener
+
+
+def remove_person_socket() -> None:
+    global _person_socket
+    if _person_socket is not None:
+        with contextlib.suppress(OSError):
+            _person_socket.unlink()
+        _person_socket = None
+
+
+@asynccontextmanager
+async def shared_lifespan(server: MCPServer) -> Any:
+    """Enter the server lifespan once, and hand its SessionManager to every transport that enters it after."""
+    lowlevel = server._lowlevel_server  # the SDK has no public way to share a lifespan between transports
+    async with lowlevel.lifespan(lowlevel) as manager:
+
+        @asynccontextmanager
+        async def entered(_: Any) -> Any:
+            yield manager
+
+        lowlevel.lifespan = entered
+        yield manager
+
+
+class PersonSocketServer:
+    """The person's door: the SDK's streamable HTTP app on the Unix socket, without a token."""
+
+    def __init__(self, server: MCPServer, listener: socket.socket):
+        # The low-level app: in HTTP mode the MCPServer's one would ask for the bearer token too.
+        app = server._lowlevel_server.streamable_http_app(
+            streamable_http_path=HTTP_PATH,
+            max_request_body_size=HTTP_BODY_LIMIT_BYTES,
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        )
+        uv_config = uvicorn.Config(
+            PersonDoor(NoticeDisconnects(app)), http=SameUserOnly, log_config=None, access_log=False,
+            server_header=False, timeout_graceful_shutdown=HTTP_SHUTDOWN_GRACE_S,
+        )
+        self.listener, self.uvicorn = listener, QuietUvicorn(uv_config)
+        self.done = anyio.Event()
+
+    async def serve(self) -> None:
+        try:
+            await self.uvicorn.serve(sockets=[self.listener])
+        finally:
+            self.listener.close()
+            remove_person_socket()
+            self.done.set()
+
+    async def stop(self) -> None:
+        """Close the door (open attach/watch connections get the HTTP grace), before the kernels end."""
+        remove_person_socket()  # no new `attach` finds it
+        self.uvicorn.should_exit = True
+        with anyio.move_on_after(HTTP_SHUTDOWN_GRACE_S + 1):
+            await self.done.wait()
+
+
+# -- the terminal side: finding servers, attach, watch
+
+
+def live_person_sockets() -> list[tuple[int, Path]]:
+    """(server pid, socket) of each running server of this user; sockets of dead servers are removed."""
+    try:
+        folder = private_runtime_dir()
+    except (HttpSetupError, OSError):
+        return []
+    found = []
+    for path in sorted(folder.glob(f"*{PERSON_SOCKET_SUFFIX}")):
+        stem = path.name.removesuffix(PERSON_SOCKET_SUFFIX)
+        if not stem.isdigit():
+            continue
+        if not process_alive(int(stem)):
+            with contextlib.suppress(OSError):
+                path.unlink()  # a server killed before it could remove it
+            continue
+        found.append((int(stem), path))
+    return found
+
+
+def where_servers_listen() -> str:
+    try:
+        return str(private_runtime_dir())
+    except (HttpSetupError, OSError) as exc:
+        return f"a runtime folder that cannot be used: {exc}"
+
+
+@asynccontextmanager
+async def person_client(path: Path) -> Any:
+    """An MCP client (the SDK's streamable HTTP one) of the server listening on ``path``."""
+    import httpx2  # noqa: PLC0415 - the server itself never needs the client side
+    from mcp import Client  # noqa: PLC0415
+    from mcp.client.streamable_http import streamable_http_client  # noqa: PLC0415
+
+    timeout = httpx2.Timeout(PERSON_CONNECT_TIMEOUT_S, read=None)  # a cell may print nothing for hours
+    http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=str(path)), timeout=timeout)
+    async with http, Client(streamable_http_client(PERSON_URL, http_client=http)) as client:
+        yield client
+
+
+class PersonCommandError(Exception):
+    """attach/watch cannot go on: no server, no such session, a server gone."""
+
+
+async def servers_with_sessions() -> list[tuple[int, Path, list[dict[str, Any]]]]:
+    """Each running server of this user, with its live sessions (servers that do not answer are left out)."""
+    listing = []
+    for pid, path in live_person_sockets():
+        try:
+            with anyio.fail_after(PERSON_CONNECT_TIMEOUT_S):
+                async with person_client(path) as client:
+                    result = await client.call_tool("list_sessions", {})
+        except Exception as exc:  # a server that is stopping, or a socket that is not ours to use
+            log.info("server pid %s (%s) did not answer: %s", pid, path, exc)
+            continue
+        listing.append((pid, path, list((result.structured_content or {}).get("sessions") or [])))
+    return listing
+
+
+async def find_session(name: str, server_pid: int | None) -> tuple[int, Path]:
+    listing = await servers_with_sessions()
+    if server_pid is not None:
+        listing = [entry for entry in listing if entry[0] == server_pid]
+    holding = [(pid, path) for pid, path, sessions in listing if any(s.get("name") == name for s in sessions)]
+    if len(holding) == 1:
+        return holding[0]
+    if not listing:
+        raise PersonCommandError(
+            "No running ipython-mcp server of yours was found" + (f" with pid {server_pid}" if server_pid else "")
+            + f" (they listen in {where_servers_listen()})."
+        )
+    if holding:
+        pids = ", ".join(str(pid) for pid, _ in holding)
+        raise PersonCommandError(f"Servers {pids} each have a session named {name!r}; choose one with --server PID.")
+    live = ", ".join(f"{s.get('name')} (server {pid})" for pid, _, sessions in listing for s in sessions) or "none"
+    raise PersonCommandError(f"No live session named {name!r}. Live sessions: {live}.")
+
+
+def render_sessions_of_servers(listing: list[tuple[int, Path, list[dict[str, Any]]]]) -> str:
+    if not listing:
+        return f"No running ipython-mcp server of yours was found (they listen in {where_servers_listen()})."
+    lines = []
+    for pid, path, sessions in listing:
+        lines.append(f"server pid {pid} ({path}): {len(sessions)} session{'s' * (len(sessions) != 1)}")
+        for s in sessions:
+            lines.append(
+                f"  {s.get('name')}: env {s.get('env')}, {s.get('status')}, {s.get('exec_count')} cells, up {s.get('uptime_s', 0):.0f} s"
+            )
+    lines.append("Attach with: ipython-mcp attach SESSION    Follow with: ipython-mcp watch SESSION")
+    return "\n".join(lines)
+
+
+class Terminal:
+    """Prints cells as terminal IPython does: ``In [n]: code``, output, ``Out[n]: result``."""
+
+    def __init__(self, colour: bool):
+        self.colour = colour
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
+
+    def header(self, count: int | None, code: str, by: str | None = None) -> str:
+        n = count if count is not None else " "
+        first, *rest = code.rstrip("\n").split("\n") or [""]
+        pad = " " * (len(f"In [{n}]: ") - 5)
+        lines = [self.paint(f"In [{n}]: ", "32") + first] + [self.paint(f"{pad}...: ", "32") + line for line in rest]
+        if by == "person":
+            lines[0] += self.paint("   # run by the person", "2")
+        return "\n".join(lines)
+
+    def ending(self, count: int | None, result: str | None, error: str | None, warnings: list[str], images: list[str]) -> str:
+        parts = [f"[image: {image}]" for image in images]
+        if error:
+            parts.append(self.paint(error.rstrip("\n"), "31"))
+        if result is not None:
+            parts.append(self.paint(f"Out[{count if count is not None else ' '}]: ", "31") + result)
+        parts += [self.paint(f"Warning: {warning}", "33") for warning in warnings]
+        return "\n".join(parts)
+
+    def execute_result(self, data: dict[str, Any]) -> str:
+        """An `execute` reply (its structured content), as the person who ran it sees it."""
+        parts = [text.rstrip("\n") for text in (data.get("stdout"), *(data.get("display") or []), data.get("stderr")) if text]
+        images = [image.get("path") or image.get("mime_type") or "image" for image in data.get("images") or []]
+        warnings = [data["warning"]] if data.get("warning") else []
+        ending = self.ending(data.get("execution_count"), data.get("result"), data.get("error"), warnings, images)
+        return "\n".join(parts + ([ending] if ending else []))
+
+    @staticmethod
+    def shown(outputs: list[dict[str, Any]]) -> str:
+        """A recorded cell's stdout and display text, as its running transcript had it."""
+        text = ""
+        for output in outputs:
+            if output.get("type") == "stream" and output.get("name") == "stdout":
+                text += output.get("text") or ""
+            elif output.get("type") == "display" and (output.get("text") or "").strip():
+                text += ("\n" if text and not text.endswith("\n") else "") + output["text"].rstrip() + "\n"
+        return text
+
+    def recorded_cell(self, cell: dict[str, Any], already_shown: int | None) -> str:
+        """A finished cell of the record; ``already_shown`` characters of its output were printed while it ran."""
+        parts = [] if already_shown is not None else [self.header(cell.get("execution_count"), cell.get("code") or "", cell.get("by"))]
+        outputs = cell.get("outputs") or []
+        rest = self.shown(outputs)[already_shown or 0 :]
+        if rest.strip():
+            parts.append(rest.rstrip("\n"))
+        for output in outputs:
+            if output.get("type") == "stream" and output.get("name") == "stderr" and output.get("text"):
+                parts.append(self.paint(output["text"].rstrip("\n"), "31"))
+        images = [output.get("path") or output.get("mime") for output in outputs if output.get("type") == "image"]
+        ending = self.ending(cell.get("execution_count"), cell.get("result"), cell.get("error"), cell.get("warnings") or [], images)
+        if ending:
+            parts.append(ending)
+        return "\n".join(parts)
+
+
+async def read_live(client: Any, session: str, after: int) -> dict[str, Any]:
+    result = await client.read_resource(f"ipython://sessions/{session}/live/{after}")
+    return json.loads(result.contents[0].text)
+
+
+async def watch(session: str, server_pid: int | None, colour: bool) -> None:
+    """Follow a session read-only: each cell as it starts, its output as it streams, and how it ended."""
+    from mcp.shared.exceptions import MCPError  # noqa: PLC0415
+
+    pid, path = await find_session(session, server_pid)
+    terminal = Terminal(colour)
+    async with person_client(path) as client:
+        view = await read_live(client, session, 1 << 62)
+        after = view["count"]
+        last_count: int | None = view["last_execution_count"]
+        print(f"Watching session {session!r} of server pid {pid} ({after} cells before now; Ctrl-C stops watching).", flush=True)
+        streaming: dict[str, Any] | None = None  # the running cell printed so far: its code, characters shown
+        while True:
+            try:
+                view = await read_live(client, session, after)
+            except MCPError as exc:
+                raise PersonCommandError(f"Session {session!r} is gone: {exc}") from None
+            for entry in view["entries"]:
+                after = max(after, entry["index"])
+                if entry.get("kind") == "restart":
+                    print(terminal.paint(f"--- the kernel restarted: {entry.get('reason')} ---", "33"), flush=True)
+                    streaming = None
+                    continue
+                shown = streaming["shown"] if streaming and streaming["code"] == entry.get("code") else None
+                print(terminal.recorded_cell(entry, shown), flush=True)
+                print(flush=True)
+                streaming = None
+                last_count = entry.get("execution_count") or last_count
+            running = view["running"]
+            if running is not None:
+                if streaming is None or streaming["code"] != running["code"]:
+                    print(terminal.header((last_count or 0) + 1, running["code"]), flush=True)
+                    streaming = {"code": running["code"], "shown": 0, "total": 0}
+                elif running["output_total"] < streaming["total"]:  # cleared by clear_output(), or taken by `wait`
+                    streaming["total"] = running["output_total"]
+                new = running["output_total"] - streaming["total"]
+                if new > 0:
+                    text = running["output"][-new:]
+                    print(text, end="", flush=True)
+                    streaming["shown"] += len(text)
+                    streaming["total"] = running["output_total"]
+            await anyio.sleep(WATCH_POLL_S)
+
+
+def input_is_complete(code: str) -> bool:
+    """Whether Enter should run ``code`` (as IPython decides: an open block or bracket waits for more)."""
+    from IPython.core.inputtransformer2 import TransformerManager  # noqa: PLC0415
+
+    if "\n" in code:
+        return not code.rsplit("\n", 1)[1].strip()  # a cell of several lines ends with an empty one, as in Python's REPL
+    status, _ = TransformerManager().check_complete(code + "\n")
+    return status != "incomplete"
+
+
+async def attach(session: str, server_pid: int | None, colour: bool) -> None:
+    """An IPython-style prompt on the live session: the person's cells run on the agent's kernel."""
+    from prompt_toolkit import PromptSession  # noqa: PLC0415 - IPython brings prompt_toolkit
+    from prompt_toolkit.formatted_text import ANSI  # noqa: PLC0415
+    from prompt_toolkit.history import InMemoryHistory  # noqa: PLC0415
+    from prompt_toolkit.key_binding import KeyBindings  # noqa: PLC0415
+    from prompt_toolkit.lexers import PygmentsLexer  # noqa: PLC0415
+    from pygments.lexers import PythonLexer  # noqa: PLC0415
+
+    pid, path = await find_session(session, server_pid)
+    terminal = Terminal(colour)
+    keys = KeyBindings()
+
+    @keys.add("enter")
+    def _(event: Any) -> None:
+        buffer = event.current_buffer
+        if buffer.document.is_cursor_at_the_end and input_is_complete(buffer.text):
+            buffer.validate_and_handle()
+        else:
+            buffer.insert_text("\n")
+
+    prompt = PromptSession(
+        history=InMemoryHistory(), multiline=True, key_bindings=keys,
+        lexer=PygmentsLexer(PythonLexer) if colour else None, prompt_continuation=lambda width, *_: "...: ".rjust(width),
+    )
+    async with person_client(path) as client:
+        print(
+            f"Attached to session {session!r} of server pid {pid}: the agent's kernel, variables and all.\n"
+            "Your cells queue behind the agent's and are recorded as yours. Ctrl-C stops your running cell; "
+            "Ctrl-D detaches (the session goes on).",
+            flush=True,
+        )
+        while True:
+            count = await next_count(client, session)
+            try:
+                code = await prompt.prompt_async(ANSI(terminal.paint(f"In [{count}]: ", "32")))
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                break
+            code = code.rstrip()
+            if not code:
+                continue
+            await next_count(client, session)  # still there: `execute` would start a new session of that name
+            await run_person_cell(client, session, code, terminal)
+            print(flush=True)
+    print(f"Detached from session {session!r}; it goes on in server pid {pid}.", flush=True)
+
+
+async def next_count(client: Any, session: str) -> int:
+    """The session's next execution count; PersonCommandError once the agent shut the session down."""
+    history = await client.call_tool("history", {"session": session, "last": 1})
+    if history.is_error:
+        gone = " ".join(getattr(block, "text", "") for block in history.content)
+        raise PersonCommandError(f"Session {session!r} is gone ({gone}); detached.")
+    entries = (history.structured_content or {}).get("entries") or []
+    counts = [entry["execution_count"] for entry in entries if entry.get("execution_count")]
+    return (counts[-1] if counts else 0) + 1
+
+
+async def run_person_cell(client: Any, session: str, code: str, terminal: Terminal) -> None:
+    """Run a cell as the person, its output shown as it streams; Ctrl-C cancels the call, which interrupts the cell."""
+    arguments = {"session": session, "code": code, "timeout_s": PERSON_CELL_TIMEOUT_S}
+    after = (await read_live(client, session, 1 << 62))["count"]
+    streamed = {"shown": 0, "total": 0}  # of this cell's stdout and display text, printed while it ran
+    result = None
+    with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        async with anyio.create_task_group() as group:
+
+            async def on_ctrl_c() -> None:
+                async for _ in signals:
+                    group.cancel_scope.cancel()  # the SDK tells the server, which interrupts the cell
+                    return
+
+            async def follow() -> None:  # as `watch` does; the cell may also wait behind the agent's
+                while True:
+                    await anyio.sleep(WATCH_POLL_S)
+                    running = (await read_live(client, session, 1 << 62))["running"]
+                    if running is None or running["code"] != code:
+                        continue
+                    new = running["output_total"] - streamed["total"]
+                    if new > 0:
+                        text = running["output"][-new:]
+                        print(text, end="", flush=True)
+                        streamed["shown"] += len(text)
+                    streamed["total"] = running["output_total"]
+
+            group.start_soon(on_ctrl_c)
+            group.start_soon(follow)
+            result = await client.call_tool("execute", arguments)
+            group.cancel_scope.cancel()
+    if result is None:
+        if streamed["shown"]:
+            print(flush=True)
+        print(terminal.paint("KeyboardInterrupt: your cell was interrupted; the session keeps its state.", "31"), flush=True)
+        return
+    # The record has the cell whole, outputs in the order it made them: show what was not streamed.
+    entries = (await read_live(client, session, after))["entries"]
+    cell = next((e for e in reversed(entries) if e.get("kind") == "cell" and e.get("by") == "person" and e.get("code") == code), None)
+    if cell is not None:
+        text = terminal.recorded_cell(cell, streamed["shown"])
+    elif result.structured_content:
+        text = terminal.execute_result(dict(result.structured_content))
+    else:
+        text = "\n".join(getattr(block, "text", "") for block in result.content)
+    if text:
+        print(text, flush=True)
+
+
+def person_command(args: argparse.Namespace) -> int:
+    """``ipython-mcp attach [SESSION]`` and ``ipython-mcp watch SESSION``."""
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    async def run() -> None:
+        if args.command == "attach" and args.session is None:
+            print(render_sessions_of_servers(await servers_with_sessions()))
+        elif args.command == "attach":
+            await attach(args.session, args.server, colour)
+        else:
+            await watch(args.session, args.server, colour)
+
+    try:
+        anyio.run(run)
+    except BaseException as exc:  # noqa: BLE001 - said in a line, not a traceback
+        # The SDK's task groups wrap what happened in exception groups (a backport before 3.11).
+        while isinstance(getattr(exc, "exceptions", None), tuple) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, KeyboardInterrupt):
+            return 0
+        if not isinstance(exc, Exception):
+            raise
+        if isinstance(exc, PersonCommandError):
+            print(f"ipython-mcp {args.command}: {exc}", file=sys.stderr)
+        else:  # a server that went away mid-way
+            print(f"ipython-mcp {args.command}: the server did not answer ({type(exc).__name__}: {exc}).", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- Command line: the greeting for a person at a terminal, arguments, export, main -------
@@ -4879,6 +5438,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "path", metavar="PATH", nargs="?", type=Path, default=None, help="the .ipynb to write (default: ./SESSION.ipynb)"
     )
     export.add_argument("--overwrite", action="store_true", help="replace a file already at PATH")
+    attach = commands.add_parser(
+        "attach", help="an IPython prompt on a live session of a running server (without SESSION: list them)",
+        description="Run cells in SESSION, a live session of a running server, on the same kernel as the agent: "
+        "your cells see its variables and it sees yours. Ctrl-C interrupts your cell; Ctrl-D detaches. "
+        "Without SESSION, list the live sessions of your running servers.",
+    )
+    attach.add_argument("session", metavar="SESSION", nargs="?")
+    watch = commands.add_parser(
+        "watch", help="follow a live session read-only: each cell and its output as it runs",
+        description="Show each cell SESSION runs, with its output as it streams, as a terminal IPython would. Ctrl-C stops watching.",
+    )
+    watch.add_argument("session", metavar="SESSION")
+    for person in (attach, watch):
+        person.add_argument("--server", type=int, metavar="PID", help="the server's pid, when several have a session of that name")
     # SUPPRESS: given before or after `export`, the value is the same one.
     export.add_argument(
         "--output-dir", type=Path, default=argparse.SUPPRESS, help="the server's --output-dir, if it was given one"
@@ -4974,6 +5547,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "export":
         sys.exit(export_command(args))
+    if args.command in ("attach", "watch"):
+        sys.exit(person_command(args))
     config = Config()
     try:
         given = args.config or (Path(os.environ["IPYTHON_MCP_CONFIG"]).expanduser() if os.environ.get("IPYTHON_MCP_CONFIG") else None)
@@ -5013,6 +5588,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(2)
     finally:
+        remove_person_socket()
         for manager in list(live):  # a last resort: each lifespan has closed its own manager
             manager.kill_all_now()
     # A stdin reader thread may still block in read(); nothing is left to clean up.

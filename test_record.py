@@ -385,6 +385,7 @@ async def test_resources_list_and_read_each_live_session_and_listen_hears_sessio
     assert {template.uri_template for template in templates.resource_templates} == {
         "ipython://sessions/{session}/history",
         "ipython://sessions/{session}/notebook",
+        "ipython://sessions/{session}/live/{after}",  # what `ipython-mcp watch` reads (test_attach.py)
     }
     assert isinstance(started, ResourcesListChanged) and isinstance(ended, ResourcesListChanged)
     assert {(str(r.uri), r.mime_type) for r in listed.resources} == {
