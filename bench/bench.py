@@ -1922,7 +1922,7 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
     print(f"ipython-mcp benchmark · {info['date']} · {info['cpu_model']} ({info['cpus_logical']} CPUs) · Python {info['python']}")
     print(f"{packages}")
     print(f"reps: cold {reps.cold}, reset {reps.reset}, venv {reps.env}, warm {reps.warm}, output {reps.output}, "
-          f"interrupt {reps.interrupt}, tree {reps.tree}, concurrent {reps.concurrent} · total {elapsed:.0f} s")
+          f"interrupt {reps.interrupt}, tree {reps.tree}, concurrent {reps.concurrent}, ssh {reps.ssh} · total {elapsed:.0f} s")
     cpu = info.get("cpu_seconds")
     if cpu:
         print(f"CPU-seconds: this run {cpu['this_run']:.1f}, other processes {cpu['other_processes']:.1f} "
