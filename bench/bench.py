@@ -43,8 +43,10 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -140,9 +142,10 @@ class Reps:
     reset: int = 9
     env: int = 9
     tree: int = 3
+    ssh: int = 9  # new sessions over ssh (and local ones beside them); warm over ssh: warm and warm_block
 
 
-QUICK = Reps(cold=3, warm=40, warm_block=10, warmup=5, output=1, interrupt=2, concurrent=1, echo=200, reset=2, env=2, tree=1)
+QUICK = Reps(cold=3, warm=40, warm_block=10, warmup=5, output=1, interrupt=2, concurrent=1, echo=200, reset=2, env=2, tree=1, ssh=2)
 
 
 # --- statistics ---------------------------------------------------------------------
@@ -598,16 +601,20 @@ async def read_until_ready(stream: asyncio.StreamReader) -> bool:
     return False
 
 
-async def spawn_until_ready(code: str, python: str = PY) -> float:
+async def spawn_until_ready(code: str, python: str = PY, launch: tuple[str, ...] = ()) -> float:
     """Seconds from spawning `python -c code` until it says it is ready (its exit is not timed).
 
     The end of a cell is what a session start is compared with, so the floor stops at
     the same point: when the child has done its work and said so, before interpreter
-    teardown (about 10 ms after importing IPython).
+    teardown (about 10 ms after importing IPython). With `launch` (ssh and its host), the
+    command runs through it, quoted for the far side's shell.
     """
+    argv = [python, "-c", f"{code}\nprint('ready', flush=True)"]
+    if launch:
+        argv = [*launch, shlex.join(argv)]
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        python, "-c", f"{code}\nprint('ready', flush=True)",
+        *argv,
         stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
     try:
@@ -823,6 +830,101 @@ def machine_info() -> dict[str, Any]:
         "git_dirty": bool(git("status", "--porcelain", "--", "ipython_mcp.py", "bootstrap_kernel.py")),
         "source_dir": str(SERVER.parent),
     }
+
+
+# --- a real sshd on 127.0.0.1, for the sessions-over-ssh rows (as test_remote.py's fixture) ---------
+
+
+SSH_HOST = "benchhost"  # the ssh_config's name for this machine's sshd
+SSH_ENV = "localssh"  # the configured env whose launcher is ssh to SSH_HOST
+
+
+def ssh_missing() -> str | None:
+    """Why this run cannot start an sshd on 127.0.0.1 and reach it (None: it can)."""
+    missing = [tool for tool in ("ssh", "ssh-keygen") if shutil.which(tool) is None]
+    if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
+        missing.append("sshd")
+    if missing:
+        return f"needs OpenSSH, server and client (Debian: apt install openssh-server); missing: {', '.join(missing)}"
+    if os.geteuid() != 0:
+        return "sshd needs root here (privilege separation, /run/sshd)"
+    return None
+
+
+class LocalSshd:
+    """sshd on 127.0.0.1 with a throwaway host key and user key, and an ssh_config whose
+    SSH_HOST reaches it as this user without a prompt. Far-side processes are its descendants."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(mode=0o700, exist_ok=True)
+        self.config = folder / "ssh_config"
+        self.ssh = ("ssh", "-F", str(self.config))
+        self.process: asyncio.subprocess.Process | None = None
+
+    def keygen(self, name: str) -> Path:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.folder / name)], check=True)
+        return self.folder / name
+
+    async def start(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        host_key, user_key = self.keygen("host_key"), self.keygen("user_key")
+        shutil.copy(f"{user_key}.pub", self.folder / "authorized_keys")
+        (self.folder / "sshd_config").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {self.folder}/authorized_keys\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
+            f"UsePAM no\nStrictModes no\nPidFile {self.folder}/sshd.pid\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 100\n"
+        )
+        self.config.write_text(
+            f"Host {SSH_HOST}\n  HostName 127.0.0.1\n  Port {port}\n  IdentityFile {user_key}\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n  IdentitiesOnly yes\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)  # privilege separation folder sshd insists on
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        with open(self.folder / "sshd.log", "wb") as log:  # noqa: ASYNC230
+            self.process = await asyncio.create_subprocess_exec(
+                sshd, "-D", "-e", "-f", str(self.folder / "sshd_config"), stdin=subprocess.DEVNULL, stderr=log
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:  # until `ssh SSH_HOST true` works
+            if self.process.returncode is not None:
+                raise RuntimeError(f"sshd exited: {(self.folder / 'sshd.log').read_text(errors='replace')[-500:]}")
+            probe_ssh = await asyncio.create_subprocess_exec(
+                *self.ssh, SSH_HOST, "true", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+            _, said = await probe_ssh.communicate()
+            if probe_ssh.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ssh {SSH_HOST} did not work: {said.decode(errors='replace')[-500:]}")
+            await asyncio.sleep(0.05)
+
+    def far_side(self) -> list[psutil.Process]:
+        """Processes under sshd: its connections and what they run (the far-side kernels)."""
+        if self.process is None or self.process.returncode is not None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(self.process.pid).children(recursive=True)
+        return []
+
+    async def stop(self) -> list[str]:
+        """Stop sshd; first wait (bounded) for its far-side processes to end. Returns those
+        that did not (now killed): the run's leak check cannot see them once sshd is gone."""
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        while self.far_side() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        left = [describe(process) for process in self.far_side()]
+        for process in self.far_side():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        return left
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -1122,6 +1224,130 @@ class Bench:
             await self.close_direct(direct)
             await self.jupyter.stop(manager)
             await self.ours.drop(session)
+
+    # -- sessions over ssh to this machine (a real sshd on 127.0.0.1), beside local ones
+
+    async def over_ssh(self) -> None:
+        assert self.ours and self.parameters
+        from mcp import Client
+
+        r = self.r
+        missing = ssh_missing()
+        if missing:
+            r.notes["ssh_skipped"] = missing
+            self.log(f"[bench] ssh rows skipped: {missing}")
+            return
+        sshd = LocalSshd(self.work / "sshd")
+        config = self.work / "ssh-envs.toml"
+        launch = (*sshd.ssh, SSH_HOST)
+        # The far side's Python is this run's own, so IPython is there.
+        config.write_text(
+            f"ssh_command = {json.dumps(list(sshd.ssh))}\n\n[envs.{SSH_ENV}]\nlaunch = {json.dumps(list(launch))}\npython = {json.dumps(PY)}\n"
+        )
+        r.notes["ssh_env"] = {"launch": [*launch], "python": PY, "baseline": "none: jupyter_client has no ssh launcher to compare with"}
+        parameters = self.parameters.model_copy(update={"args": [*self.parameters.args, "--config", str(config)]})
+        local = self.ours_no_spare or self.ours  # an ssh env has no spare kernel: compare with a local start without one
+        r.notes["ssh_local_cold_server"] = "no spare kernel" if self.ours_no_spare is not None else "as shipped"
+        try:
+            await sshd.start()
+            async with Client(parameters, read_timeout_seconds=START_TIMEOUT_S) as client:
+                remote = Ours(client)
+
+                async def ssh_cold() -> None:
+                    name = self.name("ssh")
+                    started = time.perf_counter()
+                    try:
+                        reply = await remote.execute(name, WARM_CODE, timeout=START_TIMEOUT_S, env=SSH_ENV)
+                        r.add("ssh.cold", time.perf_counter() - started)
+                        if reply.get("status") != "ok" or reply.get("result") != "2":
+                            raise RuntimeError(f"ours over ssh gave {reply.get('status')}: {str(reply.get('error'))[:500]}")
+                    finally:
+                        await remote.drop(name)
+
+                async def local_cold() -> None:
+                    name = self.name("cold")
+                    started = time.perf_counter()
+                    try:
+                        reply = await local.ok(name, WARM_CODE)
+                        r.add("ssh.local_cold", time.perf_counter() - started)
+                        assert reply.get("result") == "2", reply
+                    finally:
+                        await local.drop(name)
+
+                async def floor_connect() -> None:
+                    started = time.perf_counter()
+                    done = await asyncio.create_subprocess_exec(*launch, "true", stdin=subprocess.DEVNULL)
+                    await asyncio.wait_for(done.wait(), START_TIMEOUT_S)
+                    r.add("ssh.floor_connect", time.perf_counter() - started)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"ssh {SSH_HOST} true exited {done.returncode}")
+
+                async def floor_ipython() -> None:
+                    r.add("ssh.floor_import_ipython", await spawn_until_ready("import IPython", PY, launch))
+
+                steps = [ssh_cold, local_cold, floor_ipython, floor_connect]
+                with self.unrecorded():
+                    for step in steps:
+                        await step()
+                for rep in range(self.reps.ssh):
+                    for step in rotate(steps, rep):
+                        await step()
+
+                # Warm: one live session over ssh, one local (the server as shipped), and a line
+                # echoed by a Python at the far side of the same ssh: the floor.
+                ssh_session, local_session = self.name("sshwarm"), self.name("warm")
+                echo = await asyncio.create_subprocess_exec(
+                    *launch, shlex.join([PY, "-u", "-c", ECHO_CHILD]),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=subprocess.DEVNULL,
+                )
+                try:
+                    reply = await remote.execute(ssh_session, WARM_CODE, timeout=START_TIMEOUT_S, env=SSH_ENV)
+                    if reply.get("status") != "ok":
+                        raise RuntimeError(f"ours over ssh gave {reply.get('status')}: {str(reply.get('error'))[:500]}")
+                    await self.ours.ok(local_session, WARM_CODE)
+                    assert echo.stdin and echo.stdout
+
+                    async def ssh_warm() -> None:
+                        started = time.perf_counter()
+                        reply = await remote.execute(ssh_session, WARM_CODE)
+                        r.add("ssh.warm", time.perf_counter() - started)
+                        assert reply.get("result") == "2", reply
+
+                    async def local_warm() -> None:
+                        assert self.ours
+                        started = time.perf_counter()
+                        reply = await self.ours.execute(local_session, WARM_CODE)
+                        r.add("ssh.local_warm", time.perf_counter() - started)
+                        assert reply.get("result") == "2", reply
+
+                    async def floor_echo() -> None:
+                        started = time.perf_counter()
+                        echo.stdin.write(b"1+1\n")
+                        await echo.stdin.drain()
+                        line = await asyncio.wait_for(echo.stdout.readline(), START_TIMEOUT_S)
+                        r.add("ssh.floor_echo", time.perf_counter() - started)
+                        assert line == b"1+1\n", line
+
+                    steps = [ssh_warm, local_warm, floor_echo]
+                    with self.unrecorded():
+                        for _ in range(self.reps.warmup):
+                            for step in steps:
+                                await step()
+                    for block in range(max(self.reps.warm // self.reps.warm_block, 1)):
+                        for step in rotate(steps, block):
+                            for _ in range(self.reps.warm_block):
+                                await step()
+                finally:
+                    if echo.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            echo.kill()
+                        await echo.wait()
+                    await remote.drop(ssh_session)
+                    await self.ours.drop(local_session)
+        finally:
+            left = await sshd.stop()
+            if left:
+                r.errors.append("far-side processes left under sshd (now killed): " + "; ".join(left))
 
     # -- output throughput
 
@@ -1536,6 +1762,7 @@ class Bench:
                 await self.section("reset", self.reset())
                 await self.section("new session in a venv", self.other_env())
                 await self.section("warm round trip", self.warm())
+                await self.section("sessions over ssh to localhost", self.over_ssh())
                 await self.section("output throughput", self.output())
                 await self.section("interrupt", self.interrupt())
                 await self.section("memory floors", self.memory_floors())
@@ -1608,6 +1835,12 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("  MCP call, no kernel (list_sessions)", "warm.ours_list_sessions", None, "warm.floor_echo")
     row("  floor: bare SDK tool, ExecuteResult reply", "warm.floor_sdk", None, "warm.floor_echo")
     row("  bare SDK tool returning a str", "warm.floor_mcp_noop", None, "warm.floor_echo")
+    row("new session over ssh to localhost, 1+1 (median; no baseline)", "ssh.cold", None, "ssh.floor_import_ipython")
+    row("  local, same rotation (no spare kernel)", "ssh.local_cold", None, "cold.floor_import_ipython")
+    row("  floor: ssh to localhost, true", "ssh.floor_connect", None, None)
+    row("warm 1+1 over ssh (median; no baseline)", "ssh.warm", None, "ssh.floor_echo")
+    row("warm 1+1 over ssh (p95)", "ssh.warm", None, "ssh.floor_echo", field="p95")
+    row("  local, same rotation", "ssh.local_warm", None, "warm.floor_sdk")
     row("10k short prints, all inline (median)", "output.small_prints.ours", "output.small_prints.baseline", "output.small_prints.floor")
     row("  kernel only, direct pipes", "output.small_prints.ours_direct", "output.small_prints.baseline", "output.small_prints.floor")
     row("100k short prints (median, see note)", "output.prints.ours", "output.prints.baseline", "output.prints.floor")
@@ -1689,7 +1922,7 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
     print(f"ipython-mcp benchmark · {info['date']} · {info['cpu_model']} ({info['cpus_logical']} CPUs) · Python {info['python']}")
     print(f"{packages}")
     print(f"reps: cold {reps.cold}, reset {reps.reset}, venv {reps.env}, warm {reps.warm}, output {reps.output}, "
-          f"interrupt {reps.interrupt}, tree {reps.tree}, concurrent {reps.concurrent} · total {elapsed:.0f} s")
+          f"interrupt {reps.interrupt}, tree {reps.tree}, concurrent {reps.concurrent}, ssh {reps.ssh} · total {elapsed:.0f} s")
     cpu = info.get("cpu_seconds")
     if cpu:
         print(f"CPU-seconds: this run {cpu['this_run']:.1f}, other processes {cpu['other_processes']:.1f} "
@@ -1714,6 +1947,12 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
         if ours_n is not None or base_n is not None:
             print(f"note, whole tree with {size} idle session(s), summed over processes: ours {ours_n} processes (server, "
                   f"session kernels, spare kernels); baseline {base_n} (a jupyter_client host process, its kernels).")
+    if r.notes.get("ssh_skipped"):
+        print(f"note, ssh rows: skipped, {r.notes['ssh_skipped']}.")
+    elif r.stat("ssh.cold") is not None:
+        print("note, ssh rows: our server with a config file whose env is `ssh <a real sshd on 127.0.0.1>` and this run's "
+              "python; no baseline (jupyter_client has no ssh launcher to compare with). Their floors: `python -c \"import "
+              "IPython\"` over the same ssh, and a line echoed by a far-side python over one ssh connection.")
     overhead = None
     if r.stat("warm.ours") is not None and r.stat("warm.ours_direct") is not None:
         overhead = r.stat("warm.ours") - r.stat("warm.ours_direct")
