@@ -1117,6 +1117,11 @@ class Bench:
         def spill(stream: str, create: bool = True, **_: Any) -> Path:
             return spill_dir / f"{next(counter)}-{stream}.txt"
 
+        spill_files = None
+        if ipython_mcp is not None and hasattr(ipython_mcp, "SpillTarget"):  # the server's own spill target, as a session has
+            spill_files = ipython_mcp.OutputFiles(spill_dir, 50 * 2**20, 2**30)
+            spill = ipython_mcp.SpillTarget(spill_files, "bench")  # type: ignore[assignment]
+
         try:
             if ipython_mcp is not None:
                 kernel_obj = ipython_mcp.Kernel(Path(PY), "default")
@@ -1221,6 +1226,8 @@ class Bench:
             if kernel_obj is not None:
                 with contextlib.suppress(Exception):
                     await kernel_obj.kill("shutdown")
+            if spill_files is not None:
+                spill_files.remove_all()
             await self.close_direct(direct)
             await self.jupyter.stop(manager)
             await self.ours.drop(session)
