@@ -135,8 +135,16 @@ def sshd() -> Iterator[Sshd]:
         shutil.rmtree(server.folder, ignore_errors=True)
 
 
+# The README's sandbox, plus this Python's own folders bound back (read-only) when a checkout
+# under /tmp put them where the sandbox's fresh /tmp hides them.
 BWRAP_SANDBOX = (
     "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+    *(
+        argument
+        for folder in sorted({sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))})
+        if folder == "/tmp" or folder.startswith("/tmp/")
+        for argument in ("--ro-bind", folder, folder)
+    ),
     "--unshare-net", "--die-with-parent", "--",
 )
 
@@ -383,18 +391,22 @@ async def test_ssh_url_that_smuggles_options_or_commands_is_refused(tmp_path: Pa
 
 async def test_bwrap_sandbox_cannot_write_home_or_reach_the_network_and_runs_cells(bwrap: tuple[str, ...], tmp_path: Path) -> None:
     sandbox = ipython_mcp.LaunchedPython(bwrap, PYTHON)
-    home = Path.home()
-    async with connect(tmp_path, launchers=ipython_mcp.LaunchConfig(envs={"sandbox": sandbox})) as client:
-        with anyio.fail_after(SLOW_S):
-            state = await run(client, "s", "x = 20\nprint('in the box')", env="sandbox")
-            write = await run(client, "s", f"open({str(home / 'ipython-mcp-sandbox-test')!r}, 'w')")
-            network = await run(client, "s", "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)")
-            after = await run(client, "s", "x * 2")
-    assert state["status"] == "ok" and state["stdout"] == "in the box\n" and state["stderr"] == "", state
-    assert write["status"] == "error" and "Read-only file system" in write["error"], write
-    assert network["status"] == "error" and "Network is unreachable" in network["error"], network
-    assert after["result"] == "40"
-    assert not (home / "ipython-mcp-sandbox-test").exists()
+    target = Path.home() / f"ipython-mcp-sandbox-test-{os.getpid()}"  # a name of this run's own
+    try:
+        async with connect(tmp_path, launchers=ipython_mcp.LaunchConfig(envs={"sandbox": sandbox})) as client:
+            with anyio.fail_after(SLOW_S):
+                state = await run(client, "s", "x = 20\nprint('in the box')", env="sandbox")
+                # Without a sandboxed session the next cells would start one in the default env.
+                assert state["status"] == "ok" and state["stdout"] == "in the box\n" and state["stderr"] == "", state
+                write = await run(client, "s", f"open({str(target)!r}, 'w')", env="sandbox")
+                network = await run(client, "s", "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)", env="sandbox")
+                after = await run(client, "s", "x * 2", env="sandbox")
+        assert write["status"] == "error" and "Read-only file system" in write["error"], write
+        assert network["status"] == "error" and "Network is unreachable" in network["error"], network
+        assert after["result"] == "40"
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
 
 
 async def test_launcher_that_forwards_no_signal_is_interrupted_by_message_children_too(tmp_path: Path) -> None:
