@@ -423,9 +423,11 @@ class InstallPlan:
     text: str  # what the user reads after "Install with:"
 
 
-def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
-    """The one command that installs ipykernel (and so IPython) into the env owning ``python``."""
+def install_plan(python: Path, has_pip: bool = True, envs_dir: Path | None = None) -> InstallPlan:
+    """The one command that installs ipykernel (and so IPython) into the env owning ``python``;
+    a venv it suggests goes in ``envs_dir`` (the server's envs folder)."""
     prefix = python.parent.parent
+    envs = envs_dir if envs_dir is not None else envs_dir_default()
     if (prefix / "conda-meta").is_dir():
         if ".pixi" in prefix.parts and len(prefix.parents) >= 3:
             project = prefix.parents[2]
@@ -439,7 +441,7 @@ def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
             None,
             None,
             f"a venv, since {python} belongs to the system package manager: "
-            f"`{python} -m venv {envs_dir_default()}/NAME && {envs_dir_default()}/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
+            f"`{python} -m venv {envs}/NAME && {envs}/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
             "(or install the system package, e.g. `sudo apt install python3-ipykernel`)",
         )
     uv = shutil.which("uv")
@@ -457,8 +459,8 @@ def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
     )
 
 
-def install_hint(python: Path, has_pip: bool = True) -> str:
-    return f"Install with: {install_plan(python, has_pip).text}"
+def install_hint(python: Path, has_pip: bool = True, envs_dir: Path | None = None) -> str:
+    return f"Install with: {install_plan(python, has_pip, envs_dir).text}"
 
 
 # --- Launchers: a kernel behind a command (ssh, docker/podman/kubectl exec, srun, bwrap) ---
@@ -1697,8 +1699,10 @@ class KernelProcess:
                 os.kill(pid, signal.SIGKILL)
 
 
-def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython) -> EnvError | None:
-    """What a kernel's hello says is missing there, as the EnvError to report; None when it can run."""
+def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython, envs_dir: Path | None = None) -> EnvError | None:
+    """What a kernel's hello says is missing there, as the EnvError to report; None when it can run.
+    Hints that suggest a new env put it in ``envs_dir`` (the server's envs folder)."""
+    envs = envs_dir if envs_dir is not None else envs_dir_default()
     if hello.get("missing") == "ipython":
         has_pip = bool(hello.get("pip", True))
         if hello.get("ipython"):  # there, but too old
@@ -1709,14 +1713,14 @@ def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython
             args = ("-m", "pip", "install", "ipykernel")
             plan = InstallPlan(tuple(python.argv(*args)), None, python.command_text(*args))
             return EnvError(env, python.python, reason, f"Install with: {plan.text}", "missing_ipython", has_pip, plan=plan)
-        return EnvError(env, str(python), reason, install_hint(python, has_pip), "missing_ipython", has_pip)
+        return EnvError(env, str(python), reason, install_hint(python, has_pip, envs), "missing_ipython", has_pip)
     if hello.get("missing") == "python":
         return EnvError(
             env,
             str(python),
             f"The Python of env {env!r} (python: {python}) cannot run a session: {hello.get('error')}.",
             "Use an env with Python 3.9 or newer, for example: "
-            f"uv venv -p 3.12 {envs_dir_default()}/NAME && uv pip install --python {envs_dir_default()}/NAME/bin/python ipykernel",
+            f"uv venv -p 3.12 {envs}/NAME && uv pip install --python {envs}/NAME/bin/python ipykernel",
             kind="too_old",
         )
     if hello.get("error"):
@@ -1730,8 +1734,9 @@ class Kernel:
     here or behind a launcher; an exit is seen as the process ending (for a launched
     kernel, the connection closing)."""
 
-    def __init__(self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None):
+    def __init__(self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None, envs_dir: Path | None = None):
         self.python, self.env_label, self.guard = python, env_label, guard
+        self.envs_dir = envs_dir  # named in hints that suggest a new env
         self.launched = python if isinstance(python, LaunchedPython) else None
         self.proc = KernelProcess(guard, signals=self.launched is None)
         self.hello: dict[str, Any] = {}
@@ -1889,7 +1894,7 @@ class Kernel:
             await self.kill("killed")
             raise
         self.hello = hello
-        problem = hello_problem(hello, self.env_label, self.python)
+        problem = hello_problem(hello, self.env_label, self.python, self.envs_dir)
         if problem is not None:
             await self.kill("killed")
             problem.reason += self._printed_at_start()
@@ -2303,10 +2308,10 @@ class Helpers:
                 os.killpg(pid, signal.SIGKILL)
 
 
-async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers) -> None:
+async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers, envs_dir: Path | None = None) -> None:
     """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
     python = Path(error.python or "")
-    plan = error.plan or install_plan(python, error.has_pip)
+    plan = error.plan or install_plan(python, error.has_pip, envs_dir)
     if plan.argv is None:
         raise EnvError(error.env, error.python, error.reason + " Automatic install is not possible.", f"Install with: {plan.text}", kind="missing_ipython")
     log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
@@ -2419,7 +2424,7 @@ class EnvCatalog:
             if problem is None and not answer.get("ipython"):
                 problem = "IPython is not installed. " + (
                     f"Install with: {python.command_text('-m', 'pip', 'install', 'ipykernel')}"
-                    if isinstance(python, LaunchedPython) else install_hint(python)
+                    if isinstance(python, LaunchedPython) else install_hint(python, envs_dir=envs_dir)
                 )
             envs.append(
                 EnvInfo(
@@ -2785,7 +2790,7 @@ class SessionManager:
                 if session.start_progress is not None:
                     await session.start_progress(elapsed, message)
 
-            await install_ipykernel(missing, progress, self.helpers)
+            await install_ipykernel(missing, progress, self.helpers, self.config.envs_dir)
         kernel = await self._spawn(session.python, session.env_label)
         session.notices.append(
             f"ipykernel was installed into env {session.env_label!r} ({session.python}) because auto_install_ipykernel is on."
@@ -2794,7 +2799,7 @@ class SessionManager:
 
     async def _spawn(self, python: Path, env_label: str) -> Kernel:
         """A started kernel; while it starts, every shutdown path finds it in ``_starting``."""
-        kernel = Kernel(python, env_label, self.guard)
+        kernel = Kernel(python, env_label, self.guard, self.config.envs_dir)
         self._starting.add(kernel)
         try:
             await kernel.start()
@@ -4982,7 +4987,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ipython-mcp: {exc}")
     if args.envs_dir is not None:
         config.envs_dir = args.envs_dir.expanduser()
-        os.environ["IPYTHON_MCP_ENVS_DIR"] = str(config.envs_dir)  # so hints name the right folder
     if args.output_dir is not None:
         config.output_dir = Path(os.path.abspath(args.output_dir.expanduser()))  # as Config does
     if args.spill_file_limit is not None:

@@ -21,7 +21,7 @@ import pytest
 
 import ipython_mcp
 from conftest import QUICK_S, SLOW_S, connect, run
-from ipython_mcp import EnvError, install_plan, interpreter_for, python_in
+from ipython_mcp import EnvError, hello_problem, install_plan, interpreter_for, python_in
 
 UV = os.environ.get("UV") or shutil.which("uv")
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -119,6 +119,14 @@ def test_externally_managed_system_python_is_pointed_at_a_venv(tmp_path: Path) -
     plan = install_plan(tmp_path / "usr" / "bin" / "python3")
     assert plan.argv is None
     assert "-m venv" in plan.text and "system package manager" in plan.text
+
+
+def test_hints_name_the_envs_folder_they_are_given(tmp_path: Path) -> None:
+    (tmp_path / "usr" / "lib" / "python3.11").mkdir(parents=True)
+    (tmp_path / "usr" / "lib" / "python3.11" / "EXTERNALLY-MANAGED").write_text("[externally-managed]\n")
+    assert f"{tmp_path / 'mine'}/NAME" in install_plan(tmp_path / "usr" / "bin" / "python3", envs_dir=tmp_path / "mine").text
+    too_old = hello_problem({"missing": "python", "error": "Python 3.7"}, "old", tmp_path / "bin" / "python", tmp_path / "mine")
+    assert too_old is not None and f"{tmp_path / 'mine'}/NAME" in too_old.hint
 
 
 # --- Env resolution (pure functions) ---------------------------------------------------------------
