@@ -35,9 +35,11 @@ Messages (one JSON object per line, ``kind`` says which):
                            server could not signal the process group itself, the
                            kernel signals it (pipes that carry no signals: ssh, exec)
     kernel -> server   hello {protocol, pid, python_version, ipython, error,
-                              missing, pip}   (first line; ``missing`` says
-                              what is absent or too old: "python" or "ipython";
-                              ``pip`` whether pip is there)
+                              missing, pip, min_python, min_ipython}
+                              (first line; ``missing`` says what is absent or
+                              too old: "python" or "ipython"; ``pip`` whether
+                              pip is there; ``min_*`` the versions this kernel
+                              needs, "3.9", so the server's hints name them)
                        stream {name, text}     stdout/stderr of the running cell
                        display {data}          mime bundle shown by the cell
                        clear {wait}            clear_output() was called
@@ -1393,6 +1395,8 @@ def main():
         "python_version": "%d.%d.%d" % sys.version_info[:3],
         "ipython": None,
         "error": None,
+        "min_python": "%d.%d" % MIN_PYTHON,
+        "min_ipython": "%d.%d" % MIN_IPYTHON,
     }
     try:
         import faulthandler

@@ -131,6 +131,9 @@ log = logging.getLogger("ipython_mcp")
 # --- Constants: every timing and size, with why ---------------------------------------
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap_kernel.py")
+# The version of the protocol between server and kernel (bootstrap_kernel.PROTOCOL_VERSION);
+# a kernel that says another one in its hello is an env_error, not a puzzle later.
+KERNEL_PROTOCOL_VERSION = 1
 # A cold start imports IPython, which can take seconds in a big env on a busy disk.
 KERNEL_START_TIMEOUT_S = 60.0
 # A call that has to start its session's kernel waits for it this long even when its
@@ -1699,10 +1702,29 @@ class KernelProcess:
                 os.kill(pid, signal.SIGKILL)
 
 
+def kernel_minimums(hello: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The Python and IPython versions the kernel needs ("3.9", "7.0"): as its hello says, or,
+    for a kernel that died before saying hello, as bootstrap_kernel.py defines them."""
+    if hello and hello.get("min_python") and hello.get("min_ipython"):
+        return str(hello["min_python"]), str(hello["min_ipython"])
+    pattern = r"^(MIN_PYTHON|MIN_IPYTHON) = \((\d+), (\d+)\)"
+    found = {name: f"{major}.{minor}" for name, major, minor in re.findall(pattern, BOOTSTRAP.read_text(), re.M)}
+    return found.get("MIN_PYTHON", "?"), found.get("MIN_IPYTHON", "?")
+
+
 def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython, envs_dir: Path | None = None) -> EnvError | None:
     """What a kernel's hello says is missing there, as the EnvError to report; None when it can run.
     Hints that suggest a new env put it in ``envs_dir`` (the server's envs folder)."""
     envs = envs_dir if envs_dir is not None else envs_dir_default()
+    if hello.get("protocol") != KERNEL_PROTOCOL_VERSION:
+        return EnvError(
+            env,
+            str(python),
+            f"The kernel in env {env!r} (python: {python}) speaks protocol version {hello.get('protocol')}, "
+            f"this server speaks version {KERNEL_PROTOCOL_VERSION}.",
+            f"Use the {BOOTSTRAP.name} that came with this {Path(__file__).name} (the two files go together).",
+        )
+    min_python = kernel_minimums(hello)[0]
     if hello.get("missing") == "ipython":
         has_pip = bool(hello.get("pip", True))
         if hello.get("ipython"):  # there, but too old
@@ -1719,7 +1741,7 @@ def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython
             env,
             str(python),
             f"The Python of env {env!r} (python: {python}) cannot run a session: {hello.get('error')}.",
-            "Use an env with Python 3.9 or newer, for example: "
+            f"Use an env with Python {min_python} or newer, for example: "
             f"uv venv -p 3.12 {envs}/NAME && uv pip install --python {envs}/NAME/bin/python ipykernel",
             kind="too_old",
         )
@@ -1910,7 +1932,7 @@ class Kernel:
                 f"The kernel in env {self.env_label!r} (python: {self.python}) exited before it was ready ({died.how})."
                 + (f"\nIts stderr ended with:\n{died.log_tail}" if died.log_tail else "")
                 + self._printed_at_start()
-                + "\nThe bootstrap needs Python 3.9 or newer with IPython 7 or newer.",
+                + "\nThe bootstrap needs Python {} or newer with IPython {} or newer.".format(*kernel_minimums()),
             )
         launched = self.launched
         said = died.log_tail or "(nothing on stderr)"
