@@ -34,7 +34,7 @@ Messages (one JSON object per line, ``kind`` says which):
                            stops cell ``id`` (now, or when it would start); when the
                            server could not signal the process group itself, the
                            kernel signals it (pipes that carry no signals: ssh, exec)
-    kernel -> server   hello {protocol, pid, python_version, ipython, error,
+    kernel -> server   hello {protocol, python_version, ipython, error,
                               missing, pip, min_python, min_ipython}
                               (first line; ``missing`` says what is absent or
                               too old: "python" or "ipython"; ``pip`` whether
@@ -1391,7 +1391,6 @@ def main():
     hello = {
         "kind": "hello",
         "protocol": PROTOCOL_VERSION,
-        "pid": os.getpid(),
         "python_version": "%d.%d.%d" % sys.version_info[:3],
         "ipython": None,
         "error": None,

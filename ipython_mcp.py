@@ -255,14 +255,17 @@ ActionOutcome = Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"
 # --- Exceptions that carry data ---------------------------------------------------------
 
 
-class EnvError(Exception):
-    """The env cannot run a kernel; ``kind`` says why, ``hint`` says how to fix it.
+EnvErrorKind = Literal["bad_name", "no_interpreter", "missing_ipython", "start_failed"]
 
-    kinds: ``bad_name``, ``no_interpreter``, ``missing_ipython``, ``too_old`` (Python), ``start_failed``.
+
+class EnvError(Exception):
+    """The env cannot run a kernel; ``reason`` says why (prose), ``hint`` how to fix it, and
+    ``kind`` which case it is: ``bad_name``, ``no_interpreter``, ``missing_ipython`` (the one
+    the server acts on: it may install ipykernel), or ``start_failed`` (anything else).
     """
 
     def __init__(
-        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed", has_pip: bool = True,
+        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: EnvErrorKind = "start_failed", has_pip: bool = True,
         plan: InstallPlan | None = None,
     ):
         self.env, self.python, self.reason, self.hint, self.kind, self.has_pip = env, python, reason, hint, kind, has_pip
@@ -285,8 +288,8 @@ class KernelStarting(Exception):
 class KernelDied(Exception):
     """The kernel process ended while a cell ran (or before it said hello)."""
 
-    def __init__(self, how: str, log_tail: str = "", reason: str | None = None):
-        self.how, self.log_tail, self.reason = how, log_tail, reason
+    def __init__(self, how: str, log_tail: str = "", stop: StopReason | None = None):
+        self.how, self.log_tail, self.stop = how, log_tail, stop  # stop: why we ended it, if we did
         super().__init__(how)
 
 
@@ -1743,7 +1746,6 @@ def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython
             f"The Python of env {env!r} (python: {python}) cannot run a session: {hello.get('error')}.",
             f"Use an env with Python {min_python} or newer, for example: "
             f"uv venv -p 3.12 {envs}/NAME && uv pip install --python {envs}/NAME/bin/python ipykernel",
-            kind="too_old",
         )
     if hello.get("error"):
         return EnvError(env, str(python), f"The kernel in env {env!r} (python: {python}) cannot start: {hello['error']}.")
@@ -1901,7 +1903,7 @@ class Kernel:
             with anyio.fail_after(KERNEL_START_TIMEOUT_S):
                 hello = await asyncio.shield(self._hello_future)
         except TimeoutError:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             raise EnvError(
                 self.env_label,
                 str(self.python),
@@ -1910,15 +1912,15 @@ class Kernel:
                 + (f"\nThe launcher's stderr ended with:\n{self._log_tail.strip()}" if self.launched and self._log_tail.strip() else ""),
             ) from None
         except KernelDied as died:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             raise self._start_died_error(died) from None
         except BaseException:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             raise
         self.hello = hello
         problem = hello_problem(hello, self.env_label, self.python, self.envs_dir)
         if problem is not None:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             problem.reason += self._printed_at_start()
             problem.args = (problem.message,)
             raise problem
@@ -2183,14 +2185,14 @@ class Kernel:
         self.proc.kill_now(running=self.alive)
         self._remove_pip_shims()
 
-    async def kill(self, reason: str) -> None:
+    async def kill(self, stop: StopReason) -> None:
         """Kill the kernel and its process group, and wait until it is reaped.
 
         A launched kernel first has its input closed: the far side sees end of file and
         ends its own process group, which no signal from here could reach.
         """
         if self.stop_reason is None:
-            self.stop_reason = StopReason(reason)
+            self.stop_reason = StopReason(stop)
         if self.process is None:
             return
         if self.launched is not None and self.alive:
@@ -2204,7 +2206,7 @@ class Kernel:
             task.cancel()
         if not self.exited.is_set():  # not reaped in time (a stuck D-state process): do the exit watcher's part
             log.error("kernel %s did not exit within %s s of SIGKILL", self.pid, KILL_REAP_TIMEOUT_S)
-            self._mark_exited(KernelDied("signal SIGKILL (not yet reaped)", reason=self.stop_reason))
+            self._mark_exited(KernelDied("signal SIGKILL (not yet reaped)", stop=self.stop_reason))
         self.proc.close_input()
 
 
@@ -2534,7 +2536,7 @@ class Session:
         if self.kernel is None or self.starting is not None:
             return "starting"
         if not self.kernel.alive:
-            return "stopped" if self.kernel.stop_reason == "idle" else "dead"
+            return "stopped" if self.kernel.stop_reason is StopReason.IDLE else "dead"
         return "busy" if self.kernel.busy else "idle"
 
 
@@ -2789,7 +2791,7 @@ class SessionManager:
             if self._closing and session.closed is None:
                 session.closed = ToolError("The server is shutting down.")
             if session.closed is not None:  # shut down while the kernel started
-                await kernel.kill("shutdown")
+                await kernel.kill(StopReason.SHUTDOWN)
                 return
             session.kernel = kernel
         finally:
@@ -2844,7 +2846,7 @@ class SessionManager:
         session.check_open()
         session.left_running = None  # a cell left running dies with its kernel
         if session.kernel is not None:
-            await session.kernel.kill("reset")
+            await session.kernel.kill(StopReason.RESET)
         session.lost_state = None  # asked for: no warning on the next call
         try:
             return await self._ensure_kernel(session, time.monotonic() + self.config.default_timeout_s)
@@ -2873,7 +2875,7 @@ class SessionManager:
         if starting is not None:
             starting.cancel()  # its kernel, if spawned, is killed and reaped by Kernel.start
         if session.kernel is not None:
-            await session.kernel.kill("shutdown")
+            await session.kernel.kill(StopReason.SHUTDOWN)
         if starting is not None:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait({starting}, timeout=KILL_REAP_TIMEOUT_S)
@@ -2905,7 +2907,7 @@ class SessionManager:
                     f"(idle timeout {idle_s:g} s); this call ran in a fresh kernel, so variables and imports from before are gone."
                 )
                 log.info("stopping the idle kernel %s of session %r", kernel.pid, session.name)
-                await kernel.kill("idle")  # its SIGKILL goes out before any other call can take the kernel
+                await kernel.kill(StopReason.IDLE)  # its SIGKILL goes out before any other call can take the kernel
 
     # -- spare kernels: the default env's next kernel, started before anyone asks
 
@@ -3052,7 +3054,7 @@ class SessionManager:
                 "The kernel did not take the code within timeout_s (stopped or stuck), so it was killed; a fresh kernel "
                 "is being restarted for the next call: variables and imports from before are gone."
             )
-            await kernel.kill("killed")
+            await kernel.kill(StopReason.KILLED)
             self._restart_later(
                 session,
                 f"The previous kernel of session {session.name!r} stopped taking code and was killed; this call ran in a fresh "
@@ -3296,7 +3298,7 @@ class SessionManager:
             f"The cell did not stop within {grace_s:g} s of an interrupt, so its kernel was killed; a fresh kernel is "
             "being restarted for the next call: variables and imports from before are gone."
         )
-        await kernel.kill("killed")
+        await kernel.kill(StopReason.KILLED)
         self._restart_later(
             session,
             f"The previous cell of session {session.name!r} did not stop on interrupt, so its kernel was killed; this call "
@@ -3305,9 +3307,9 @@ class SessionManager:
         return None
 
     def _death_message(self, session: Session, died: KernelDied) -> str:
-        if died.reason == "reset":
+        if died.stop is StopReason.RESET:
             return "The session was reset while this cell was running; it was stopped and its state is gone."
-        if died.reason == "shutdown":
+        if died.stop is StopReason.SHUTDOWN:
             return "The session was shut down while this cell was running; it was stopped."
         message = (
             f"The kernel died while running this cell ({died.how}). Session {session.name!r} is now dead; "
