@@ -34,10 +34,12 @@ Messages (one JSON object per line, ``kind`` says which):
                            stops cell ``id`` (now, or when it would start); when the
                            server could not signal the process group itself, the
                            kernel signals it (pipes that carry no signals: ssh, exec)
-    kernel -> server   hello {protocol, pid, python_version, ipython, error,
-                              missing, pip}   (first line; ``missing`` says
-                              what is absent or too old: "python" or "ipython";
-                              ``pip`` whether pip is there)
+    kernel -> server   hello {protocol, python_version, ipython, error,
+                              missing, pip, min_python, min_ipython}
+                              (first line; ``missing`` says what is absent or
+                              too old: "python" or "ipython"; ``pip`` whether
+                              pip is there; ``min_*`` the versions this kernel
+                              needs, "3.9", so the server's hints name them)
                        stream {name, text}     stdout/stderr of the running cell
                        display {data}          mime bundle shown by the cell
                        clear {wait}            clear_output() was called
@@ -1389,10 +1391,11 @@ def main():
     hello = {
         "kind": "hello",
         "protocol": PROTOCOL_VERSION,
-        "pid": os.getpid(),
         "python_version": "%d.%d.%d" % sys.version_info[:3],
         "ipython": None,
         "error": None,
+        "min_python": "%d.%d" % MIN_PYTHON,
+        "min_ipython": "%d.%d" % MIN_IPYTHON,
     }
     try:
         import faulthandler

@@ -133,6 +133,9 @@ log = logging.getLogger("ipython_mcp")
 # --- Constants: every timing and size, with why ---------------------------------------
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap_kernel.py")
+# The version of the protocol between server and kernel (bootstrap_kernel.PROTOCOL_VERSION);
+# a kernel that says another one in its hello is an env_error, not a puzzle later.
+KERNEL_PROTOCOL_VERSION = 1
 # A cold start imports IPython, which can take seconds in a big env on a busy disk.
 KERNEL_START_TIMEOUT_S = 60.0
 # A call that has to start its session's kernel waits for it this long even when its
@@ -254,14 +257,17 @@ ActionOutcome = Literal["reset", "shut_down", "interrupted", "idle", "no_kernel"
 # --- Exceptions that carry data ---------------------------------------------------------
 
 
-class EnvError(Exception):
-    """The env cannot run a kernel; ``kind`` says why, ``hint`` says how to fix it.
+EnvErrorKind = Literal["bad_name", "no_interpreter", "missing_ipython", "start_failed"]
 
-    kinds: ``bad_name``, ``no_interpreter``, ``missing_ipython``, ``too_old`` (Python), ``start_failed``.
+
+class EnvError(Exception):
+    """The env cannot run a kernel; ``reason`` says why (prose), ``hint`` how to fix it, and
+    ``kind`` which case it is: ``bad_name``, ``no_interpreter``, ``missing_ipython`` (the one
+    the server acts on: it may install ipykernel), or ``start_failed`` (anything else).
     """
 
     def __init__(
-        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: str = "start_failed", has_pip: bool = True,
+        self, env: str, python: str | None, reason: str, hint: str | None = None, kind: EnvErrorKind = "start_failed", has_pip: bool = True,
         plan: InstallPlan | None = None,
     ):
         self.env, self.python, self.reason, self.hint, self.kind, self.has_pip = env, python, reason, hint, kind, has_pip
@@ -284,8 +290,8 @@ class KernelStarting(Exception):
 class KernelDied(Exception):
     """The kernel process ended while a cell ran (or before it said hello)."""
 
-    def __init__(self, how: str, log_tail: str = "", reason: str | None = None):
-        self.how, self.log_tail, self.reason = how, log_tail, reason
+    def __init__(self, how: str, log_tail: str = "", stop: StopReason | None = None):
+        self.how, self.log_tail, self.stop = how, log_tail, stop  # stop: why we ended it, if we did
         super().__init__(how)
 
 
@@ -425,9 +431,11 @@ class InstallPlan:
     text: str  # what the user reads after "Install with:"
 
 
-def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
-    """The one command that installs ipykernel (and so IPython) into the env owning ``python``."""
+def install_plan(python: Path, has_pip: bool = True, envs_dir: Path | None = None) -> InstallPlan:
+    """The one command that installs ipykernel (and so IPython) into the env owning ``python``;
+    a venv it suggests goes in ``envs_dir`` (the server's envs folder)."""
     prefix = python.parent.parent
+    envs = envs_dir if envs_dir is not None else envs_dir_default()
     if (prefix / "conda-meta").is_dir():
         if ".pixi" in prefix.parts and len(prefix.parents) >= 3:
             project = prefix.parents[2]
@@ -441,7 +449,7 @@ def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
             None,
             None,
             f"a venv, since {python} belongs to the system package manager: "
-            f"`{python} -m venv {envs_dir_default()}/NAME && {envs_dir_default()}/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
+            f"`{python} -m venv {envs}/NAME && {envs}/NAME/bin/python -m pip install ipykernel`, then use env 'NAME' "
             "(or install the system package, e.g. `sudo apt install python3-ipykernel`)",
         )
     uv = shutil.which("uv")
@@ -459,8 +467,8 @@ def install_plan(python: Path, has_pip: bool = True) -> InstallPlan:
     )
 
 
-def install_hint(python: Path, has_pip: bool = True) -> str:
-    return f"Install with: {install_plan(python, has_pip).text}"
+def install_hint(python: Path, has_pip: bool = True, envs_dir: Path | None = None) -> str:
+    return f"Install with: {install_plan(python, has_pip, envs_dir).text}"
 
 
 # --- Launchers: a kernel behind a command (ssh, docker/podman/kubectl exec, srun, bwrap) ---
@@ -1700,8 +1708,29 @@ class KernelProcess:
                 os.kill(pid, signal.SIGKILL)
 
 
-def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython) -> EnvError | None:
-    """What a kernel's hello says is missing there, as the EnvError to report; None when it can run."""
+def kernel_minimums(hello: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The Python and IPython versions the kernel needs ("3.9", "7.0"): as its hello says, or,
+    for a kernel that died before saying hello, as bootstrap_kernel.py defines them."""
+    if hello and hello.get("min_python") and hello.get("min_ipython"):
+        return str(hello["min_python"]), str(hello["min_ipython"])
+    pattern = r"^(MIN_PYTHON|MIN_IPYTHON) = \((\d+), (\d+)\)"
+    found = {name: f"{major}.{minor}" for name, major, minor in re.findall(pattern, BOOTSTRAP.read_text(), re.M)}
+    return found.get("MIN_PYTHON", "?"), found.get("MIN_IPYTHON", "?")
+
+
+def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython, envs_dir: Path | None = None) -> EnvError | None:
+    """What a kernel's hello says is missing there, as the EnvError to report; None when it can run.
+    Hints that suggest a new env put it in ``envs_dir`` (the server's envs folder)."""
+    envs = envs_dir if envs_dir is not None else envs_dir_default()
+    if hello.get("protocol") != KERNEL_PROTOCOL_VERSION:
+        return EnvError(
+            env,
+            str(python),
+            f"The kernel in env {env!r} (python: {python}) speaks protocol version {hello.get('protocol')}, "
+            f"this server speaks version {KERNEL_PROTOCOL_VERSION}.",
+            f"Use the {BOOTSTRAP.name} that came with this {Path(__file__).name} (the two files go together).",
+        )
+    min_python = kernel_minimums(hello)[0]
     if hello.get("missing") == "ipython":
         has_pip = bool(hello.get("pip", True))
         if hello.get("ipython"):  # there, but too old
@@ -1712,15 +1741,14 @@ def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython
             args = ("-m", "pip", "install", "ipykernel")
             plan = InstallPlan(tuple(python.argv(*args)), None, python.command_text(*args))
             return EnvError(env, python.python, reason, f"Install with: {plan.text}", "missing_ipython", has_pip, plan=plan)
-        return EnvError(env, str(python), reason, install_hint(python, has_pip), "missing_ipython", has_pip)
+        return EnvError(env, str(python), reason, install_hint(python, has_pip, envs), "missing_ipython", has_pip)
     if hello.get("missing") == "python":
         return EnvError(
             env,
             str(python),
             f"The Python of env {env!r} (python: {python}) cannot run a session: {hello.get('error')}.",
-            "Use an env with Python 3.9 or newer, for example: "
-            f"uv venv -p 3.12 {envs_dir_default()}/NAME && uv pip install --python {envs_dir_default()}/NAME/bin/python ipykernel",
-            kind="too_old",
+            f"Use an env with Python {min_python} or newer, for example: "
+            f"uv venv -p 3.12 {envs}/NAME && uv pip install --python {envs}/NAME/bin/python ipykernel",
         )
     if hello.get("error"):
         return EnvError(env, str(python), f"The kernel in env {env!r} (python: {python}) cannot start: {hello['error']}.")
@@ -1733,8 +1761,9 @@ class Kernel:
     here or behind a launcher; an exit is seen as the process ending (for a launched
     kernel, the connection closing)."""
 
-    def __init__(self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None):
+    def __init__(self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None, envs_dir: Path | None = None):
         self.python, self.env_label, self.guard = python, env_label, guard
+        self.envs_dir = envs_dir  # named in hints that suggest a new env
         self.launched = python if isinstance(python, LaunchedPython) else None
         self.proc = KernelProcess(guard, signals=self.launched is None)
         self.hello: dict[str, Any] = {}
@@ -1877,7 +1906,7 @@ class Kernel:
             with anyio.fail_after(KERNEL_START_TIMEOUT_S):
                 hello = await asyncio.shield(self._hello_future)
         except TimeoutError:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             raise EnvError(
                 self.env_label,
                 str(self.python),
@@ -1886,15 +1915,15 @@ class Kernel:
                 + (f"\nThe launcher's stderr ended with:\n{self._log_tail.strip()}" if self.launched and self._log_tail.strip() else ""),
             ) from None
         except KernelDied as died:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             raise self._start_died_error(died) from None
         except BaseException:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             raise
         self.hello = hello
-        problem = hello_problem(hello, self.env_label, self.python)
+        problem = hello_problem(hello, self.env_label, self.python, self.envs_dir)
         if problem is not None:
-            await self.kill("killed")
+            await self.kill(StopReason.KILLED)
             problem.reason += self._printed_at_start()
             problem.args = (problem.message,)
             raise problem
@@ -1908,7 +1937,7 @@ class Kernel:
                 f"The kernel in env {self.env_label!r} (python: {self.python}) exited before it was ready ({died.how})."
                 + (f"\nIts stderr ended with:\n{died.log_tail}" if died.log_tail else "")
                 + self._printed_at_start()
-                + "\nThe bootstrap needs Python 3.9 or newer with IPython 7 or newer.",
+                + "\nThe bootstrap needs Python {} or newer with IPython {} or newer.".format(*kernel_minimums()),
             )
         launched = self.launched
         said = died.log_tail or "(nothing on stderr)"
@@ -2159,14 +2188,14 @@ class Kernel:
         self.proc.kill_now(running=self.alive)
         self._remove_pip_shims()
 
-    async def kill(self, reason: str) -> None:
+    async def kill(self, stop: StopReason) -> None:
         """Kill the kernel and its process group, and wait until it is reaped.
 
         A launched kernel first has its input closed: the far side sees end of file and
         ends its own process group, which no signal from here could reach.
         """
         if self.stop_reason is None:
-            self.stop_reason = StopReason(reason)
+            self.stop_reason = StopReason(stop)
         if self.process is None:
             return
         if self.launched is not None and self.alive:
@@ -2180,7 +2209,7 @@ class Kernel:
             task.cancel()
         if not self.exited.is_set():  # not reaped in time (a stuck D-state process): do the exit watcher's part
             log.error("kernel %s did not exit within %s s of SIGKILL", self.pid, KILL_REAP_TIMEOUT_S)
-            self._mark_exited(KernelDied("signal SIGKILL (not yet reaped)", reason=self.stop_reason))
+            self._mark_exited(KernelDied("signal SIGKILL (not yet reaped)", stop=self.stop_reason))
         self.proc.close_input()
 
 
@@ -2306,10 +2335,10 @@ class Helpers:
                 os.killpg(pid, signal.SIGKILL)
 
 
-async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers) -> None:
+async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers, envs_dir: Path | None = None) -> None:
     """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
     python = Path(error.python or "")
-    plan = error.plan or install_plan(python, error.has_pip)
+    plan = error.plan or install_plan(python, error.has_pip, envs_dir)
     if plan.argv is None:
         raise EnvError(error.env, error.python, error.reason + " Automatic install is not possible.", f"Install with: {plan.text}", kind="missing_ipython")
     log.warning("installing ipykernel into env %r: %s", error.env, " ".join(plan.argv))
@@ -2422,7 +2451,7 @@ class EnvCatalog:
             if problem is None and not answer.get("ipython"):
                 problem = "IPython is not installed. " + (
                     f"Install with: {python.command_text('-m', 'pip', 'install', 'ipykernel')}"
-                    if isinstance(python, LaunchedPython) else install_hint(python)
+                    if isinstance(python, LaunchedPython) else install_hint(python, envs_dir=envs_dir)
                 )
             envs.append(
                 EnvInfo(
@@ -2510,7 +2539,7 @@ class Session:
         if self.kernel is None or self.starting is not None:
             return "starting"
         if not self.kernel.alive:
-            return "stopped" if self.kernel.stop_reason == "idle" else "dead"
+            return "stopped" if self.kernel.stop_reason is StopReason.IDLE else "dead"
         return "busy" if self.kernel.busy else "idle"
 
 
@@ -2765,7 +2794,7 @@ class SessionManager:
             if self._closing and session.closed is None:
                 session.closed = ToolError("The server is shutting down.")
             if session.closed is not None:  # shut down while the kernel started
-                await kernel.kill("shutdown")
+                await kernel.kill(StopReason.SHUTDOWN)
                 return
             session.kernel = kernel
         finally:
@@ -2788,7 +2817,7 @@ class SessionManager:
                 if session.start_progress is not None:
                     await session.start_progress(elapsed, message)
 
-            await install_ipykernel(missing, progress, self.helpers)
+            await install_ipykernel(missing, progress, self.helpers, self.config.envs_dir)
         kernel = await self._spawn(session.python, session.env_label)
         session.notices.append(
             f"ipykernel was installed into env {session.env_label!r} ({session.python}) because auto_install_ipykernel is on."
@@ -2797,7 +2826,7 @@ class SessionManager:
 
     async def _spawn(self, python: Path, env_label: str) -> Kernel:
         """A started kernel; while it starts, every shutdown path finds it in ``_starting``."""
-        kernel = Kernel(python, env_label, self.guard)
+        kernel = Kernel(python, env_label, self.guard, self.config.envs_dir)
         self._starting.add(kernel)
         try:
             await kernel.start()
@@ -2820,7 +2849,7 @@ class SessionManager:
         session.check_open()
         session.left_running = None  # a cell left running dies with its kernel
         if session.kernel is not None:
-            await session.kernel.kill("reset")
+            await session.kernel.kill(StopReason.RESET)
         session.lost_state = None  # asked for: no warning on the next call
         try:
             return await self._ensure_kernel(session, time.monotonic() + self.config.default_timeout_s)
@@ -2849,7 +2878,7 @@ class SessionManager:
         if starting is not None:
             starting.cancel()  # its kernel, if spawned, is killed and reaped by Kernel.start
         if session.kernel is not None:
-            await session.kernel.kill("shutdown")
+            await session.kernel.kill(StopReason.SHUTDOWN)
         if starting is not None:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait({starting}, timeout=KILL_REAP_TIMEOUT_S)
@@ -2881,7 +2910,7 @@ class SessionManager:
                     f"(idle timeout {idle_s:g} s); this call ran in a fresh kernel, so variables and imports from before are gone."
                 )
                 log.info("stopping the idle kernel %s of session %r", kernel.pid, session.name)
-                await kernel.kill("idle")  # its SIGKILL goes out before any other call can take the kernel
+                await kernel.kill(StopReason.IDLE)  # its SIGKILL goes out before any other call can take the kernel
 
     # -- spare kernels: the default env's next kernel, started before anyone asks
 
@@ -3029,7 +3058,7 @@ class SessionManager:
                 "The kernel did not take the code within timeout_s (stopped or stuck), so it was killed; a fresh kernel "
                 "is being restarted for the next call: variables and imports from before are gone."
             )
-            await kernel.kill("killed")
+            await kernel.kill(StopReason.KILLED)
             self._restart_later(
                 session,
                 f"The previous kernel of session {session.name!r} stopped taking code and was killed; this call ran in a fresh "
@@ -3273,7 +3302,7 @@ class SessionManager:
             f"The cell did not stop within {grace_s:g} s of an interrupt, so its kernel was killed; a fresh kernel is "
             "being restarted for the next call: variables and imports from before are gone."
         )
-        await kernel.kill("killed")
+        await kernel.kill(StopReason.KILLED)
         self._restart_later(
             session,
             f"The previous cell of session {session.name!r} did not stop on interrupt, so its kernel was killed; this call "
@@ -3282,9 +3311,9 @@ class SessionManager:
         return None
 
     def _death_message(self, session: Session, died: KernelDied) -> str:
-        if died.reason == "reset":
+        if died.stop is StopReason.RESET:
             return "The session was reset while this cell was running; it was stopped and its state is gone."
-        if died.reason == "shutdown":
+        if died.stop is StopReason.SHUTDOWN:
             return "The session was shut down while this cell was running; it was stopped."
         message = (
             f"The kernel died while running this cell ({died.how}). Session {session.name!r} is now dead; "
@@ -5557,7 +5586,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ipython-mcp: {exc}")
     if args.envs_dir is not None:
         config.envs_dir = args.envs_dir.expanduser()
-        os.environ["IPYTHON_MCP_ENVS_DIR"] = str(config.envs_dir)  # so hints name the right folder
     if args.output_dir is not None:
         config.output_dir = Path(os.path.abspath(args.output_dir.expanduser()))  # as Config does
     if args.spill_file_limit is not None:

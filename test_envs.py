@@ -21,7 +21,7 @@ import pytest
 
 import ipython_mcp
 from conftest import QUICK_S, SLOW_S, connect, run
-from ipython_mcp import EnvError, install_plan, interpreter_for, python_in
+from ipython_mcp import KERNEL_PROTOCOL_VERSION, EnvError, hello_problem, install_plan, interpreter_for, python_in
 
 UV = os.environ.get("UV") or shutil.which("uv")
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -119,6 +119,31 @@ def test_externally_managed_system_python_is_pointed_at_a_venv(tmp_path: Path) -
     plan = install_plan(tmp_path / "usr" / "bin" / "python3")
     assert plan.argv is None
     assert "-m venv" in plan.text and "system package manager" in plan.text
+
+
+def test_hints_name_the_envs_folder_they_are_given(tmp_path: Path) -> None:
+    (tmp_path / "usr" / "lib" / "python3.11").mkdir(parents=True)
+    (tmp_path / "usr" / "lib" / "python3.11" / "EXTERNALLY-MANAGED").write_text("[externally-managed]\n")
+    assert f"{tmp_path / 'mine'}/NAME" in install_plan(tmp_path / "usr" / "bin" / "python3", envs_dir=tmp_path / "mine").text
+    too_old = hello_problem(
+        {"protocol": KERNEL_PROTOCOL_VERSION, "missing": "python", "error": "Python 3.7", "min_python": "3.9", "min_ipython": "7.0"},
+        "old", tmp_path / "bin" / "python", tmp_path / "mine",
+    )
+    assert too_old is not None and f"{tmp_path / 'mine'}/NAME" in too_old.hint
+
+
+def test_the_minimum_python_in_hints_is_the_one_the_kernel_says(tmp_path: Path) -> None:
+    hello = {"protocol": KERNEL_PROTOCOL_VERSION, "missing": "python", "error": "Python 3.10", "min_python": "3.11", "min_ipython": "8.0"}
+    too_old = hello_problem(hello, "old", tmp_path / "bin" / "python")
+    assert too_old is not None and "Use an env with Python 3.11 or newer" in too_old.hint
+
+
+def test_a_kernel_speaking_another_protocol_version_is_an_env_error_naming_both(tmp_path: Path) -> None:
+    problem = hello_problem({"protocol": KERNEL_PROTOCOL_VERSION + 1, "ipython": "9.0"}, "other", tmp_path / "bin" / "python")
+    assert problem is not None
+    assert f"protocol version {KERNEL_PROTOCOL_VERSION + 1}" in problem.message
+    assert f"this server speaks version {KERNEL_PROTOCOL_VERSION}" in problem.message
+    assert hello_problem({"protocol": KERNEL_PROTOCOL_VERSION, "ipython": "9.0"}, "same", tmp_path / "bin" / "python") is None
 
 
 # --- Env resolution (pure functions) ---------------------------------------------------------------

@@ -453,11 +453,11 @@ def test_launch_argv_of_each_launcher() -> None:
 
 def test_missing_ipython_over_a_launcher_installs_through_that_launcher() -> None:
     ssh = ipython_mcp.LaunchedPython(("ssh", "gpu-box"), "~/envs/torch/bin/python", "gpu-box")
-    problem = ipython_mcp.hello_problem({"missing": "ipython", "error": "ModuleNotFoundError", "pip": True}, "gpu", ssh)
+    problem = ipython_mcp.hello_problem({"protocol": ipython_mcp.KERNEL_PROTOCOL_VERSION, "missing": "ipython", "error": "ModuleNotFoundError", "pip": True}, "gpu", ssh)
     assert problem is not None and problem.kind == "missing_ipython"
     assert problem.plan is not None and problem.plan.argv == ("ssh", "gpu-box", "exec ~/envs/torch/bin/python -m pip install ipykernel")
     assert problem.hint == "Install with: ssh gpu-box '~/envs/torch/bin/python -m pip install ipykernel'"
-    assert ipython_mcp.hello_problem({"kind": "hello", "ipython": "9.0"}, "gpu", ssh) is None
+    assert ipython_mcp.hello_problem({"kind": "hello", "protocol": ipython_mcp.KERNEL_PROTOCOL_VERSION, "ipython": "9.0"}, "gpu", ssh) is None
 
 
 @pytest.mark.parametrize(("program", "how"), [("docker", "install Docker"), ("kubectl", "install kubectl")])
