@@ -8,10 +8,15 @@ An MCP server (stdio, or streamable HTTP with ``--transport http``) with the fiv
 of the spec, ``execute``, ``list_sessions``, ``reset``, ``shutdown``, ``interrupt``, plus
 ``wait`` (follow a cell left running), ``list_envs``, and ``history`` / ``export_notebook``
 (the session record, also served as resources and exported by ``ipython-mcp export SESSION
-[PATH]`` from a terminal). Each named session is one child process: the target env's Python running
-``bootstrap_kernel.py`` beside this file, which embeds IPython's ``InteractiveShell``
-and speaks JSON lines over its stdin/stdout (that file documents the messages). No
-jupyter_client, no ZeroMQ.
+[PATH]`` from a terminal). Each named session is one kernel process: the target env's
+Python running ``bootstrap_kernel.py`` beside this file, which embeds IPython's
+``InteractiveShell`` and speaks JSON lines over its stdin/stdout (that file documents the
+messages). No jupyter_client, no ZeroMQ. A kernel is our child, or is reached through a
+launcher from the config file (``ssh``, ``docker exec -i``, ``kubectl exec -i``, ``srun``,
+``bwrap``; ``env="ssh://host/path"``): then the bootstrap travels over the pipe, and
+interrupts go as messages, since no signal crosses. Every server also serves MCP on a Unix
+socket in the user's private runtime folder, so a person can ``ipython-mcp attach SESSION``
+(a prompt on the agent's kernel) or ``ipython-mcp watch SESSION``.
 
 Session lifecycle::
 
@@ -35,7 +40,8 @@ How the file reads, top to bottom: constants; exceptions; pure functions (envs, 
 timeouts); saved output files and the per-call output buffers; the wire (``Execution``);
 ``Kernel`` (one child process) and the orphan guard; envs (install, list); sessions
 (``Config``, ``Session``, ``CellCall``, ``SessionManager``: names -> kernels, locks);
-the session record; the MCP tools; the transports (stdio, HTTP); the command line.
+the session record; the MCP tools; the transports (stdio, HTTP, the person's Unix socket)
+and the ``attach``/``watch`` clients; the command line.
 
 Guarantees:
 - Every call returns by ``timeout_s`` plus a grace: cells are bounded by ``timeout_s``;
@@ -4591,6 +4597,20 @@ class AnswerParseErrors:
         return getattr(self._inner, name)
 
 
+async def end_every_kernel_and_leave(live: set[SessionManager]) -> None:
+    """Close every manager (its kernels, helpers, files), then exit at once.
+
+    The SDK's stdin reader thread may block in read() for as long as stdin stays open;
+    with every kernel gone there is nothing left to wait for.
+    """
+    with anyio.CancelScope(shield=True):
+        for manager in list(live):
+            await manager.close_all()
+    remove_person_socket()
+    logging.shutdown()
+    os._exit(0)
+
+
 async def serve(config: Config, live: set[SessionManager]) -> None:
     """Serve MCP over stdin/stdout until EOF or a signal; ``live`` holds the managers alive."""
     server = build_server(config, live=live)
@@ -4601,14 +4621,7 @@ async def serve(config: Config, live: set[SessionManager]) -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("received %s; stopping", signal.Signals(signum).name)
-                    with anyio.CancelScope(shield=True):
-                        for manager in list(live):
-                            await manager.close_all()
-                    # The SDK's stdin reader thread may block in read() until stdin closes;
-                    # every kernel is gone, so leave now instead of waiting for it.
-                    remove_person_socket()
-                    logging.shutdown()
-                    os._exit(0)
+                    await end_every_kernel_and_leave(live)
 
         group.start_soon(stop_on_signal)
         person = PersonSocketServer(server, person_listener) if person_listener is not None else None
@@ -4624,12 +4637,7 @@ async def serve(config: Config, live: set[SessionManager]) -> None:
                 # block in read() for as long as the client keeps stdin open, so end every kernel
                 # (the lifespan, shared with the person's socket, is still open) and leave now.
                 log.warning("the stdio transport broke (the client closed its end of our stdout, or stdin failed); stopping")
-                with anyio.CancelScope(shield=True):
-                    for manager in list(live):
-                        await manager.close_all()
-                remove_person_socket()
-                logging.shutdown()
-                os._exit(0)
+                await end_every_kernel_and_leave(live)
         if person is not None:
             await person.stop()
         group.cancel_scope.cancel()
