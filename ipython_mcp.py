@@ -102,7 +102,7 @@ __version__ = "0.1.0"
 # path there. Only the exact command line `<ipython-mcp or ipython_mcp.py> --version` counts,
 # so importing this module (tests, `import ipython_mcp`) never exits.
 if sys.argv[1:] == ["--version"] and Path(sys.argv[0] or "").name in ("ipython-mcp", "ipython_mcp.py"):
-    print(f"ipython-mcp {__version__}")
+    print(f"ipython-mcp {__version__}", file=sys.stdout)  # no server here: the answer is the output
     sys.exit(0)
 
 import anyio
@@ -693,46 +693,48 @@ def default_timeout_s(environ: dict[str, str] | os._Environ[str] = os.environ) -
     return max(client_timeout_s - TIMEOUT_MARGIN_S, client_timeout_s / 2)
 
 
-def spare_kernels_default(environ: Mapping[str, str]) -> int:
-    """IPYTHON_MCP_SPARE_KERNELS, or 1; a value that is not a count is reported and ignored."""
-    if "IPYTHON_MCP_SPARE_KERNELS" not in environ:
-        return 1
-    raw = environ["IPYTHON_MCP_SPARE_KERNELS"].strip()
-    if not raw:  # set but empty: off
-        return 0
+def setting_from_env(environ: Mapping[str, str], variable: str, parse: Callable[[str], Any], default: Any, what: str) -> Any:
+    """A setting from an environment variable: unset or empty gives ``default``; a value that
+    ``parse`` refuses (ValueError) is reported and ignored, never the end of the server."""
+    raw = environ.get(variable, "").strip()
+    if not raw:
+        return default
     try:
-        return max(int(raw), 0)
+        return parse(raw)
     except ValueError:
-        log.warning("IPYTHON_MCP_SPARE_KERNELS=%r is not a number; keeping 1 spare kernel", raw)
-        return 1
+        log.warning("%s=%r is not %s; using %r", variable, raw, what, default)
+        return default
+
+
+def positive_count(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def spare_kernels_default(environ: Mapping[str, str]) -> int:
+    """IPYTHON_MCP_SPARE_KERNELS, or 1; set but empty: 0 (off); a value that is not a count is reported and ignored."""
+    if environ.get("IPYTHON_MCP_SPARE_KERNELS", "unset").strip() == "":
+        return 0
+    return setting_from_env(environ, "IPYTHON_MCP_SPARE_KERNELS", lambda raw: max(int(raw), 0), 1, "a number")
 
 
 def max_sessions_default(environ: Mapping[str, str]) -> int:
     """IPYTHON_MCP_MAX_SESSIONS, or 32; a value that is not a positive count is reported and ignored."""
-    raw = environ.get("IPYTHON_MCP_MAX_SESSIONS", "").strip()
-    if not raw:
-        return DEFAULT_MAX_SESSIONS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        log.warning("IPYTHON_MCP_MAX_SESSIONS=%r is not a positive number; keeping %d", raw, DEFAULT_MAX_SESSIONS)
-        return DEFAULT_MAX_SESSIONS
-    return value
+    return setting_from_env(environ, "IPYTHON_MCP_MAX_SESSIONS", positive_count, DEFAULT_MAX_SESSIONS, "a positive number")
 
 
 def idle_timeout_default(environ: Mapping[str, str]) -> float | None:
     """IPYTHON_MCP_IDLE_TIMEOUT_S in seconds, or None: off (so are 0 and values that are not numbers)."""
-    raw = environ.get("IPYTHON_MCP_IDLE_TIMEOUT_S", "").strip()
-    if not raw:
-        return None
-    try:
+
+    def seconds(raw: str) -> float | None:
         value = float(raw)
-    except ValueError:
-        log.warning("IPYTHON_MCP_IDLE_TIMEOUT_S=%r is not a number of seconds; idle kernels are kept", raw)
-        return None
-    return value if math.isfinite(value) and value > 0 else None
+        return value if math.isfinite(value) and value > 0 else None
+
+    return setting_from_env(environ, "IPYTHON_MCP_IDLE_TIMEOUT_S", seconds, None, "a number of seconds")
+
+
 def byte_count(text: str) -> int:
     """``52428800``, ``50M``, ``50MB``, ``1G``, ``64k`` (binary units) -> bytes. Raises ValueError."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
@@ -744,14 +746,7 @@ def byte_count(text: str) -> int:
 
 def byte_limit_default(variable: str, default: int, environ: Mapping[str, str] = os.environ) -> int:
     """A size from an environment variable, or ``default``; a value that is not a size is reported and ignored."""
-    raw = environ.get(variable, "").strip()
-    if not raw:
-        return default
-    try:
-        return byte_count(raw)
-    except ValueError:
-        log.warning("%s=%r is not a size in bytes (e.g. 50M, 1G); using %d", variable, raw, default)
-        return default
+    return setting_from_env(environ, variable, byte_count, default, "a size in bytes (e.g. 50M, 1G)")
 
 
 def memory_to_spare() -> bool:
@@ -5255,7 +5250,7 @@ async def watch(session: str, server_pid: int | None, colour: bool) -> None:
         view = await read_live(client, session, 1 << 62)
         after = view["count"]
         last_count: int | None = view["last_execution_count"]
-        print(f"Watching session {session!r} of server pid {pid} ({after} cells before now; Ctrl-C stops watching).", flush=True)
+        print(f"Watching session {session!r} of server pid {pid} ({after} cells before now; Ctrl-C stops watching).", file=sys.stdout, flush=True)
         streaming: dict[str, Any] | None = None  # the running cell printed so far: its code, characters shown
         while True:
             try:
@@ -5265,7 +5260,7 @@ async def watch(session: str, server_pid: int | None, colour: bool) -> None:
             for entry in view["entries"]:
                 after = max(after, entry["index"])
                 if entry.get("kind") == "restart":
-                    print(terminal.paint(f"--- the kernel restarted: {entry.get('reason')} ---", "33"), flush=True)
+                    print(terminal.paint(f"--- the kernel restarted: {entry.get('reason')} ---", "33"), file=sys.stdout, flush=True)
                     streaming = None
                     continue
                 shown = streaming["shown"] if streaming and streaming["code"] == entry.get("code") else None
