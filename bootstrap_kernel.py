@@ -1424,7 +1424,197 @@ def main():
     serve_requests(inbox, shell, relay, state, cell, wire, private)
 
 
+# --- The fork server: IPython imported once, a kernel forked per request (Linux) ---------
+#
+# ``bootstrap_kernel.py --fork-server FD``: FD is a SOCK_SEQPACKET socket to the server.
+#     fork server -> server   ready {ok, error, pid}        (once, after the imports)
+#                             forked {id, pid} | refused {id, error}
+#                             exited {pid, returncode}      (returncode < 0: killed by that signal)
+#     server -> fork server   fork {id, environ, cwd} with 7 fds attached: the kernel's
+#                             stdin, stdout, stderr, then the stdout and stderr output
+#                             pipes (read end, write end each, as IPYTHON_MCP_OUTPUT_FDS)
+# One thread only (asserted before each fork): a fork copies only the forking thread, and a
+# lock another thread held would stay locked in the kernel forever. Nothing that starts
+# threads is imported here (no numpy, no BLAS). Each kernel leaves the fork server's state
+# behind: its own session and process group, environment, cwd, argv and signal handlers
+# (SIGCHLD above all: subprocess and !cmd need the default), fresh random state (the random
+# module reseeds itself after fork). Kernels are not the server's children: it learns their
+# exits from ``exited``. When the server's end of the socket closes (the server died, however),
+# the fork server SIGKILLs every kernel's group before it exits: this covers a kernel whose cell
+# holds the GIL, which cannot see its own pipe close (a spawned kernel has PR_SET_PDEATHSIG for
+# that; a forked one's parent is the fork server, so it has none). A fork server killed by
+# itself takes no kernel with it: they live on, and end when their protocol pipe closes. An env whose site folders changed since the
+# fork server imported (a package installed or upgraded) gets ``refused`` and a fresh
+# fork server: kernels must see what a new process would.
+
+FORK_FDS = 7
+FORK_SERVER_NAME = "ipymcp-forksrv"
+KERNELS = set()  # in the fork server: the live kernels it forked
+# Modules that make_shell and InteractiveShell() import (none starts a thread), imported by
+# the fork server so its kernels share them; ~30 ms less per kernel.
+FORK_PRELOAD = (
+    "IPython.core.application", "IPython.core.completer", "IPython.core.completerlib", "IPython.core.displayhook",
+    "IPython.core.displaypub", "IPython.core.magics", "IPython.core.oinspect", "IPython.display",
+    "IPython.utils.generics", "IPython.utils.wildcard", "traitlets.config", "glob", "random", "shutil", "tempfile",
+    "unicodedata", "codeop", "shlex", "base64", "faulthandler", "ctypes",
+)
+
+
+def site_folders_state():
+    """(folder, mtime) of the site folders on sys.path: an install or upgrade changes one."""
+    state = []
+    for folder in sys.path:
+        if folder.endswith("-packages"):
+            try:
+                state.append((folder, os.stat(folder).st_mtime_ns))
+            except OSError:
+                state.append((folder, None))
+    return state
+
+
+def set_process_name(name):
+    """What ps and /proc/PID/comm show (Linux; 15 bytes): the fork server and its kernels
+    share a command line, so the name tells them apart."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+
+
+def fork_server(control_fd):
+    import gc
+    import socket
+
+    set_process_name(FORK_SERVER_NAME)
+    control = socket.socket(fileno=control_fd)
+    hello = {"python_version": "%d.%d.%d" % sys.version_info[:3]}
+    ready = check_prerequisites(hello)
+    if ready:
+        import importlib
+
+        for name in FORK_PRELOAD:  # what building a shell imports: a kernel only builds it
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+    if threading.active_count() != 1:
+        ready, hello["error"] = False, "a thread was started while importing IPython"
+    control.send(json.dumps({"kind": "ready", "ok": ready, "error": hello.get("error"), "pid": os.getpid()}).encode())
+    if not ready:
+        return 3
+    site_state = site_folders_state()
+    gc.collect()
+    gc.freeze()  # what is here now is shared with every kernel; the collector must not copy it
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the server's terminal is not for us
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    while True:
+        try:
+            events = dict(poller.poll())
+        except InterruptedError:
+            continue
+        if wake_read in events:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_read, 4096)
+            report_exits(control)
+        if control.fileno() in events:
+            try:
+                data, fds, _, _ = socket.recv_fds(control, 1 << 20, FORK_FDS)
+            except InterruptedError:
+                continue
+            if not data:  # the server is gone: so are its kernels, even one whose cell holds the GIL
+                for pid in KERNELS:
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                return 0
+            serve_fork(control, data, fds, site_state, (wake_read, wake_write))
+
+
+def report_exits(control):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        KERNELS.discard(pid)
+        message = {"kind": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)}
+        with contextlib.suppress(OSError):
+            control.send(json.dumps(message).encode())
+
+
+def serve_fork(control, data, fds, site_state, wake):
+    """One request: fork a kernel, which never returns from here."""
+    request_id = None
+    try:
+        request = json.loads(data)
+        request_id = request.get("id")
+        if len(fds) != FORK_FDS or not isinstance(request.get("environ"), dict):
+            raise ValueError("a fork request needs %d fds and an environ" % FORK_FDS)
+        if site_folders_state() != site_state:
+            raise LookupError("the env's packages changed since this fork server started")
+        if threading.active_count() != 1:
+            raise RuntimeError("the fork server has %d threads" % threading.active_count())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+    except Exception as exc:
+        for fd in fds:
+            os.close(fd)
+        reply = {"kind": "refused", "id": request_id, "error": "%s: %s" % (type(exc).__name__, exc)}
+        control.send(json.dumps(reply).encode())
+        return
+    if pid == 0:
+        code = 1
+        try:
+            control.close()
+            code = become_kernel(request, fds, wake) or 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os._exit(code)
+    KERNELS.add(pid)
+    for fd in fds:
+        os.close(fd)
+    control.send(json.dumps({"kind": "forked", "id": request_id, "pid": pid}).encode())
+
+
+def become_kernel(request, fds, wake):
+    """In the forked child: leave the fork server's state behind, then run as a kernel."""
+    global KERNEL_PID, PIP_SHIMS
+    signal.set_wakeup_fd(-1)
+    for fd in wake:
+        os.close(fd)
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.setsid()  # own session and process group: interrupt and kill reach what the kernel starts
+    set_process_name(os.path.basename(sys.executable))
+    for target, fd in zip((0, 1, 2), fds[:3]):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(request["environ"])
+    os.environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, fds[3:]))
+    os.environ.pop("IPYTHON_MCP_SERVER_PID", None)  # our parent is the fork server, whose death must not kill us
+    PIP_SHIMS = os.environ.pop("IPYTHON_MCP_PIP_SHIMS", "")
+    KERNEL_PID = os.getpid()
+    with contextlib.suppress(OSError):
+        os.chdir(request.get("cwd") or "/")
+    sys.argv = [sys.argv[0]]
+    import importlib
+
+    importlib.invalidate_caches()
+    return main()  # the objects gc.freeze() kept stay frozen: shared pages stay shared
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--pip"]:  # run by the `pip` scripts on a session's PATH
         sys.exit(pip_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["--fork-server"] and len(sys.argv) == 3:
+        sys.exit(fork_server(int(sys.argv[2])))
     sys.exit(main())

@@ -209,6 +209,21 @@ def _stat_fields(pid: int | str) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
+# Code for a cell whose value is its server's pid: the kernel's parent, or, for a kernel forked
+# by a fork server (comm "ipymcp-forksrv"), the fork server's parent.
+SERVER_PID_CODE = (
+    "(lambda p: int(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1])"
+    " if open(f'/proc/{p}/comm').read().strip() == 'ipymcp-forksrv' else p)(__import__('os').getppid())"
+)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def process_running(pid: int) -> bool:
     """True while ``pid`` is a live process; a zombie waiting for its reaper counts as gone."""
     try:
@@ -257,9 +272,27 @@ def live_processes(*, below: int | None = None, group: int | None = None, comman
     return found
 
 
+def command_line(pid: int | None) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def is_fork_server(pid: int) -> bool:
+    """A fork server's command line has --fork-server and its parent's has not; a kernel it
+    forked shares its command line (and /proc/PID/comm says which only once it has started)."""
+    return b"--fork-server" in command_line(pid) and b"--fork-server" not in command_line(parent_of(pid))
+
+
 def kernels_below(pid: int) -> set[int]:
-    """Live kernels of this checkout below ``pid`` (a server process, or this test process), spares included."""
-    return live_processes(below=pid, command_has=str(BOOTSTRAP))
+    """Live kernels of this checkout below ``pid`` (a server process, or this test process), spares
+    included; not fork servers."""
+    return {found for found in live_processes(below=pid, command_has=str(BOOTSTRAP)) if not is_fork_server(found)}
+
+
+def fork_servers_below(pid: int) -> set[int]:
+    return {found for found in live_processes(below=pid, command_has=str(BOOTSTRAP)) if is_fork_server(found)}
 
 
 async def wait_until_gone(pid: int) -> None:

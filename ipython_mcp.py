@@ -16,7 +16,9 @@ launcher from the config file (``ssh``, ``docker exec -i``, ``kubectl exec -i``,
 ``bwrap``; ``env="ssh://host/path"``): then the bootstrap travels over the pipe, and
 interrupts go as messages, since no signal crosses. Every server also serves MCP on a Unix
 socket in the user's private runtime folder, so a person can ``ipython-mcp attach SESSION``
-(a prompt on the agent's kernel) or ``ipython-mcp watch SESSION``.
+(a prompt on the agent's kernel) or ``ipython-mcp watch SESSION``. On Linux a local kernel
+is forked by its interpreter's fork server (``ForkServer``: IPython imported once, a kernel
+in tens of milliseconds); elsewhere, or with ``--no-fork-server``, it is spawned.
 
 Session lifecycle::
 
@@ -38,7 +40,7 @@ whatever its status, is built by ``CellCall.result``.
 
 How the file reads, top to bottom: constants; exceptions; pure functions (envs, hints,
 timeouts); saved output files and the per-call output buffers; the wire (``Execution``);
-``Kernel`` (one child process) and the orphan guard; envs (install, list); sessions
+``Kernel`` (one child process), fork servers and the orphan guard; envs (install, list); sessions
 (``Config``, ``Session``, ``CellCall``, ``SessionManager``: names -> kernels, locks);
 the session record; the MCP tools; the transports (stdio, HTTP, the person's Unix socket)
 and the ``attach``/``watch`` clients; the command line.
@@ -51,8 +53,9 @@ Guarantees:
 - No orphan processes: each kernel leads its own process group, and the whole group
   is killed on shutdown, reset, server exit (stdin EOF, SIGTERM, SIGINT, SIGHUP, a
   client that closed our stdout), kernels still starting included. A server that
-  vanished (SIGKILL) takes its kernels too: PR_SET_PDEATHSIG on Linux, an orphan guard
-  process that kills each kernel's group, and the kernel's own watch of its pipe.
+  vanished (SIGKILL) takes its kernels too: PR_SET_PDEATHSIG on Linux (for a forked
+  kernel, its fork server kills it when our socket closes), an orphan guard process that
+  kills each kernel's group, and the kernel's own watch of its pipe.
 - Nothing but JSON-RPC reaches the server's stdout; logs go to stderr.
 - Saved output (the full text of cut output, images) is private: folders 0700, files
   0600 created new, never through a folder or link someone else planted; it is capped
@@ -202,6 +205,13 @@ INSTALL_LOG_TAIL_CHARS = 3_000
 # list_envs probes each interpreter at most this long, and reuses answers this long.
 ENV_PROBE_TIMEOUT_S = 15.0
 ENV_PROBE_CACHE_S = 60.0
+# A fork server that did not say it is ready within this is ended; kernels are spawned instead.
+FORK_SERVER_START_TIMEOUT_S = 60.0
+# After a fork server of an interpreter could not start (no IPython there), kernels of that
+# interpreter are spawned for this long before a new fork server is tried.
+FORK_SERVER_RETRY_S = 30.0
+# A fork request (the kernel's environment) or report fits in one packet of this size.
+FORK_PACKET_BYTES = 1 << 20
 # No spare kernel when the machine has less memory available than this.
 SPARE_MIN_AVAILABLE_BYTES = 2 * 1024**3
 # Kernel log lines kept for the death message (a segfault dump, an import error).
@@ -720,6 +730,14 @@ def spare_kernels_default(environ: Mapping[str, str]) -> int:
     return setting_from_env(environ, "IPYTHON_MCP_SPARE_KERNELS", lambda raw: max(int(raw), 0), 1, "a number")
 
 
+def fork_server_default(environ: Mapping[str, str], platform: str = sys.platform) -> bool:
+    """Fork servers on Linux unless IPYTHON_MCP_FORK_SERVER is 0/false/no; elsewhere (macOS,
+    where forking a process that imported system frameworks is unsafe) kernels are spawned."""
+    if not platform.startswith("linux") or not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
+        return False
+    return environ.get("IPYTHON_MCP_FORK_SERVER", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def max_sessions_default(environ: Mapping[str, str]) -> int:
     """IPYTHON_MCP_MAX_SESSIONS, or 32; a value that is not a positive count is reported and ignored."""
     return setting_from_env(environ, "IPYTHON_MCP_MAX_SESSIONS", positive_count, DEFAULT_MAX_SESSIONS, "a positive number")
@@ -792,7 +810,9 @@ def printable(value: Any) -> Any:
     return value
 
 
-def describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:  # a forked kernel whose fork server ended before it did
+        return "an exit whose status nobody could read"
     if returncode < 0:
         try:
             return f"signal {signal.Signals(-returncode).name}"
@@ -1656,7 +1676,7 @@ class KernelProcess:
 
     def __init__(self, guard: OrphanGuard | None, signals: bool):
         self.guard, self.signals = guard, signals
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | ForkedProcess | None = None
 
     @property
     def pid(self) -> int | None:
@@ -1676,7 +1696,17 @@ class KernelProcess:
         if self.guard is not None:
             self.guard.watch(self.process.pid)
 
-    async def wait(self) -> int:
+    async def fork(self, forks: ForkServer, environ: dict[str, str], fds: Sequence[int]) -> None:
+        """A kernel forked by ``forks`` on ``fds`` (stdin, stdout, stderr read by the kernel or
+        written by it, then the output pipes); ours ends of the first three are ``fds[7:]``.
+        Raises ForkUnavailable, having started nothing."""
+        process = await forks.fork(environ, fds[:7])
+        self.process = process
+        if self.guard is not None:
+            self.guard.watch(process.pid)
+        await process.connect(*fds[7:])
+
+    async def wait(self) -> int | None:
         assert self.process
         returncode = await self.process.wait()
         if self.guard is not None:
@@ -1707,6 +1737,267 @@ class KernelProcess:
         for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+
+class ForkUnavailable(Exception):
+    """No kernel from this fork server (its env has no IPython, it died, its env changed): spawn one."""
+
+
+class ForkedProcess:
+    """A kernel forked by a ForkServer, shaped like asyncio's Process: pipes as streams,
+    ``wait()`` for the exit status the fork server reports (it is the kernel's parent)."""
+
+    def __init__(self, pid: int, exit_status: asyncio.Future[int | None]):
+        self.pid, self._exit_status = pid, exit_status
+        self.returncode: int | None = None
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+
+    async def connect(self, stdin: int, stdout: int, stderr: int) -> None:
+        """Take our ends of the kernel's three pipes (and close them if this fails)."""
+        loop = asyncio.get_running_loop()
+        files = [os.fdopen(stdin, "wb", 0), os.fdopen(stdout, "rb", 0), os.fdopen(stderr, "rb", 0)]
+        try:
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
+            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+            self.stdout = await self._reader(files[1])
+            self.stderr = await self._reader(files[2])
+        except BaseException:
+            for file in files:
+                file.close()
+            raise
+
+    @staticmethod
+    async def _reader(file: Any) -> asyncio.StreamReader:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=WIRE_LINE_LIMIT, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), file)
+        return reader
+
+    async def wait(self) -> int | None:
+        """The exit status; None when nobody could read it (the fork server had ended first)."""
+        self.returncode = await asyncio.shield(self._exit_status)
+        return self.returncode
+
+
+class ForkServer:
+    """One local interpreter's fork server (Linux): ``bootstrap_kernel.py --fork-server``, a
+    process that has imported IPython once and forks a kernel per request, in ~1/10 of the
+    time a fresh interpreter takes to import it (bootstrap_kernel.py says what each kernel
+    resets of what it inherits).
+
+    The server makes each kernel's pipes, exactly as for a spawned one, and hands them over
+    a socket (SCM_RIGHTS). The kernel is the fork server's child, not ours: its exit status
+    comes back as a message; if the fork server itself ends, its kernels live on (their pipes
+    are ours) and their exits are seen through a pidfd, status unknown.
+    """
+
+    def __init__(self, python: Path, guard: OrphanGuard | None):
+        self.python, self.guard = python, guard
+        self.process: asyncio.subprocess.Process | None = None
+        self.failed: str | None = None  # why it cannot fork (any more)
+        self._socket: socket.socket | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}  # request id -> forked or refused
+        self._exits: dict[int, asyncio.Future[int | None]] = {}  # kernel pid -> its exit status
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+        self.was_ready = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def usable(self) -> bool:
+        return self.failed is None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self, environ: dict[str, str]) -> None:
+        """Start it and wait until it has imported IPython. Raises ForkUnavailable."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                str(self.python), "-u", str(BOOTSTRAP), "--fork-server", str(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True, env=environ, pass_fds=[theirs.fileno()],
+            )
+        except OSError as exc:
+            ours.close()
+            self.failed = f"could not start: {exc}"
+            raise ForkUnavailable(self.failed) from exc
+        finally:
+            theirs.close()
+        if self.guard is not None:
+            self.guard.watch(self.process.pid)
+        ours.setblocking(False)
+        self._socket = ours
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._reader = loop.create_task(self._read(), name=f"fork-server-{self.process.pid}")
+        try:
+            with anyio.fail_after(FORK_SERVER_START_TIMEOUT_S):
+                ready = await asyncio.shield(self._ready)
+        except (TimeoutError, ForkUnavailable) as exc:
+            self.failed = self.failed or f"not ready within {FORK_SERVER_START_TIMEOUT_S:.0f} s"
+            self.close()
+            raise ForkUnavailable(self.failed) from exc
+        except BaseException:
+            self.close()
+            raise
+        if not ready.get("ok"):
+            self.failed = f"cannot run kernels: {ready.get('error')}"
+            self.close()
+            raise ForkUnavailable(self.failed)
+        self.was_ready = True
+        log.info("fork server %s ready for %s", self.pid, self.python)
+
+    async def fork(self, environ: dict[str, str], fds: Sequence[int]) -> ForkedProcess:
+        """A kernel forked with these fds as its stdin, stdout, stderr and output pipes.
+        Raises ForkUnavailable (nothing was started; the caller still owns ``fds``)."""
+        if self.failed is not None or self._socket is None:
+            raise ForkUnavailable(self.failed or "not started")
+        request_id = next(self._ids)
+        reply = self._replies[request_id] = asyncio.get_running_loop().create_future()
+        request = json.dumps({"kind": "fork", "id": request_id, "environ": environ, "cwd": os.getcwd()}).encode()
+        try:
+            while True:
+                try:
+                    socket.send_fds(self._socket, [request], list(fds))
+                    break
+                except BlockingIOError:
+                    await anyio.wait_writable(self._socket)
+        except OSError as exc:
+            self._lost(f"its socket failed: {exc}")
+            raise ForkUnavailable(self.failed) from exc
+        try:
+            answer = await reply
+        except asyncio.CancelledError:  # the kernel is forked all the same: it must not live on unowned
+            reply.add_done_callback(self._kill_unwanted)
+            raise
+        if answer.get("kind") != "forked":
+            if "packages changed" in str(answer.get("error")):
+                self.retire("its env's packages changed")  # the next kernel gets a fresh fork server
+            raise ForkUnavailable(str(answer.get("error")))
+        pid = int(answer["pid"])
+        exit_status = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
+        if self.failed is not None and not exit_status.done():  # the fork server ended since its answer
+            self._watch_orphan(pid, exit_status)
+        exit_status.add_done_callback(lambda _: self._ended(pid))
+        return ForkedProcess(pid, exit_status)
+
+    def _kill_unwanted(self, reply: asyncio.Future[dict[str, Any]]) -> None:
+        answer = reply.result()
+        if answer.get("kind") == "forked":
+            pid = int(answer["pid"])
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            self._exits.setdefault(pid, asyncio.get_running_loop().create_future()).add_done_callback(lambda _: self._ended(pid))
+
+    def _ended(self, pid: int) -> None:
+        self._exits.pop(pid, None)
+        if self.failed is not None and not self._exits:  # retired (or gone), and its last kernel has ended
+            self.close()
+
+    async def _read(self) -> None:
+        assert self._socket is not None and self._ready is not None
+        loop = asyncio.get_running_loop()
+        why = "it exited"
+        try:
+            while True:
+                data = await loop.sock_recv(self._socket, FORK_PACKET_BYTES)
+                if not data:
+                    break
+                try:
+                    message = json.loads(data)
+                except ValueError:
+                    log.warning("fork server %s sent a packet that is not JSON: %.200r", self.pid, data)
+                    continue
+                self._dispatch(message)
+        except OSError as exc:
+            why = f"its socket failed: {exc}"
+        except asyncio.CancelledError:
+            why = "it was closed"
+            raise
+        finally:
+            self._lost(why)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(message)
+        elif kind in ("forked", "refused"):
+            reply = self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
+            if reply is not None and not reply.done():
+                reply.set_result(message)
+        elif kind == "exited" and isinstance(message.get("pid"), int):
+            returncode = message.get("returncode")
+            status = self._exits.setdefault(message["pid"], asyncio.get_running_loop().create_future())
+            if not status.done():
+                status.set_result(returncode if isinstance(returncode, int) else None)
+
+    def _lost(self, why: str) -> None:
+        """The fork server is gone: no more forks; its live kernels are watched through pidfds."""
+        if self.failed is None:
+            self.failed = why
+            log.info("fork server %s for %s: %s", self.pid, self.python, why)
+        replies, self._replies = self._replies, {}
+        for reply in replies.values():
+            if not reply.done():
+                reply.set_result({"kind": "refused", "error": f"the fork server ended ({why})"})
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ForkUnavailable(f"it ended before it was ready ({why})"))
+            self._ready.exception()
+        for pid, status in list(self._exits.items()):
+            if not status.done():
+                self._watch_orphan(pid, status)
+
+    def _watch_orphan(self, pid: int, status: asyncio.Future[int | None]) -> None:
+        """Learn a kernel's exit without its parent: its pidfd becomes readable (Linux 5.3+)."""
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # already gone (or no pidfd here): its pipes' end of file says the rest
+            if not status.done():
+                status.set_result(None)
+            return
+
+        def ended() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not status.done():
+                status.set_result(None)
+
+        loop.add_reader(pidfd, ended)
+
+    def retire(self, why: str) -> None:
+        """No more forks; it ends when its last kernel has (their exit statuses still come)."""
+        if self.failed is None:
+            self.failed = why
+        if not self._exits:
+            self.close()
+
+    def close(self) -> None:
+        """End the fork server, and not its kernels: SIGKILLed, it has no time to end them (an
+        end of file on its socket would have it do so). Their exits are then watched by pidfd."""
+        if self.failed is None:
+            self.failed = "it was closed"
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            if self.guard is not None:
+                self.guard.forget(self.process.pid)
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
 
 def kernel_minimums(hello: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -1756,15 +2047,48 @@ def hello_problem(hello: dict[str, Any], env: str, python: Path | LaunchedPython
     return None
 
 
+def kernel_environment(python: Path, pip_shims: str | None = None) -> dict[str, str]:
+    """A local kernel's environment: the session's env activated, as a person's shell has it.
+
+    `!python`, `!jupyter` and the like are the env's own (its bin first on PATH), and
+    `!pip` is a script that installs into the session's interpreter even in an env
+    without pip (the pip-shim folder comes first). The kernel learns where uv is, for
+    `%pip` in such envs.
+    """
+    environ = dict(os.environ)
+    bin_dir = str(python.parent)
+    shims = [pip_shims] if pip_shims else []
+    environ["PATH"] = os.pathsep.join([*shims, bin_dir, environ.get("PATH", "")])
+    if pip_shims:
+        environ["IPYTHON_MCP_PIP_SHIMS"] = pip_shims
+    uv = environ.get("UV") or shutil.which("uv")
+    if uv:
+        environ["IPYTHON_MCP_UV"] = uv
+    prefix = python.parent.parent
+    for variable in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME"):
+        environ.pop(variable, None)
+    if (prefix / "pyvenv.cfg").is_file():
+        environ["VIRTUAL_ENV"] = str(prefix)
+    elif (prefix / "conda-meta").is_dir():
+        environ["CONDA_PREFIX"] = str(prefix)
+    environ["PYTHONUNBUFFERED"] = "1"
+    environ["PYTHONIOENCODING"] = "utf-8"
+    return environ
+
+
 class Kernel:
     """The protocol with one kernel (bootstrap_kernel.py in the target env's Python): send,
     dispatch, the current execution, interrupt. Its ``proc`` is the process it runs in,
     here or behind a launcher; an exit is seen as the process ending (for a launched
     kernel, the connection closing)."""
 
-    def __init__(self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None, envs_dir: Path | None = None):
+    def __init__(
+        self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None,
+        envs_dir: Path | None = None, forks: ForkServer | None = None,
+    ):
         self.python, self.env_label, self.guard = python, env_label, guard
         self.envs_dir = envs_dir  # named in hints that suggest a new env
+        self.forks = forks  # a ready fork server of this interpreter: forked, not spawned
         self.launched = python if isinstance(python, LaunchedPython) else None
         self.proc = KernelProcess(guard, signals=self.launched is None)
         self.hello: dict[str, Any] = {}
@@ -1785,7 +2109,7 @@ class Kernel:
         self.ended: str | None = None  # how it ended ("signal SIGKILL", "the connection to HOST was lost: ..."), once it has
 
     @property
-    def process(self) -> asyncio.subprocess.Process | None:
+    def process(self) -> asyncio.subprocess.Process | ForkedProcess | None:
         return self.proc.process
 
     @property
@@ -1799,35 +2123,6 @@ class Kernel:
     @property
     def busy(self) -> bool:
         return self.current is not None and not self.current.reply.done()
-
-    def _child_environment(self) -> dict[str, str]:
-        """The kernel's environment: the session's env activated, as a person's shell has it.
-
-        `!python`, `!jupyter` and the like are the env's own (its bin first on PATH), and
-        `!pip` is a script that installs into the session's interpreter even in an env
-        without pip (the pip-shim folder comes first). The kernel learns where uv is, for
-        `%pip` in such envs.
-        """
-        assert isinstance(self.python, Path)
-        environ = dict(os.environ)
-        bin_dir = str(self.python.parent)
-        shims = [self._pip_shims] if self._pip_shims else []
-        environ["PATH"] = os.pathsep.join([*shims, bin_dir, environ.get("PATH", "")])
-        if self._pip_shims:
-            environ["IPYTHON_MCP_PIP_SHIMS"] = self._pip_shims
-        uv = environ.get("UV") or shutil.which("uv")
-        if uv:
-            environ["IPYTHON_MCP_UV"] = uv
-        prefix = self.python.parent.parent
-        for variable in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME"):
-            environ.pop(variable, None)
-        if (prefix / "pyvenv.cfg").is_file():
-            environ["VIRTUAL_ENV"] = str(prefix)
-        elif (prefix / "conda-meta").is_dir():
-            environ["CONDA_PREFIX"] = str(prefix)
-        environ["PYTHONUNBUFFERED"] = "1"
-        environ["PYTHONIOENCODING"] = "utf-8"
-        return environ
 
     async def _spawn_local(self, python: Path) -> None:
         try:
@@ -1851,11 +2146,12 @@ class Kernel:
             raise EnvError(self.env_label, str(python), f"Could not start {python}: {exc}.") from exc
         pipes = [(handed[0], handed[1]), (handed[2], handed[3])]
         self._make_pip_shims()
-        environ = self._child_environment()
+        environ = kernel_environment(python, self._pip_shims)
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         environ["IPYTHON_MCP_SERVER_PID"] = str(os.getpid())  # the kernel dies with us (PR_SET_PDEATHSIG, Linux)
         try:
-            await self.proc.spawn([str(python), "-u", str(BOOTSTRAP)], environ, pass_fds=handed)
+            if not (self.forks is not None and await self._fork(environ, handed)):
+                await self.proc.spawn([str(python), "-u", str(BOOTSTRAP)], environ, pass_fds=handed)
         except BaseException as exc:  # OSError, or cancelled while spawning: no fd may leak
             for fd in handed:
                 os.close(fd)
@@ -1867,6 +2163,37 @@ class Kernel:
             os.close(write_end)
             os.set_blocking(read_end, False)
         self._output_read_ends = {"stdout": pipes[0][0], "stderr": pipes[1][0]}
+
+    async def _fork(self, environ: dict[str, str], output_fds: list[int]) -> bool:
+        """Fork the kernel from the fork server, on pipes made here as a spawn would get them;
+        False (nothing started, ``output_fds`` untouched) when that fork server cannot."""
+        assert self.forks is not None
+        ends: list[int] = []
+        try:
+            for _ in range(3):
+                ends.extend(os.pipe())
+        except OSError:
+            for fd in ends:
+                os.close(fd)
+            return False
+        (in_read, in_write), (out_read, out_write), (err_read, err_write) = zip(ends[::2], ends[1::2])
+        theirs, ours = [in_read, out_write, err_write], [in_write, out_read, err_read]
+        try:
+            await self.proc.fork(self.forks, environ, [*theirs, *output_fds, *ours])
+        except ForkUnavailable as exc:
+            log.info("kernel of env %r spawned: the fork server cannot fork (%s)", self.env_label, exc)
+            for fd in ends:
+                os.close(fd)
+            return False
+        except BaseException:  # cancelled: a kernel forked already goes now
+            if self.process is not None:
+                self.proc.kill_now(running=False)
+            for fd in theirs if self.process is not None else ends:  # once connected, ours belong to the streams
+                os.close(fd)
+            raise
+        for fd in theirs:
+            os.close(fd)
+        return True
 
     async def _spawn_launched(self, launched: LaunchedPython) -> None:
         """Start the launcher and send the bootstrap's source down its input (see KERNEL_LOADER).
@@ -2081,9 +2408,9 @@ class Kernel:
         self._mark_exited(KernelDied(self.ended, self._log_tail.strip(), self.stop_reason))
         log.info("kernel %s (%s) ended: %s", self.pid, self.env_label, self.ended)
 
-    def _describe_end(self, returncode: int) -> str:
+    def _describe_end(self, returncode: int | None) -> str:
         launched = self.launched
-        if launched is None:
+        if launched is None or returncode is None:
             return describe_exit(returncode)
         if launched.through_shell and (returncode == 255 or returncode < 0):
             return f"the connection to {launched.where} was lost: ssh ended with {describe_exit(returncode)}"
@@ -2280,7 +2607,7 @@ class OrphanGuard:
         self._send(f"+{pid}\n")
 
     def forget(self, pid: int) -> None:
-        if self._process is not None:
+        if self._process is not None and self._process.stdin is not None and not self._process.stdin.closed:
             self._send(f"-{pid}\n")
 
     def close_now(self) -> None:
@@ -2485,6 +2812,8 @@ class Config:
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
     # Kernels of the default env started ahead of need, so a new session starts at once.
     spare_kernels: int = dataclasses.field(default_factory=lambda: spare_kernels_default(os.environ))
+    # Local kernels forked from a fork server per interpreter (IPython imported once) rather than spawned.
+    fork_server: bool = dataclasses.field(default_factory=lambda: fork_server_default(os.environ))
     # Sessions alive at once; a new one past this is a tool error naming the live ones.
     max_sessions: int = dataclasses.field(default_factory=lambda: max_sessions_default(os.environ))
     # Seconds a session may sit idle before its kernel is stopped (its state lost); None: never.
@@ -2667,6 +2996,9 @@ class SessionManager:
         self._closing = False
         self._spares: list[Kernel] = []
         self._refill: asyncio.Task[None] | None = None
+        self._forks: dict[Path, ForkServer] = {}  # local interpreter -> its fork server
+        self._fork_starts: dict[Path, asyncio.Task[None]] = {}
+        self._retired_forks: list[ForkServer] = []  # replaced, ending when their last kernel does
         self._starting: set[Kernel] = set()  # spawned but not ready yet: every shutdown path kills these too
         self._start_tasks: set[asyncio.Task[None]] = set()
         # A new session whose start failed after every call waiting for it had returned: the next call gets the error.
@@ -2827,13 +3159,52 @@ class SessionManager:
 
     async def _spawn(self, python: Path, env_label: str) -> Kernel:
         """A started kernel; while it starts, every shutdown path finds it in ``_starting``."""
-        kernel = Kernel(python, env_label, self.guard, self.config.envs_dir)
+        forks = await self._fork_server(python) if isinstance(python, Path) else None
+        kernel = Kernel(python, env_label, self.guard, self.config.envs_dir, forks)
         self._starting.add(kernel)
         try:
             await kernel.start()
         finally:
             self._starting.discard(kernel)
         return kernel
+
+    # -- fork servers: one per local interpreter, started with its first kernel, kept for the next
+
+    async def _fork_server(self, python: Path) -> ForkServer | None:
+        """This interpreter's ready fork server (started now, or joined); None: spawn instead.
+
+        One that could not start (no IPython there) is tried again after FORK_SERVER_RETRY_S;
+        one that ended, or whose env's packages changed, is replaced.
+        """
+        if not self.config.fork_server or self._closing:
+            return None
+        forks = self._forks.get(python)
+        if forks is not None and forks.failed is not None and python not in self._fork_starts:
+            if forks.was_ready or time.monotonic() - forks.started > FORK_SERVER_RETRY_S:
+                self._retired_forks = [old for old in self._retired_forks if old.alive]
+                self._retired_forks.append(self._forks.pop(python))  # its kernels live on
+                forks = None
+        if forks is None:
+            forks = self._forks[python] = ForkServer(python, self.guard)
+            task = asyncio.get_running_loop().create_task(self._start_fork_server(forks), name=f"fork-server-{python}")
+            self._fork_starts[python] = task
+            task.add_done_callback(lambda _: self._fork_starts.pop(python, None))
+        task = self._fork_starts.get(python)
+        if task is not None:
+            await asyncio.wait({task})  # a cancelled caller leaves the start to the next one
+        return forks if forks.usable else None
+
+    async def _start_fork_server(self, forks: ForkServer) -> None:
+        try:
+            await forks.start(kernel_environment(forks.python))
+        except ForkUnavailable as exc:
+            log.info("no fork server for %s, kernels are spawned: %s", forks.python, exc)
+
+    def _close_fork_servers(self) -> None:
+        for task in self._fork_starts.values():
+            task.cancel()
+        for forks in [*self._forks.values(), *self._retired_forks]:
+            forks.close()
 
     def _restart_later(self, session: Session, lost_state: str) -> None:
         """After a kill no caller asked for: the fresh kernel starts now, and the next call (not this one) waits for it."""
@@ -2916,8 +3287,16 @@ class SessionManager:
     # -- spare kernels: the default env's next kernel, started before anyone asks
 
     def start_spares(self) -> None:
-        if self.config.spare_kernels > 0 and not self._closing and memory_to_spare():
+        """Spare kernels of the default env, or at least its fork server, started ahead of need."""
+        if self._closing:
+            return
+        if self.config.spare_kernels > 0 and memory_to_spare():
             self._refill = asyncio.get_running_loop().create_task(self._fill_spares(), name="spare-kernels")
+        elif self.config.fork_server and self._refill is None:
+            self._refill = asyncio.get_running_loop().create_task(self._fork_server_ahead(), name="fork-server-ahead")
+
+    async def _fork_server_ahead(self) -> None:
+        await self._fork_server(Path(sys.executable))
 
     @property
     def spare_count(self) -> int:
@@ -2960,6 +3339,7 @@ class SessionManager:
         self.sessions.clear()
         kernels = [s.kernel for s in sessions if s.kernel is not None] + self._spares + list(self._starting)
         self._spares = []
+        self._close_fork_servers()
         for kernel in kernels:
             kernel.kill_now()
         async with anyio.create_task_group() as group:
@@ -2973,6 +3353,7 @@ class SessionManager:
         self.helpers.kill_all()
         for kernel in [*self._spares, *self._starting, *(s.kernel for s in self.sessions.values() if s.kernel is not None)]:
             kernel.kill_now()
+        self._close_fork_servers()
         self.guard.close_now()
         self.files.remove_all()
 
@@ -5523,6 +5904,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default-env kernels kept started ahead of need, so a new session starts at once (default 1, or $IPYTHON_MCP_SPARE_KERNELS; 0 turns it off)",
     )
     parser.add_argument(
+        "--no-fork-server",
+        dest="fork_server",
+        action="store_false",
+        default=None,
+        help="spawn every kernel as a fresh interpreter rather than fork it from a process of that "
+        "interpreter that has imported IPython once (Linux; or set IPYTHON_MCP_FORK_SERVER=0)",
+    )
+    parser.add_argument(
         "--max-sessions",
         type=int,
         default=None,
@@ -5600,6 +5989,8 @@ def main(argv: list[str] | None = None) -> None:
         config.auto_install = True
     if args.spare_kernels is not None:
         config.spare_kernels = max(args.spare_kernels, 0)
+    if args.fork_server is False:
+        config.fork_server = False
     if args.max_sessions is not None:
         config.max_sessions = max(args.max_sessions, 1)
     if args.idle_timeout_s is not None:

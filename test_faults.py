@@ -26,6 +26,7 @@ import pytest
 from mcp import Client
 
 from conftest import (
+    SERVER_PID_CODE,
     QUICK_S,
     SHORT_INTERRUPT_GRACE_S,
     SLOW_S,
@@ -176,7 +177,7 @@ async def test_server_memory_stays_flat_while_fifty_megabytes_pass_through_it(tm
     parameters = stdio_parameters("--output-dir", str(tmp_path / "output"), "--envs-dir", str(tmp_path), "--spare-kernels", "0")
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
-            server_pid = int((await run(client, "s", "import os\nos.getppid()"))["result"])
+            server_pid = int((await run(client, "s", SERVER_PID_CODE))["result"])
             before_kib = memory_kib(server_pid, "VmRSS")
             out = await run(client, "s", FIFTY_MB)
             peak_kib = memory_kib(server_pid, "VmHWM")

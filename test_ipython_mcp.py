@@ -34,6 +34,7 @@ from mcp import Client
 import ipython_mcp
 
 from conftest import (
+    SERVER_PID_CODE,
     POLL_S,
     QUICK_S,
     SERVER,
@@ -718,7 +719,7 @@ async def test_env_error_then_a_good_env_under_the_same_name_works(env_client: C
 async def test_stdio_client_runs_cells_and_leaves_no_process_behind_when_it_exits(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
         async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(tmp_path))) as client:
-            out = await run(client, "a", "import os\nx = 1\nos.getppid()")
+            out = await run(client, "a", "x = 1\n" + SERVER_PID_CODE)
             await run(client, "b", "import subprocess\np = subprocess.Popen(['sleep', '100'])")
             state = await run(client, "a", "x + 1")
             live = await sessions(client)

@@ -22,7 +22,7 @@ from mcp.types import ResourceListChangedNotification
 from nbclient import NotebookClient
 
 import ipython_mcp
-from conftest import QUICK_S, SERVER, SLOW_S, connect, run, stdio_parameters, text_of
+from conftest import SERVER_PID_CODE, QUICK_S, SERVER, SLOW_S, connect, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -308,7 +308,7 @@ async def test_export_command_writes_a_live_stdio_servers_session_from_another_p
     output_dir = tmp_path / "output"
     with anyio.fail_after(SLOW_S):
         async with stdio_server(output_dir) as client:
-            server_pid = int((await run(client, "s", "import os\nos.getppid()"))["result"])
+            server_pid = int((await run(client, "s", SERVER_PID_CODE))["result"])
             await run(client, "s", "print('from the agent')")
             await client.call_tool("reset", {"session": "s"})
             await run(client, "s", "'after the reset'")
@@ -342,7 +342,7 @@ async def test_export_command_picks_the_most_recently_active_of_two_servers_and_
         async with connect(tmp_path, output_dir=output_dir) as older:
             await run(older, "s", "'older server'")
             async with stdio_server(output_dir) as newer:
-                newer_pid = int((await run(newer, "s", "import os\nos.getppid()"))["result"])
+                newer_pid = int((await run(newer, "s", SERVER_PID_CODE))["result"])
                 code, _, err = await export_command("s", str(tmp_path / "s.ipynb"), "--output-dir", str(output_dir), cwd=tmp_path)
             await run(older, "s", "'older server, later'")
             code_after, out_after, _ = await export_command(
@@ -351,7 +351,7 @@ async def test_export_command_picks_the_most_recently_active_of_two_servers_and_
     assert code == 0, err
     assert f"2 live servers have a session named 's' (pids {os.getpid()}, {newer_pid})" in err
     assert f"exported the most recently active one, pid {newer_pid}" in err
-    assert nbformat.read(tmp_path / "s.ipynb", as_version=4).cells[0].source == "import os\nos.getppid()"
+    assert nbformat.read(tmp_path / "s.ipynb", as_version=4).cells[0].source == SERVER_PID_CODE
     # the stdio server exited, taking its folder: only the in-memory server's record is left
     assert code_after == 0 and f"server pid {os.getpid()}" in out_after
     assert [cell.source for cell in nbformat.read(tmp_path / "s2.ipynb", as_version=4).cells] == [

@@ -21,7 +21,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import kernels_below, memory_kib, process_running, stdio_parameters
+from conftest import SERVER_PID_CODE, kernels_below, memory_kib, process_running, stdio_parameters
 
 SESSIONS = int(os.environ.get("STRESS_SESSIONS", "16"))
 CALLS = int(os.environ.get("STRESS_CALLS", "400"))
@@ -57,7 +57,7 @@ async def test_many_sessions_under_random_interrupts_resets_and_shutdowns(tmp_pa
     started = time.monotonic()
     with anyio.fail_after(240):
         async with Client(params, read_timeout_seconds=120) as client:
-            first = await client.call_tool("execute", {"session": "s0", "code": "import os; os.getppid()"})
+            first = await client.call_tool("execute", {"session": "s0", "code": SERVER_PID_CODE})
             server_pid = int(first.structured_content["result"])
             rss_start = memory_kib(server_pid, "VmRSS")
 

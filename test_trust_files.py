@@ -27,7 +27,7 @@ from mcp.client.stdio import stdio_client
 
 import bootstrap_kernel
 import ipython_mcp
-from conftest import QUICK_S, SLOW_S, connect, run, stdio_parameters, text_of, wait_until_gone
+from conftest import SERVER_PID_CODE, QUICK_S, SLOW_S, connect, run, stdio_parameters, text_of, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -374,7 +374,7 @@ async def test_server_exit_deletes_its_folder(tmp_path: Path, how: str) -> None:
     output = tmp_path / "output"
     with anyio.fail_after(SLOW_S):
         async with stdio_server("--output-dir", str(output), errlog=tmp_path / "stderr.txt") as client:
-            out = await run(client, "s", f"import os\nprint(os.getppid())\n{BIG_PRINT}")
+            out = await run(client, "s", f"print({SERVER_PID_CODE})\n{BIG_PRINT}")
             server_pid = int(out["stdout"].split("\n", 1)[0])
             server_folder = Path(out["output_files"]["stdout"]).parents[1]
             assert server_folder.is_dir() and server_folder.name.startswith(f"server-{server_pid}-")

@@ -19,7 +19,7 @@ import pytest
 from mcp import Client
 
 import ipython_mcp
-from conftest import QUICK_S, SLOW_S, connect, memory_kib, run, stdio_parameters, text_of
+from conftest import SERVER_PID_CODE, QUICK_S, SLOW_S, connect, memory_kib, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -51,7 +51,7 @@ async def test_ten_thousand_displays_keep_the_reply_and_the_server_memory_bounde
     )
     with anyio.fail_after(SLOW_S):
         async with Client(parameters) as client:
-            server_pid = int((await run(client, "s", "import os\nos.getppid()"))["result"])
+            server_pid = int((await run(client, "s", SERVER_PID_CODE))["result"])
             before_kib = memory_kib(server_pid, "VmRSS")
             result = await call(client, "s", code, timeout_s=SLOW_S - 10)
             peak_kib = memory_kib(server_pid, "VmHWM")

@@ -1,0 +1,158 @@
+"""Fork servers: a local kernel is forked from a process of its interpreter that imported
+IPython once. Each risk of forking has its promise here: one thread in the fork server,
+nothing inherited that a fresh interpreter would not have, exits learned without being the
+parent, a dead fork server taking no kernel with it, a changed env getting a fresh one,
+and the places that keep spawning (macOS, --no-fork-server)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import ipython_mcp
+from conftest import (
+    BOOTSTRAP,
+    QUICK_S,
+    SLOW_S,
+    command_line,
+    connect,
+    fork_servers_below,
+    kernels_below,
+    parent_of,
+    run,
+    wait_until_gone,
+)
+
+pytestmark = pytest.mark.anyio
+
+PROBE = (
+    "import os, sys, signal, json, random, threading, subprocess\n"
+    "json.dumps({'pid': os.getpid(), 'parent': os.getppid(), 'session_leader': os.getsid(0) == os.getpid(),\n"
+    "  'cwd': os.getcwd(), 'argv': sys.argv, 'path': os.environ['PATH'],\n"
+    "  'ours': sorted(k for k in os.environ if k.startswith('IPYTHON_MCP_') and k != 'IPYTHON_MCP_UV'),\n"
+    "  'marker': os.environ.get('FORK_TEST_MARKER'),\n"
+    "  'sigchld': signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL,\n"
+    "  'sigterm': signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,\n"
+    "  'random': random.random(), 'numpy': 'numpy' in sys.modules,\n"
+    "  'child': subprocess.run(['sh', '-c', 'echo from-a-child'], capture_output=True, text=True).stdout,\n"
+    "  'comm': open('/proc/self/comm').read().strip()})"
+)
+
+
+async def probe(client, session: str) -> dict:
+    out = await run(client, session, PROBE)
+    assert out["status"] == "ok", out
+    return json.loads(ast.literal_eval(out["result"]))
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+async def test_kernels_are_forked_by_one_single_threaded_fork_server_and_start_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            first = await probe(client, "a")
+            (forks,) = fork_servers_below(os.getpid())
+            # What changed in the server after the fork server started reaches the next kernel.
+            monkeypatch.chdir(tmp_path)
+            monkeypatch.setenv("FORK_TEST_MARKER", "set-later")
+            second = await probe(client, "b")
+            threads = threads_of(forks)
+    assert first["parent"] == second["parent"] == forks, "both kernels were forked by the one fork server"
+    assert threads == 1, "the fork server never starts a thread (a fork would copy a held lock)"
+    for kernel in (first, second):
+        assert kernel["session_leader"], "each kernel leads its own session and process group"
+        assert kernel["sigchld"] and kernel["sigterm"], "signal handlers are the defaults a fresh interpreter has"
+        assert kernel["child"] == "from-a-child\n", "subprocess works (SIGCHLD is not the fork server's)"
+        assert kernel["argv"] == [str(BOOTSTRAP)]
+        assert kernel["ours"] == [], "the server's settings for the kernel are consumed, as in a spawned kernel"
+        assert not kernel["numpy"], "nothing that starts threads is preloaded"
+        assert kernel["comm"] != "ipymcp-forksrv", "ps tells a kernel from its fork server"
+    assert first["path"].split(os.pathsep)[0] != second["path"].split(os.pathsep)[0], "each kernel has its own pip scripts first on PATH"
+    assert second["cwd"] == str(tmp_path) and second["marker"] == "set-later"
+    assert first["random"] != second["random"], "random state is fresh in each kernel"
+
+
+async def test_a_killed_fork_server_takes_no_kernel_with_it_and_exits_are_still_seen(tmp_path: Path) -> None:
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path) as client:
+            kernel = int((await run(client, "s", "import os\nx = 41\nos.getpid()"))["result"])
+            forks = parent_of(kernel)
+            assert forks in fork_servers_below(os.getpid())
+            os.kill(forks, signal.SIGKILL)
+            await wait_until_gone(forks)
+            kept = await run(client, "s", "x + 1")
+            fresh = await run(client, "t", "import os\nos.getppid()")  # a new fork server, or a spawn
+            os.kill(kernel, signal.SIGKILL)  # its exit is seen without its parent (pidfd)
+            await wait_until_gone(kernel)
+            after = await run(client, "s", "'x' in globals()")
+    assert (kept["status"], kept["result"]) == ("ok", "42"), "the kernel and its state outlived its fork server"
+    assert fresh["status"] == "ok" and int(fresh["result"]) != forks
+    assert (after["status"], after["result"]) == ("ok", "False")
+    assert "died" in after["warning"] and "variables and imports from before are gone" in after["warning"]
+
+
+async def test_an_env_whose_packages_changed_gets_a_fresh_fork_server_and_sees_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "extra-packages"  # on the kernels' sys.path, as a site folder
+    site.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    with anyio.fail_after(SLOW_S):
+        async with connect(tmp_path) as client:
+            old = int((await run(client, "a", "import os\nos.getppid()"))["result"])
+            (site / "installed_later.py").write_text("VALUE = 'new package'\n")  # an install: the folder changes
+            fresh = await run(client, "b", "import os, installed_later\n(os.getppid(), installed_later.VALUE)")
+            newer = parent_of(int((await run(client, "c", "import os\nos.getpid()"))["result"]))
+            forks_then = fork_servers_below(os.getpid())
+            still = await run(client, "a", "import os\nos.getppid()")
+    assert fresh["status"] == "ok" and "new package" in fresh["result"], fresh
+    assert newer != old and newer in forks_then, "later kernels come from a fresh fork server"
+    assert int(still["result"]) == old, "the kernel forked before the change lives on, with its retired fork server"
+
+
+async def test_reset_forks_a_fresh_kernel(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            before = int((await run(client, "s", "import os\nx = 1\nos.getpid()"))["result"])
+            forks = parent_of(before)
+            reset = await client.call_tool("reset", {"session": "s"})
+            after = await run(client, "s", "import os\n(os.getpid(), os.getppid(), 'x' in globals())")
+    assert not reset.is_error
+    pid, parent, kept = after["result"].strip("()").split(", ")
+    assert int(pid) != before and int(parent) == forks and kept == "False"
+
+
+async def test_without_a_fork_server_kernels_are_spawned(tmp_path: Path) -> None:
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path, fork_server=False) as client:
+            parent = int((await run(client, "s", "import os\nos.getppid()"))["result"])
+            servers = fork_servers_below(os.getpid())
+    assert parent == os.getpid() and servers == set()
+
+
+def test_fork_servers_are_for_linux_and_can_be_turned_off() -> None:
+    assert ipython_mcp.fork_server_default({}, platform="linux") is True
+    assert ipython_mcp.fork_server_default({}, platform="darwin") is False, "macOS keeps spawning"
+    for off in ("0", "false", "no", "off"):
+        assert ipython_mcp.fork_server_default({"IPYTHON_MCP_FORK_SERVER": off}, platform="linux") is False
+    assert ipython_mcp.parse_args(["--no-fork-server"]).fork_server is False
+    assert ipython_mcp.parse_args([]).fork_server is None
+
+
+async def test_an_env_without_ipython_still_gets_its_clear_error_and_no_fork_server_is_left(tmp_path: Path) -> None:
+    env = tmp_path / "envs" / "bare"
+    await anyio.run_process([sys.executable, "-m", "venv", "--without-pip", str(env)])
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path, envs_dir=tmp_path / "envs") as client:
+            out = await run(client, "s", "1", env="bare")
+            servers = {pid for pid in fork_servers_below(os.getpid()) if str(env).encode() in command_line(pid)}
+            kernels = {pid for pid in kernels_below(os.getpid()) if str(env).encode() in command_line(pid)}
+    assert out["status"] == "env_error" and "IPython is not importable" in out["error"], out
+    assert servers == set() and kernels == set()
