@@ -70,7 +70,11 @@ class Container:
 
     async def ended(self, kernel_pid: int, marker: str = "") -> None:
         """Wait until the kernel (its pid in the container) and every process carrying ``marker`` are gone."""
-        while kernel_pid in (running := self.processes()) or (marker and any(marker.encode() in line for line in running.values())):
+        def left() -> bool:
+            running = self.processes()
+            return kernel_pid in running or bool(marker) and any(marker.encode() in line for line in running.values())
+
+        while left():
             await anyio.sleep(POLL_S)
 
 
@@ -133,7 +137,9 @@ def box() -> Iterator[Container]:
             subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, timeout=START_S, check=False)
         else:
             pytest.skip("podman cannot run a container here: " + " / ".join(said))
-        inspected = subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", name], capture_output=True, text=True, timeout=START_S, check=True)
+        inspected = subprocess.run(
+            ["podman", "inspect", "-f", "{{.State.Pid}}", name], capture_output=True, text=True, timeout=START_S, check=True
+        )
         yield Container(name, int(inspected.stdout), shared)
     finally:
         subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, timeout=START_S, check=False)
