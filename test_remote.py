@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -38,6 +39,8 @@ SERVER = Path(ipython_mcp.__file__).resolve()
 QUICK_S = 30
 SLOW_S = 60
 PYTHON = sys.executable  # the far side's Python: this venv's, which has IPython
+# The interpreter this venv was made from: `python -m venv` of it makes an env without IPython.
+BASE_PYTHON = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
 # A Debian Python without IPython, for the missing-IPython error.
 BARE_PYTHON = next(
     (
@@ -338,6 +341,50 @@ async def test_missing_remote_ipython_is_an_env_error_with_the_install_command_t
     assert f"testhost '{BARE_PYTHON} -m pip install ipykernel'" in missing["error"], missing["error"]
     far = next(env for env in envs if env["name"] == "far")
     assert not far["usable"] and "pip install ipykernel" in far["problem"], far
+
+
+def offline_ipykernel_wheel(folder: Path) -> Path:
+    """A wheel named ipykernel whose one file is a .pth putting this venv's site-packages (with
+    IPython) on the installing env's path: a real pip install, with no index and no network."""
+    import base64
+    import hashlib
+    import sysconfig
+    import zipfile
+
+    files = {
+        "ipykernel_offline.pth": sysconfig.get_paths()["purelib"] + "\n",
+        "ipykernel-99.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: ipykernel\nVersion: 99.0\n",
+        "ipykernel-99.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+
+    def digest(text: str) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{name},sha256={digest(text)},{len(text.encode())}\n" for name, text in files.items())
+    files["ipykernel-99.0.dist-info/RECORD"] = record + "ipykernel-99.0.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "ipykernel-99.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+async def test_auto_install_runs_pip_through_ssh_and_the_session_starts(sshd: Sshd, tmp_path: Path) -> None:
+    far = tmp_path / "far-env"  # a venv with pip (the base Python's bundled wheel, on its path) and no IPython
+    await anyio.run_process([BASE_PYTHON, "-m", "venv", "--without-pip", str(far)])
+    (bundled_pip,) = Path(sysconfig.get_paths(vars={"base": sys.base_prefix})["stdlib"], "ensurepip", "_bundled").glob("pip-*.whl")
+    (site,) = far.glob("lib/python*/site-packages")
+    (site / "bundled-pip.pth").write_text(f"{bundled_pip}\n")
+    wheels = offline_ipykernel_wheel(tmp_path / "wheels")
+    (far / "pip.conf").write_text(f"[global]\nno-index = true\nfind-links = {wheels.parent}\ndisable-pip-version-check = true\n")
+    async with connect(tmp_path, launchers=sshd.launchers(python=str(far / "bin" / "python")), auto_install=True) as client:
+        with anyio.fail_after(SLOW_S * 2):
+            out = await run(client, "s", "import sys, IPython\nsys.prefix", env="far")
+    assert out["status"] == "ok", out
+    assert out["result"] == repr(str(far)), "the session runs in the far env"
+    assert "ipykernel was installed into env 'far'" in (out["warning"] or ""), out["warning"]
+    assert (site / "ipykernel-99.0.dist-info").is_dir(), "pip installed it on the far side"
 
 
 async def test_missing_remote_python_is_an_env_error_quoting_the_far_shell(sshd: Sshd, tmp_path: Path) -> None:
