@@ -723,11 +723,12 @@ def positive_count(raw: str) -> int:
     return value
 
 
-def spare_kernels_default(environ: Mapping[str, str]) -> int:
-    """IPYTHON_MCP_SPARE_KERNELS, or 1; set but empty: 0 (off); a value that is not a count is reported and ignored."""
+def spare_kernels_default(environ: Mapping[str, str]) -> int | None:
+    """IPYTHON_MCP_SPARE_KERNELS, or None (Config decides: see its ``spare_kernels``); set but
+    empty: 0 (off); a value that is not a count is reported and ignored."""
     if environ.get("IPYTHON_MCP_SPARE_KERNELS", "unset").strip() == "":
         return 0
-    return setting_from_env(environ, "IPYTHON_MCP_SPARE_KERNELS", lambda raw: max(int(raw), 0), 1, "a number")
+    return setting_from_env(environ, "IPYTHON_MCP_SPARE_KERNELS", lambda raw: max(int(raw), 0), None, "a number")
 
 
 def fork_server_default(environ: Mapping[str, str], platform: str = sys.platform) -> bool:
@@ -2810,8 +2811,10 @@ class Config:
     )
     default_timeout_s: float = dataclasses.field(default_factory=default_timeout_s)
     auto_install: bool = dataclasses.field(default_factory=lambda: os.environ.get("IPYTHON_MCP_AUTO_INSTALL", "") in ("1", "true", "yes"))
-    # Kernels of the default env started ahead of need, so a new session starts at once.
-    spare_kernels: int = dataclasses.field(default_factory=lambda: spare_kernels_default(os.environ))
+    # Kernels of the default env started ahead of need, so a new session starts at once. None: 1
+    # without a fork server, 0 with one, which replaces it (a fork takes tens of milliseconds, and
+    # a fork server costs the memory of a spare kernel, not more).
+    spare_kernels: int = dataclasses.field(default_factory=lambda: spare_kernels_default(os.environ))  # type: ignore[assignment]
     # Local kernels forked from a fork server per interpreter (IPython imported once) rather than spawned.
     fork_server: bool = dataclasses.field(default_factory=lambda: fork_server_default(os.environ))
     # Sessions alive at once; a new one past this is a tool error naming the live ones.
@@ -2829,6 +2832,8 @@ class Config:
         # Absolute once, here: replies never hold relative paths, and the kernel (whose
         # working directory the user changes) writes where the server means.
         self.output_dir = Path(os.path.abspath(Path(self.output_dir).expanduser()))
+        if self.spare_kernels is None:
+            self.spare_kernels = 0 if self.fork_server else 1
 
 
 @dataclasses.dataclass
@@ -5901,7 +5906,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--spare-kernels",
         type=int,
         default=None,
-        help="default-env kernels kept started ahead of need, so a new session starts at once (default 1, or $IPYTHON_MCP_SPARE_KERNELS; 0 turns it off)",
+        help="default-env kernels kept started ahead of need, so a new session starts at once (default: 0 where a fork server "
+        "starts kernels in tens of milliseconds, else 1; or $IPYTHON_MCP_SPARE_KERNELS; 0 turns it off)",
     )
     parser.add_argument(
         "--no-fork-server",
@@ -5970,7 +5976,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(export_command(args))
     if args.command in ("attach", "watch"):
         sys.exit(person_command(args))
-    config = Config()
+    config = Config(**({} if args.fork_server is None else {"fork_server": args.fork_server}))  # before it picks spare_kernels
     try:
         given = args.config or (Path(os.environ["IPYTHON_MCP_CONFIG"]).expanduser() if os.environ.get("IPYTHON_MCP_CONFIG") else None)
         config.launchers = load_launch_config(given or config_path_default(), required=given is not None)
@@ -5989,8 +5995,6 @@ def main(argv: list[str] | None = None) -> None:
         config.auto_install = True
     if args.spare_kernels is not None:
         config.spare_kernels = max(args.spare_kernels, 0)
-    if args.fork_server is False:
-        config.fork_server = False
     if args.max_sessions is not None:
         config.max_sessions = max(args.max_sessions, 1)
     if args.idle_timeout_s is not None:

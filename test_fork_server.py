@@ -19,6 +19,7 @@ import pytest
 import ipython_mcp
 from conftest import (
     BOOTSTRAP,
+    POLL_S,
     QUICK_S,
     SLOW_S,
     command_line,
@@ -27,6 +28,7 @@ from conftest import (
     kernels_below,
     parent_of,
     run,
+    sessions,
     wait_until_gone,
 )
 
@@ -92,7 +94,8 @@ async def test_a_killed_fork_server_takes_no_kernel_with_it_and_exits_are_still_
             kept = await run(client, "s", "x + 1")
             fresh = await run(client, "t", "import os\nos.getppid()")  # a new fork server, or a spawn
             os.kill(kernel, signal.SIGKILL)  # its exit is seen without its parent (pidfd)
-            await wait_until_gone(kernel)
+            while (await sessions(client))["s"]["status"] != "dead":
+                await anyio.sleep(POLL_S)
             after = await run(client, "s", "'x' in globals()")
     assert (kept["status"], kept["result"]) == ("ok", "42"), "the kernel and its state outlived its fork server"
     assert fresh["status"] == "ok" and int(fresh["result"]) != forks
@@ -144,6 +147,15 @@ def test_fork_servers_are_for_linux_and_can_be_turned_off() -> None:
         assert ipython_mcp.fork_server_default({"IPYTHON_MCP_FORK_SERVER": off}, platform="linux") is False
     assert ipython_mcp.parse_args(["--no-fork-server"]).fork_server is False
     assert ipython_mcp.parse_args([]).fork_server is None
+
+
+def test_the_fork_server_replaces_the_spare_kernel_unless_one_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IPYTHON_MCP_SPARE_KERNELS", raising=False)
+    assert ipython_mcp.Config(fork_server=True).spare_kernels == 0, "a fork takes tens of ms: no spare kernel's memory"
+    assert ipython_mcp.Config(fork_server=False).spare_kernels == 1
+    assert ipython_mcp.Config(fork_server=True, spare_kernels=2).spare_kernels == 2
+    monkeypatch.setenv("IPYTHON_MCP_SPARE_KERNELS", "1")
+    assert ipython_mcp.Config(fork_server=True).spare_kernels == 1
 
 
 async def test_an_env_without_ipython_still_gets_its_clear_error_and_no_fork_server_is_left(tmp_path: Path) -> None:

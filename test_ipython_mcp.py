@@ -763,7 +763,7 @@ async def test_stdio_server_takes_named_envs_from_ipython_mcp_envs_dir(envs_dir:
 
 async def test_a_spare_kernel_serves_the_next_new_session_and_dies_with_the_server(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with raw_server(tmp_path) as server:
+        async with raw_server(tmp_path, "--spare-kernels", "1") as server:
             while (await server.request("tools/call", {"name": "list_sessions", "arguments": {}}))["result"][
                 "structuredContent"
             ]["spare_kernels"] < 1:
