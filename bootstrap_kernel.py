@@ -1428,7 +1428,7 @@ def main():
 #
 # ``bootstrap_kernel.py --fork-server FD``: FD is a SOCK_SEQPACKET socket to the server.
 #     fork server -> server   ready {ok, error, pid}        (once, after the imports)
-#                             forked {id, pid} | refused {id, error}
+#                             forked {id, pid} | refused {id, error, stale}
 #                             exited {pid, returncode}      (returncode < 0: killed by that signal)
 #     server -> fork server   fork {id, environ, cwd} with 7 fds attached: the kernel's
 #                             stdin, stdout, stderr, then the stdout and stderr output
@@ -1458,6 +1458,10 @@ FORK_PRELOAD = (
     "IPython.utils.generics", "IPython.utils.wildcard", "traitlets.config", "glob", "random", "shutil", "tempfile",
     "unicodedata", "codeop", "shlex", "base64", "faulthandler", "ctypes",
 )
+
+
+class StaleImports(Exception):
+    """What this fork server imported may differ from what the env has now."""
 
 
 def site_folders_state():
@@ -1556,7 +1560,7 @@ def serve_fork(control, data, fds, site_state, wake):
         if len(fds) != FORK_FDS or not isinstance(request.get("environ"), dict):
             raise ValueError("a fork request needs %d fds and an environ" % FORK_FDS)
         if site_folders_state() != site_state:
-            raise LookupError("the env's packages changed since this fork server started")
+            raise StaleImports("the env's packages changed since this fork server started")
         if threading.active_count() != 1:
             raise RuntimeError("the fork server has %d threads" % threading.active_count())
         sys.stdout.flush()
@@ -1565,7 +1569,8 @@ def serve_fork(control, data, fds, site_state, wake):
     except Exception as exc:
         for fd in fds:
             os.close(fd)
-        reply = {"kind": "refused", "id": request_id, "error": "%s: %s" % (type(exc).__name__, exc)}
+        reply = {"kind": "refused", "id": request_id, "error": "%s: %s" % (type(exc).__name__, exc),
+                 "stale": isinstance(exc, StaleImports)}
         control.send(json.dumps(reply).encode())
         return
     if pid == 0:

@@ -1882,7 +1882,7 @@ class ForkServer:
             reply.add_done_callback(self._kill_unwanted)
             raise
         if answer.get("kind") != "forked":
-            if "packages changed" in str(answer.get("error")):
+            if answer.get("stale"):
                 self.retire("its env's packages changed")  # the next kernel gets a fresh fork server
             raise ForkUnavailable(str(answer.get("error")))
         pid = int(answer["pid"])
