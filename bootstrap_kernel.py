@@ -1499,9 +1499,9 @@ def fork_server(control_fd):
         for name in FORK_PRELOAD:  # what building a shell imports: a kernel only builds it
             with contextlib.suppress(Exception):
                 importlib.import_module(name)
-    if threading.active_count() != 1:
-        ready, hello["error"] = False, "a thread was started while importing IPython"
-    control.send(json.dumps({"kind": "ready", "ok": ready, "error": hello.get("error"), "pid": os.getpid()}).encode())
+    if ready and thread_count() != 1:
+        ready, hello["error"] = False, "a thread was started while importing IPython (a sitecustomize or .pth?)"
+    send_quietly(control, {"kind": "ready", "ok": ready, "error": hello.get("error"), "pid": os.getpid()})
     if not ready:
         return 3
     site_state = site_folders_state()
@@ -1515,26 +1515,45 @@ def fork_server(control_fd):
     poller = select.poll()
     poller.register(control, select.POLLIN)
     poller.register(wake_read, select.POLLIN)
-    while True:
-        try:
-            events = dict(poller.poll())
-        except InterruptedError:
-            continue
-        if wake_read in events:
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake_read, 4096)
-            report_exits(control)
-        if control.fileno() in events:
+    try:
+        while True:
             try:
-                data, fds, _, _ = socket.recv_fds(control, 1 << 20, FORK_FDS)
+                events = dict(poller.poll())
             except InterruptedError:
                 continue
-            if not data:  # the server is gone: so are its kernels, even one whose cell holds the GIL
-                for pid in KERNELS:
-                    with contextlib.suppress(OSError):
-                        os.killpg(pid, signal.SIGKILL)
-                return 0
-            serve_fork(control, data, fds, site_state, (wake_read, wake_write))
+            if wake_read in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_read, 4096)
+                report_exits(control)
+            if control.fileno() in events:
+                try:
+                    data, fds, _, _ = socket.recv_fds(control, 1 << 20, FORK_FDS)
+                except InterruptedError:
+                    continue
+                except OSError:  # ECONNRESET: the server died with reports of ours unread
+                    data, fds = b"", []
+                if not data:
+                    return 0
+                serve_fork(control, data, fds, site_state, (wake_read, wake_write))
+    finally:  # the server is gone (or this loop failed): so are its kernels, even one whose cell holds the GIL
+        for pid in KERNELS:
+            for kill in (os.killpg, os.kill):  # os.kill: a kernel that has not reached setsid() yet
+                with contextlib.suppress(OSError):
+                    kill(pid, signal.SIGKILL)
+
+
+def thread_count():
+    """Threads of this process, C ones included (an OpenBLAS pool is invisible to threading)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def send_quietly(control, message):
+    """A report to the server; one that is gone (EPIPE, ECONNRESET) is noticed by the loop."""
+    with contextlib.suppress(OSError):
+        control.send(json.dumps(message).encode())
 
 
 def report_exits(control):
@@ -1546,9 +1565,7 @@ def report_exits(control):
         if pid == 0:
             return
         KERNELS.discard(pid)
-        message = {"kind": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)}
-        with contextlib.suppress(OSError):
-            control.send(json.dumps(message).encode())
+        send_quietly(control, {"kind": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
 
 
 def serve_fork(control, data, fds, site_state, wake):
@@ -1561,17 +1578,16 @@ def serve_fork(control, data, fds, site_state, wake):
             raise ValueError("a fork request needs %d fds and an environ" % FORK_FDS)
         if site_folders_state() != site_state:
             raise StaleImports("the env's packages changed since this fork server started")
-        if threading.active_count() != 1:
-            raise RuntimeError("the fork server has %d threads" % threading.active_count())
+        if thread_count() != 1:
+            raise RuntimeError("the fork server has %d threads" % thread_count())
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
     except Exception as exc:
         for fd in fds:
             os.close(fd)
-        reply = {"kind": "refused", "id": request_id, "error": "%s: %s" % (type(exc).__name__, exc),
-                 "stale": isinstance(exc, StaleImports)}
-        control.send(json.dumps(reply).encode())
+        send_quietly(control, {"kind": "refused", "id": request_id, "error": "%s: %s" % (type(exc).__name__, exc),
+                               "stale": isinstance(exc, StaleImports)})
         return
     if pid == 0:
         code = 1
@@ -1579,13 +1595,17 @@ def serve_fork(control, data, fds, site_state, wake):
             control.close()
             code = become_kernel(request, fds, wake) or 0
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # on the kernel's stderr: the server's death message quotes it
+            import traceback
+
+            traceback.print_exc()
         finally:
             os._exit(code)
     KERNELS.add(pid)
     for fd in fds:
         os.close(fd)
-    control.send(json.dumps({"kind": "forked", "id": request_id, "pid": pid}).encode())
+    send_quietly(control, {"kind": "forked", "id": request_id, "pid": pid})
 
 
 def become_kernel(request, fds, wake):
@@ -1608,8 +1628,9 @@ def become_kernel(request, fds, wake):
     os.environ.pop("IPYTHON_MCP_SERVER_PID", None)  # our parent is the fork server, whose death must not kill us
     PIP_SHIMS = os.environ.pop("IPYTHON_MCP_PIP_SHIMS", "")
     KERNEL_PID = os.getpid()
-    with contextlib.suppress(OSError):
-        os.chdir(request.get("cwd") or "/")
+    if request.get("cwd"):  # None: the server's was deleted; stay where the fork server is
+        with contextlib.suppress(OSError):
+            os.chdir(request["cwd"])
     sys.argv = [sys.argv[0]]
     import importlib
 

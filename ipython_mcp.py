@@ -736,7 +736,13 @@ def fork_server_default(environ: Mapping[str, str], platform: str = sys.platform
     where forking a process that imported system frameworks is unsafe) kernels are spawned."""
     if not platform.startswith("linux") or not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
         return False
-    return environ.get("IPYTHON_MCP_FORK_SERVER", "1").strip().lower() not in ("0", "false", "no", "off")
+    if environ.get("IPYTHON_MCP_FORK_SERVER", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:  # the exits of a dead fork server's kernels are watched by pidfd: Linux 5.3+, and no seccomp filter against it
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
 
 
 def max_sessions_default(environ: Mapping[str, str]) -> int:
@@ -1759,21 +1765,26 @@ class ForkedProcess:
         """Take our ends of the kernel's three pipes (and close them if this fails)."""
         loop = asyncio.get_running_loop()
         files = [os.fdopen(stdin, "wb", 0), os.fdopen(stdout, "rb", 0), os.fdopen(stderr, "rb", 0)]
+        transports: list[asyncio.BaseTransport] = []  # a file under a transport is closed by aborting it
         try:
             transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
-            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
-            self.stdout = await self._reader(files[1])
-            self.stderr = await self._reader(files[2])
+            transports.append(transport)
+            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)  # type: ignore[arg-type]
+            self.stdout = await self._reader(files[1], transports)
+            self.stderr = await self._reader(files[2], transports)
         except BaseException:
-            for file in files:
+            for transport in transports:
+                transport.abort()  # type: ignore[attr-defined]
+            for file in files[len(transports):]:
                 file.close()
             raise
 
     @staticmethod
-    async def _reader(file: Any) -> asyncio.StreamReader:
+    async def _reader(file: Any, transports: list[asyncio.BaseTransport]) -> asyncio.StreamReader:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=WIRE_LINE_LIMIT, loop=loop)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), file)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), file)
+        transports.append(transport)
         return reader
 
     async def wait(self) -> int | None:
@@ -1865,7 +1876,11 @@ class ForkServer:
             raise ForkUnavailable(self.failed or "not started")
         request_id = next(self._ids)
         reply = self._replies[request_id] = asyncio.get_running_loop().create_future()
-        request = json.dumps({"kind": "fork", "id": request_id, "environ": environ, "cwd": os.getcwd()}).encode()
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:  # deleted: the kernel starts where the fork server is
+            cwd = None
+        request = json.dumps({"kind": "fork", "id": request_id, "environ": environ, "cwd": cwd}).encode()
         try:
             while True:
                 try:
@@ -1874,10 +1889,12 @@ class ForkServer:
                 except BlockingIOError:
                     await anyio.wait_writable(self._socket)
         except OSError as exc:
-            self._lost(f"its socket failed: {exc}")
-            raise ForkUnavailable(self.failed) from exc
+            self._replies.pop(request_id, None)
+            if exc.errno != errno.EMSGSIZE:  # EMSGSIZE: this request (a huge environment) only
+                self.retire(f"its socket failed: {exc}")
+            raise ForkUnavailable(f"the fork request could not be sent: {exc}") from exc
         try:
-            answer = await reply
+            answer = await asyncio.shield(reply)
         except asyncio.CancelledError:  # the kernel is forked all the same: it must not live on unowned
             reply.add_done_callback(self._kill_unwanted)
             raise
@@ -1886,19 +1903,14 @@ class ForkServer:
                 self.retire("its env's packages changed")  # the next kernel gets a fresh fork server
             raise ForkUnavailable(str(answer.get("error")))
         pid = int(answer["pid"])
-        exit_status = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
-        if self.failed is not None and not exit_status.done():  # the fork server ended since its answer
-            self._watch_orphan(pid, exit_status)
-        exit_status.add_done_callback(lambda _: self._ended(pid))
-        return ForkedProcess(pid, exit_status)
+        return ForkedProcess(pid, self._exits[pid])
 
     def _kill_unwanted(self, reply: asyncio.Future[dict[str, Any]]) -> None:
         answer = reply.result()
         if answer.get("kind") == "forked":
-            pid = int(answer["pid"])
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            self._exits.setdefault(pid, asyncio.get_running_loop().create_future()).add_done_callback(lambda _: self._ended(pid))
+            for kill in (os.killpg, os.kill):  # os.kill: it may not have reached setsid() yet
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(int(answer["pid"]), signal.SIGKILL)
 
     def _ended(self, pid: int) -> None:
         self._exits.pop(pid, None)
@@ -1934,13 +1946,17 @@ class ForkServer:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(message)
         elif kind in ("forked", "refused"):
+            if kind == "forked" and isinstance(message.get("pid"), int):  # its exit may be the next message
+                pid = message["pid"]
+                self._exits[pid] = asyncio.get_running_loop().create_future()
+                self._exits[pid].add_done_callback(lambda _: self._ended(pid))
             reply = self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
             if reply is not None and not reply.done():
                 reply.set_result(message)
-        elif kind == "exited" and isinstance(message.get("pid"), int):
+        elif kind == "exited":
+            status = self._exits.get(message.get("pid"))  # type: ignore[arg-type]
             returncode = message.get("returncode")
-            status = self._exits.setdefault(message["pid"], asyncio.get_running_loop().create_future())
-            if not status.done():
+            if status is not None and not status.done():
                 status.set_result(returncode if isinstance(returncode, int) else None)
 
     def _lost(self, why: str) -> None:
@@ -1964,7 +1980,9 @@ class ForkServer:
         loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(pid)
-        except OSError:  # already gone (or no pidfd here): its pipes' end of file says the rest
+        except OSError as exc:  # gone already (fork_server_default checked that pidfds work here)
+            if not isinstance(exc, ProcessLookupError):
+                log.warning("kernel %s: its exit cannot be watched (%s); taken as ended", pid, exc)
             if not status.done():
                 status.set_result(None)
             return
@@ -1989,9 +2007,10 @@ class ForkServer:
         end of file on its socket would have it do so). Their exits are then watched by pidfd."""
         if self.failed is None:
             self.failed = "it was closed"
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is not None:
+            if self.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
             if self.guard is not None:
                 self.guard.forget(self.process.pid)
         if self._reader is not None and not self._reader.done():
@@ -2189,6 +2208,8 @@ class Kernel:
         except BaseException:  # cancelled: a kernel forked already goes now
             if self.process is not None:
                 self.proc.kill_now(running=False)
+                if self.guard is not None:
+                    self.guard.forget(self.process.pid)
             for fd in theirs if self.process is not None else ends:  # once connected, ours belong to the streams
                 os.close(fd)
             raise
@@ -3297,7 +3318,7 @@ class SessionManager:
             return
         if self.config.spare_kernels > 0 and memory_to_spare():
             self._refill = asyncio.get_running_loop().create_task(self._fill_spares(), name="spare-kernels")
-        elif self.config.fork_server and self._refill is None:
+        elif self.config.fork_server and self._refill is None and memory_to_spare():
             self._refill = asyncio.get_running_loop().create_task(self._fork_server_ahead(), name="fork-server-ahead")
 
     async def _fork_server_ahead(self) -> None:
@@ -3344,12 +3365,14 @@ class SessionManager:
         self.sessions.clear()
         kernels = [s.kernel for s in sessions if s.kernel is not None] + self._spares + list(self._starting)
         self._spares = []
-        self._close_fork_servers()
+        for task in self._fork_starts.values():
+            task.cancel()
         for kernel in kernels:
             kernel.kill_now()
         async with anyio.create_task_group() as group:
             for kernel in kernels:
                 group.start_soon(kernel.kill, "shutdown")
+        self._close_fork_servers()  # after the kernels: their exit statuses came from it
         with anyio.CancelScope(shield=True):
             await self.guard.close()
         self.files.remove_all()

@@ -26,6 +26,7 @@ from conftest import (
     connect,
     fork_servers_below,
     kernels_below,
+    live_processes,
     parent_of,
     run,
     sessions,
@@ -168,3 +169,49 @@ async def test_an_env_without_ipython_still_gets_its_clear_error_and_no_fork_ser
             kernels = {pid for pid in kernels_below(os.getpid()) if str(env).encode() in command_line(pid)}
     assert out["status"] == "env_error" and "IPython is not importable" in out["error"], out
     assert servers == set() and kernels == set()
+
+
+async def started_fork_server() -> ipython_mcp.ForkServer:
+    forks = ipython_mcp.ForkServer(Path(sys.executable), None)
+    await forks.start(ipython_mcp.kernel_environment(Path(sys.executable)))
+    return forks
+
+
+def kernel_pipes() -> tuple[list[int], list[int]]:
+    """The seven fds a fork request hands over (stdin, stdout, stderr, two output pipes), and ours."""
+    (in_r, in_w), (out_r, out_w), (err_r, err_w), (o1_r, o1_w), (o2_r, o2_w) = (os.pipe() for _ in range(5))
+    return [in_r, out_w, err_w, o1_r, o1_w, o2_r, o2_w], [in_w, out_r, err_r]
+
+
+async def test_a_fork_cancelled_while_waiting_for_its_reply_leaves_no_kernel(tmp_path: Path) -> None:
+    forks = await started_fork_server()
+    theirs, ours = kernel_pipes()  # ours stay open: only a kill ends that kernel
+    try:
+        with anyio.fail_after(QUICK_S):
+            async with anyio.create_task_group() as group:
+                group.start_soon(forks.fork, ipython_mcp.kernel_environment(Path(sys.executable)), theirs)
+                while not forks._replies:  # the request is out
+                    await anyio.sleep(0)
+                group.cancel_scope.cancel()
+            while live_processes(below=forks.pid):  # the kernel it forked anyway is killed
+                await anyio.sleep(POLL_S)
+            assert forks.usable and not forks._exits
+    finally:
+        forks.close()
+        for fd in theirs + ours:
+            os.close(fd)
+
+
+async def test_a_fork_request_too_big_to_send_is_refused_and_the_fork_server_stays(tmp_path: Path) -> None:
+    forks = await started_fork_server()
+    theirs, ours = kernel_pipes()
+    try:
+        with anyio.fail_after(QUICK_S):
+            huge = {**ipython_mcp.kernel_environment(Path(sys.executable)), "BIG": "x" * (4 << 20)}
+            with pytest.raises(ipython_mcp.ForkUnavailable, match="could not be sent"):
+                await forks.fork(huge, theirs)
+            assert forks.usable and forks.alive
+    finally:
+        forks.close()
+        for fd in theirs + ours:
+            os.close(fd)
