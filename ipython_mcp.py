@@ -2529,12 +2529,14 @@ class Kernel:
         self._sends.add(task)  # keep a reference until it is done
         task.add_done_callback(self._sends.discard)
 
-    def kill_now(self) -> None:
+    def kill_now(self, stop: StopReason | None = None) -> None:
         """SIGKILL the kernel's process group (for a launched kernel: the launcher's, which
         ends the connection, and the far side ends its own group at end of input), and
         descendants that left it (setsid). Synchronous, so signal handlers and exit paths
         can use it; ``kill`` also reaps.
         """
+        if self.stop_reason is None and stop is not None:
+            self.stop_reason = stop
         self.proc.kill_now(running=self.alive)
         self._remove_pip_shims()
 
@@ -3246,8 +3248,12 @@ class SessionManager:
         """
         session.check_open()
         session.left_running = None  # a cell left running dies with its kernel
-        if session.kernel is not None:
-            await session.kernel.kill(StopReason.RESET)
+        old, reaped = session.kernel, None
+        if old is not None and old.launched is None:
+            old.kill_now(StopReason.RESET)  # SIGKILLed now: the fresh kernel starts while the old one is reaped
+            reaped = asyncio.get_running_loop().create_task(old.kill(StopReason.RESET))
+        elif old is not None:
+            await old.kill(StopReason.RESET)  # far side: its input closes first, so it ends its own group
         session.lost_state = None  # asked for: no warning on the next call
         try:
             return await self._ensure_kernel(session, time.monotonic() + self.config.default_timeout_s)
@@ -3255,6 +3261,9 @@ class SessionManager:
             return None
         finally:
             session.last_active = time.monotonic()
+            if reaped is not None:
+                with anyio.CancelScope(shield=True):
+                    await reaped
 
     def interrupt(self, name: str) -> tuple[str, ActionOutcome, str, int | None]:
         """SIGINT to the session's running cell, if any: (session, outcome, message, kernel pid)."""
