@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    uv run --extra bench --extra test python bench/bench.py            # default, about 80 s
+    uv run --extra bench --extra test python bench/bench.py            # default, ~10 min on a loaded 2-core VM
     uv run --extra bench --extra test python bench/bench.py --quick    # fewer repetitions
 
 Systems measured (same machine, same Python, same run, alternating order per repetition):
