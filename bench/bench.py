@@ -266,6 +266,28 @@ def tree_memory(root_pid: int) -> dict[str, Any]:
     return total
 
 
+def tree_cpu(root_pid: int) -> float:
+    """CPU seconds used so far by a process and its live descendants."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(root_pid)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += cpu_of(process.pid)
+    return total
+
+
+IDLE_WINDOW_S = 0.5  # a tree is idle when it used less than IDLE_CPU_S of CPU in this long
+IDLE_CPU_S = 0.01
+
+
+async def tree_idle(root_pid: int) -> bool:
+    """Whether a process tree stays (almost) idle for IDLE_WINDOW_S: nothing in it is starting."""
+    before = tree_cpu(root_pid)
+    await asyncio.sleep(IDLE_WINDOW_S)
+    return tree_cpu(root_pid) - before < IDLE_CPU_S
+
+
 @contextlib.asynccontextmanager
 async def fresh_server(parameters: Any) -> Any:
     """A new MCP server of ours behind a stdio Client; yields (Ours, the server's pid)."""
@@ -281,7 +303,7 @@ async def fresh_server(parameters: Any) -> Any:
                     new.append(child.pid)
         if len(new) != 1:
             raise RuntimeError(f"cannot tell the new server's process among {new}")
-        yield Ours(client), new[0]
+        yield Ours(client, new[0]), new[0]
 
 
 # --- ours: the MCP server through a real MCP client -------------------------------------
@@ -290,8 +312,9 @@ async def fresh_server(parameters: Any) -> Any:
 class Ours:
     """ipython_mcp.py behind the MCP SDK's stdio Client."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, pid: int | None = None):
         self.client = client
+        self.pid = pid  # the server's process, when known: its tree tells when it is idle
         self.spare_seen = False
         self.spare_missing = False
 
@@ -325,16 +348,22 @@ class Ours:
         return result.structured_content.get("spare_kernels")
 
     async def wait_for_spare(self) -> bool:
-        """Until a spare kernel is ready, when the server keeps them; bounded. True if one is.
+        """Until a spare kernel is ready, when the server keeps them, or (server pid known) until
+        nothing under the server is starting any more (a server keeping no spare, whose fork
+        server has finished importing); bounded. True if a spare kernel is ready.
 
-        A server that never showed one (spares off, or the machine short of memory) is not
-        waited for again."""
+        Without the pid, a server that never showed a spare (spares off, or the machine short
+        of memory) is not waited for again."""
         if self.spare_missing:
             return False
         deadline = time.monotonic() + START_TIMEOUT_S / 4
         while (count := await self.spares_ready()) is not None and count < 1:
+            if self.pid is not None and await tree_idle(self.pid):
+                if (await self.spares_ready() or 0) < 1:
+                    return False
+                continue
             if time.monotonic() > deadline:
-                self.spare_missing = not self.spare_seen
+                self.spare_missing = self.pid is None and not self.spare_seen
                 return False
             await asyncio.sleep(0.02)
         self.spare_seen = self.spare_seen or count is not None
@@ -1057,7 +1086,7 @@ class Bench:
             r.add("cold.floor_shell", await spawn_until_ready("from IPython.core.interactiveshell import InteractiveShell as S; S.instance().run_cell('1+1')"))
 
         async def ours() -> None:
-            """As shipped: a spare kernel, if the server keeps one, is ready (sessions started seconds apart)."""
+            """A spare kernel (--spare-kernels 1) is ready, as when sessions start seconds apart."""
             assert self.ours
             has_spare = await self.ours.wait_for_spare()
             name = self.name("cold")
@@ -1626,10 +1655,11 @@ class Bench:
                 await asyncio.gather(*(server.shutdown(name) for name in names if name in live), return_exceptions=True)
 
         async def ours() -> None:
-            """As shipped: the spare kernel takes one, the fork server forks the rest."""
-            assert self.ours
-            await self.ours.wait_for_spare()
-            await burst(self.ours, "concurrent.ours")
+            """No spare kernel (as shipped with fork servers): the fork server forks all ten."""
+            server = self.ours_no_spare or self.ours
+            assert server
+            await server.wait_for_spare()  # nothing of the last burst still ending
+            await burst(server, "concurrent.ours")
 
         async def ours_no_fork() -> None:
             """No spare kernel, no fork server: ten interpreters spawned."""
@@ -1708,7 +1738,7 @@ class Bench:
                 assert reply.get("result") == "2", reply
 
             async def ours() -> None:
-                """As shipped: a reset in the default env takes the spare kernel when one is ready."""
+                """--spare-kernels 1: a reset in the default env takes the spare kernel when one is ready."""
                 assert self.ours
                 await self.ours.wait_for_spare()  # and no spare refill still running from before
                 await ours_reset(self.ours, shipped, "reset.ours")
@@ -1812,8 +1842,6 @@ class Bench:
     # -- whole process tree with 1 and then 10 idle sessions, each side in a fresh process
 
     async def tree(self) -> None:
-        from mcp import Client
-
         r = self.r
         sizes = (1, CONCURRENT)
 
@@ -1844,11 +1872,11 @@ class Bench:
                         await server.drop(name)
 
         async def ours() -> None:
-            """As shipped: a spare kernel and, on Linux, the default env's fork server."""
+            """As shipped (on Linux: the default env's fork server, and no spare kernel since it replaced it)."""
             await ours_tree(self.parameters, "ours")
 
         async def ours_no_fork() -> None:
-            """As shipped but --no-fork-server: the spare kernel only, every kernel spawned."""
+            """As shipped but --no-fork-server (a spare kernel, every kernel spawned)."""
             await ours_tree(self.parameters_no_fork, "ours_no_fork")
 
         async def baseline() -> None:
@@ -1889,7 +1917,6 @@ class Bench:
                 await step()
 
     async def run(self) -> None:
-        from mcp import Client
         from mcp.client.stdio import StdioServerParameters
 
         parameters = StdioServerParameters(
@@ -1898,8 +1925,11 @@ class Bench:
             env={"IPYTHON_MCP_ENVS_DIR": str(self.work / "envs"), RUN_MARKER: os.environ[RUN_MARKER]},
         )
         no_spare = None
+        spare = parameters  # the server of the spare-kernel rows (and warm, output, interrupt)
         if server_has_option("--spare-kernels"):
             no_spare = parameters.model_copy(update={"args": [*parameters.args, "--spare-kernels", "0"]})
+            # As shipped, a server with fork servers keeps no spare kernel: ask for one.
+            spare = parameters.model_copy(update={"args": [*parameters.args, "--spare-kernels", "1"]})
         self.r.notes["server_keeps_spare_kernels"] = no_spare is not None
         no_fork = None
         if server_has_option("--no-fork-server"):
@@ -1912,13 +1942,12 @@ class Bench:
         try:
             started = time.perf_counter()
             async with contextlib.AsyncExitStack() as stack:
-                client = await stack.enter_async_context(Client(parameters, read_timeout_seconds=START_TIMEOUT_S))
+                self.ours, _ = await stack.enter_async_context(fresh_server(spare))
                 self.r.add("server.connect", time.perf_counter() - started)
-                self.ours = Ours(client)
                 if no_spare is not None:
-                    self.ours_no_spare = Ours(await stack.enter_async_context(Client(no_spare, read_timeout_seconds=START_TIMEOUT_S)))
+                    self.ours_no_spare, _ = await stack.enter_async_context(fresh_server(no_spare))
                 if no_fork is not None:
-                    self.ours_no_fork = Ours(await stack.enter_async_context(Client(no_fork, read_timeout_seconds=START_TIMEOUT_S)))
+                    self.ours_no_fork, _ = await stack.enter_async_context(fresh_server(no_fork))
                 await self.section("cold session + idle memory", self.cold())
                 await self.section("reset", self.reset())
                 await self.section("new session in a venv", self.other_env())
@@ -1980,7 +2009,7 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
 
     row("new session, no spare kernel, fork server ready, 1+1 (median)", "cold.ours_no_spare", "cold.baseline", "cold.floor_import_ipython")
     row("  --no-fork-server (kernel spawned)", "cold.ours_no_fork", "cold.baseline", "cold.floor_import_ipython")
-    row("  with a spare kernel ready (as shipped)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
+    row("  with a spare kernel ready (--spare-kernels 1)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
     row("  baseline ready by wait_for_ready()", "cold.ours_no_spare", "cold.baseline_wait_for_ready", "cold.floor_import_ipython")
     row("  kernel only, spawned, direct pipes", "cold.ours_direct", "cold.baseline", "cold.floor_import_ipython")
     row("  kernel CPU time, start + 1+1 + idle (forked)", "cold.ours_kernel_cpu", "cold.baseline_kernel_cpu", None)
@@ -1992,7 +2021,7 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("  --no-fork-server (kernel spawned)", "env.ours_no_fork", "env.baseline", "env.floor_import_ipython")
     row("reset, no spare kernel, until 1+1 (median)", "reset.ours_no_spare", "reset.baseline", "cold.floor_import_ipython")
     row("  --no-fork-server (kernel spawned)", "reset.ours_no_fork", "reset.baseline", "cold.floor_import_ipython")
-    row("  with a spare kernel ready (as shipped)", "reset.ours", "reset.baseline", "cold.floor_import_ipython")
+    row("  with a spare kernel ready (--spare-kernels 1)", "reset.ours", "reset.baseline", "cold.floor_import_ipython")
     row("warm 1+1 round trip (median)", "warm.ours", "warm.baseline", "warm.floor_sdk")
     row("warm 1+1 round trip (p95)", "warm.ours", "warm.baseline", "warm.floor_sdk", field="p95")
     row("  over streamable HTTP (legacy session, bearer token)", "warm.ours_http", "warm.baseline", "warm.floor_sdk")
@@ -2045,8 +2074,8 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("  of which our fork server, PSS", f"tree{CONCURRENT}.ours_fork_server_pss", None, None, kind="bytes")
     row("  --no-fork-server, USS", f"tree{CONCURRENT}.ours_no_fork_uss", f"tree{CONCURRENT}.baseline_uss", None, kind="bytes")
     row("  --no-fork-server, PSS", f"tree{CONCURRENT}.ours_no_fork_pss", f"tree{CONCURRENT}.baseline_pss", None, kind="bytes")
-    row("10 sessions at once, all answered (as shipped)", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
-    row("  --no-fork-server, no spare kernel", "concurrent.ours_no_fork", "concurrent.baseline", "concurrent.floor_import_ipython")
+    row("10 sessions at once, no spare kernel (fork server), all answered", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
+    row("  --no-fork-server (spawned)", "concurrent.ours_no_fork", "concurrent.baseline", "concurrent.floor_import_ipython")
     row("our MCP server start, spawn -> ready", "server.connect", None, None)
     return rows
 
@@ -2094,7 +2123,7 @@ def evaluate_targets(r: Results) -> list[dict[str, Any]]:
     target("  the same by PSS (fairer: a forked kernel's USS leaves out what it shares with its fork server)", [
         ("ours/baseline", ratio(med(f"tree{CONCURRENT}.ours_pss"), med(f"tree{CONCURRENT}.baseline_pss")), "<=", 0.5),
     ])
-    target("idle fresh server as shipped (fork server + spare) holds no more than with --no-fork-server (spare only)", [
+    target("idle fresh server as shipped holds no more than as shipped with --no-fork-server", [
         ("PSS fork/no-fork", ratio(med("tree0.ours_pss"), med("tree0.ours_no_fork_pss")), "<=", 1),
         ("USS fork/no-fork", ratio(med("tree0.ours_uss"), med("tree0.ours_no_fork_uss")), "<=", 1),
     ])
