@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    uv run --extra bench --extra test python bench/bench.py            # default, about 80 s
+    uv run --extra bench --extra test python bench/bench.py            # default, ~10 min on a loaded 2-core VM
     uv run --extra bench --extra test python bench/bench.py --quick    # fewer repetitions
 
 Systems measured (same machine, same Python, same run, alternating order per repetition):
@@ -202,29 +202,108 @@ def memory_of(pid: int) -> tuple[float, float]:
     return float(info.rss), float(info.uss)
 
 
+def pss_of(pid: int) -> float:
+    """PSS in bytes (Linux; 0 elsewhere): shared pages split between the processes mapping them."""
+    return float(getattr(psutil.Process(pid).memory_full_info(), "pss", 0.0))
+
+
+# What ps shows for a fork server (bootstrap_kernel.py --fork-server). Its kernels are its
+# children and keep its command line; only this name tells the fork server apart.
+FORK_SERVER_NAME = "ipymcp-forksrv"
+
+
+def kind_of(process: psutil.Process) -> str:
+    """What one process under our server is: 'fork_server', 'kernel' (forked or spawned) or 'other'
+    (the orphan guard, say)."""
+    if process.name() == FORK_SERVER_NAME:
+        return "fork_server"
+    if any(arg.endswith(BOOTSTRAP.name) for arg in process.cmdline()[1:4]):
+        return "kernel"
+    return "other"
+
+
+def server_of(pid: int) -> int:
+    """Our MCP server holding this kernel: the kernel's ancestor that is this process's child.
+
+    A spawned kernel is the server's child; a forked one is its fork server's, a grandchild."""
+    process = psutil.Process(pid)
+    while process.ppid() != os.getpid():
+        parent = process.parent()
+        if parent is None or parent.pid <= 1:
+            raise RuntimeError(f"process {pid} is not under a server this run started")
+        process = parent
+    return process.pid
+
+
 def tree_memory(root_pid: int) -> dict[str, Any]:
     """Memory of a process and all its descendants, summed over the processes (bytes).
 
     USS (pages only that process maps) adds up to what the tree alone holds, short of the
-    pages its processes share with each other; RSS counts shared pages (libraries, pages
-    a forked child still shares) once per process; PSS splits each shared page between the
-    processes mapping it (Linux only).
+    pages its processes share with each other (a forked kernel's pages still shared with its
+    fork server are in no USS); RSS counts shared pages (libraries, pages a forked child still
+    shares) once per process; PSS splits each shared page between the processes mapping it
+    (Linux only), so summed over a tree it is what the tree holds, shared pages included.
+    Also split by kind: the root, fork servers, kernels, others (the orphan guard).
     """
     root = psutil.Process(root_pid)
     processes = [root, *root.children(recursive=True)]
-    total = {"rss": 0.0, "uss": 0.0, "pss": 0.0, "processes": 0, "names": []}
+    total: dict[str, Any] = {"rss": 0.0, "uss": 0.0, "pss": 0.0, "processes": 0, "names": [], "by_kind": {}}
     for process in processes:
         try:
             info = process.memory_full_info()
             name = " ".join(process.cmdline()[1:3])[-60:]
+            kind = "root" if process.pid == root_pid else kind_of(process)
         except psutil.Error:  # gone meanwhile: not part of the tree any more
             continue
-        total["rss"] += info.rss
-        total["uss"] += info.uss
-        total["pss"] += getattr(info, "pss", 0.0)
+        part = total["by_kind"].setdefault(kind, {"rss": 0.0, "uss": 0.0, "pss": 0.0, "processes": 0})
+        for field in ("rss", "uss", "pss"):
+            value = float(getattr(info, field, 0.0))
+            total[field] += value
+            part[field] += value
+        part["processes"] += 1
         total["processes"] += 1
-        total["names"].append(name)
+        total["names"].append(f"{kind}: {name}")
     return total
+
+
+def tree_cpu(root_pid: int) -> float:
+    """CPU seconds used so far by a process and its live descendants."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(root_pid)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += cpu_of(process.pid)
+    return total
+
+
+IDLE_WINDOW_S = 0.5  # a tree is idle when it used less than IDLE_CPU_S of CPU in this long
+IDLE_CPU_S = 0.01
+
+
+async def tree_idle(root_pid: int) -> bool:
+    """Whether a process tree stays (almost) idle for IDLE_WINDOW_S: nothing in it is starting."""
+    before = tree_cpu(root_pid)
+    await asyncio.sleep(IDLE_WINDOW_S)
+    return tree_cpu(root_pid) - before < IDLE_CPU_S
+
+
+@contextlib.asynccontextmanager
+async def fresh_server(parameters: Any) -> Any:
+    """A new MCP server of ours behind a stdio Client; yields (Ours, the server's pid)."""
+    from mcp import Client
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    async with Client(parameters, read_timeout_seconds=START_TIMEOUT_S) as client:
+        new = []
+        for child in me.children():
+            with contextlib.suppress(psutil.Error):
+                if child.pid not in before and str(SERVER) in child.cmdline():
+                    new.append(child.pid)
+        if len(new) != 1:
+            raise RuntimeError(f"cannot tell the new server's process among {new}")
+        yield Ours(client, new[0]), new[0]
 
 
 # --- ours: the MCP server through a real MCP client -------------------------------------
@@ -233,8 +312,9 @@ def tree_memory(root_pid: int) -> dict[str, Any]:
 class Ours:
     """ipython_mcp.py behind the MCP SDK's stdio Client."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, pid: int | None = None):
         self.client = client
+        self.pid = pid  # the server's process, when known: its tree tells when it is idle
         self.spare_seen = False
         self.spare_missing = False
 
@@ -268,16 +348,22 @@ class Ours:
         return result.structured_content.get("spare_kernels")
 
     async def wait_for_spare(self) -> bool:
-        """Until a spare kernel is ready, when the server keeps them; bounded. True if one is.
+        """Until a spare kernel is ready, when the server keeps them, or (server pid known) until
+        nothing under the server is starting any more (a server keeping no spare, whose fork
+        server has finished importing); bounded. True if a spare kernel is ready.
 
-        A server that never showed one (spares off, or the machine short of memory) is not
-        waited for again."""
+        Without the pid, a server that never showed a spare (spares off, or the machine short
+        of memory) is not waited for again."""
         if self.spare_missing:
             return False
         deadline = time.monotonic() + START_TIMEOUT_S / 4
         while (count := await self.spares_ready()) is not None and count < 1:
+            if self.pid is not None and await tree_idle(self.pid):
+                if (await self.spares_ready() or 0) < 1:
+                    return False
+                continue
             if time.monotonic() > deadline:
-                self.spare_missing = not self.spare_seen
+                self.spare_missing = self.pid is None and not self.spare_seen
                 return False
             await asyncio.sleep(0.02)
         self.spare_seen = self.spare_seen or count is not None
@@ -938,6 +1024,8 @@ class Bench:
         self.jupyter = Jupyter(work)
         self.ours: Ours | None = None
         self.ours_no_spare: Ours | None = None  # a second server with spare kernels off, when it has them
+        self.ours_no_fork: Ours | None = None  # a third: spare kernels and fork servers off (every kernel spawned)
+        self.parameters_no_fork: Any = None  # as shipped but --no-fork-server (the spare kernel kept)
         self.server_pid: int | None = None
         self.direct: list[DirectKernel] = []
         self.counter = 0
@@ -998,7 +1086,7 @@ class Bench:
             r.add("cold.floor_shell", await spawn_until_ready("from IPython.core.interactiveshell import InteractiveShell as S; S.instance().run_cell('1+1')"))
 
         async def ours() -> None:
-            """As shipped: a spare kernel, if the server keeps one, is ready (sessions started seconds apart)."""
+            """A spare kernel (--spare-kernels 1) is ready, as when sessions start seconds apart."""
             assert self.ours
             has_spare = await self.ours.wait_for_spare()
             name = self.name("cold")
@@ -1013,20 +1101,36 @@ class Bench:
                 rss, uss = memory_of(pid)
                 r.add("memory.ours_rss", rss)
                 r.add("memory.ours_uss", uss)
-                self.server_pid = psutil.Process(pid).ppid()
+                r.add("memory.ours_pss", pss_of(pid))
+                # A forked kernel is its fork server's child: the server is the ancestor we started.
+                self.server_pid = server_of(pid)
                 rss, uss = memory_of(self.server_pid)
                 r.add("memory.server_rss", rss)
                 r.add("memory.server_uss", uss)
+                under = psutil.Process(self.server_pid).children(recursive=True)
+                fork_servers = [p for p in under if kind_of(p) == "fork_server"]
+                r.notes["fork_servers"] = len(fork_servers)
+                if fork_servers:
+                    rss = uss = pss = 0.0
+                    for process in fork_servers:
+                        info = process.memory_full_info()
+                        rss, uss, pss = rss + info.rss, uss + info.uss, pss + getattr(info, "pss", 0.0)
+                    r.add("memory.fork_server_rss", rss)
+                    r.add("memory.fork_server_uss", uss)
+                    r.add("memory.fork_server_pss", pss)
                 if has_spare and await self.ours.wait_for_spare():
-                    # Kernels of the server that belong to no session: the spares, idle.
+                    # Kernels under the server (its children, or its fork servers') that belong to
+                    # no session: the spares, idle.
                     session_pids = {info["pid"] for info in (await self.ours.sessions()).values()}
-                    spares = [c for c in psutil.Process(self.server_pid).children() if c.pid not in session_pids]
-                    rss = uss = 0.0
+                    under = psutil.Process(self.server_pid).children(recursive=True)
+                    spares = [p for p in under if kind_of(p) == "kernel" and p.pid not in session_pids]
+                    rss = uss = pss = 0.0
                     for spare in spares:
-                        spare_rss, spare_uss = memory_of(spare.pid)
-                        rss, uss = rss + spare_rss, uss + spare_uss
+                        info = spare.memory_full_info()
+                        rss, uss, pss = rss + info.rss, uss + info.uss, pss + getattr(info, "pss", 0.0)
                     r.add("memory.spares_rss", rss)
                     r.add("memory.spares_uss", uss)
+                    r.add("memory.spares_pss", pss)
                     r.notes["spare_kernels"] = len(spares)
             finally:
                 await self.ours.drop(name)
@@ -1042,6 +1146,25 @@ class Bench:
                 assert reply.get("result") == "2", reply
             finally:
                 await self.ours_no_spare.drop(name)
+
+        async def ours_no_fork() -> None:
+            """The same kernel start with fork servers off (--no-fork-server): a fresh interpreter."""
+            assert self.ours_no_fork
+            name = self.name("cold")
+            started = time.perf_counter()
+            try:
+                reply = await self.ours_no_fork.ok(name, WARM_CODE)
+                r.add("cold.ours_no_fork", time.perf_counter() - started)
+                assert reply.get("result") == "2", reply
+                await asyncio.sleep(MEMORY_SETTLE_S)
+                pid = (await self.ours_no_fork.sessions())[name]["pid"]
+                r.add("cold.ours_no_fork_kernel_cpu", cpu_of(pid))
+                rss, uss = memory_of(pid)
+                r.add("memory.ours_no_fork_rss", rss)
+                r.add("memory.ours_no_fork_uss", uss)
+                r.add("memory.ours_no_fork_pss", pss_of(pid))
+            finally:
+                await self.ours_no_fork.drop(name)
 
         async def direct() -> None:
             kernel = DirectKernel(self.work)
@@ -1077,12 +1200,15 @@ class Bench:
                 rss, uss = memory_of(self.jupyter.pid(manager))
                 r.add("memory.baseline_rss", rss)
                 r.add("memory.baseline_uss", uss)
+                r.add("memory.baseline_pss", pss_of(self.jupyter.pid(manager)))
             finally:
                 await self.jupyter.stop(manager)
 
         steps = [floor_pass, floor_ipython, floor_shell, ours, direct, baseline, baseline_wait_for_ready]
         if self.ours_no_spare is not None:
             steps.insert(4, ours_no_spare)
+        if self.ours_no_fork is not None:
+            steps.insert(5, ours_no_fork)
         with self.unrecorded():  # first starts write .pyc files and fill the page cache
             for step in steps:
                 await step()
@@ -1515,18 +1641,30 @@ class Bench:
         assert self.ours
         r = self.r
 
-        async def ours() -> None:
+        async def burst(server: Ours, key: str) -> None:
             names = [self.name("conc") for _ in range(CONCURRENT)]
             started = time.perf_counter()
             try:
-                replies = await asyncio.gather(*(self.ours.execute(name, WARM_CODE, timeout=START_TIMEOUT_S) for name in names))
-                r.add("concurrent.ours", time.perf_counter() - started)
+                replies = await asyncio.gather(*(server.execute(name, WARM_CODE, timeout=START_TIMEOUT_S) for name in names))
+                r.add(key, time.perf_counter() - started)
                 bad = [reply for reply in replies if reply.get("status") != "ok"]
                 if bad:
                     raise RuntimeError(f"ours: {len(bad)} of {CONCURRENT} sessions failed: {str(bad[0].get('error'))[:300]}")
             finally:
-                live = await self.ours.sessions()
-                await asyncio.gather(*(self.ours.shutdown(name) for name in names if name in live), return_exceptions=True)
+                live = await server.sessions()
+                await asyncio.gather(*(server.shutdown(name) for name in names if name in live), return_exceptions=True)
+
+        async def ours() -> None:
+            """No spare kernel (as shipped with fork servers): the fork server forks all ten."""
+            server = self.ours_no_spare or self.ours
+            assert server
+            await server.wait_for_spare()  # nothing of the last burst still ending
+            await burst(server, "concurrent.ours")
+
+        async def ours_no_fork() -> None:
+            """No spare kernel, no fork server: ten interpreters spawned."""
+            assert self.ours_no_fork
+            await burst(self.ours_no_fork, "concurrent.ours_no_fork")
 
         async def baseline() -> None:
             async def one() -> Any:
@@ -1561,6 +1699,8 @@ class Bench:
                     raise RuntimeError("a floor child failed to import IPython")
 
         steps = [ours, baseline, floor]
+        if self.ours_no_fork is not None:
+            steps.insert(1, ours_no_fork)
         for rep in range(self.reps.concurrent):
             for step in rotate(steps, rep):
                 await asyncio.sleep(CONCURRENT_SETTLE_S)  # the previous step's processes are gone
@@ -1581,8 +1721,11 @@ class Bench:
         shipped = self.name("reset")
         no_spare = self.name("reset")
         await self.ours.ok(shipped, WARM_CODE)
+        no_fork = self.name("reset")
         if self.ours_no_spare is not None:
             await self.ours_no_spare.ok(no_spare, WARM_CODE)
+        if self.ours_no_fork is not None:
+            await self.ours_no_fork.ok(no_fork, WARM_CODE)
         manager, client = await self.jupyter.start()
         try:
             await self.jupyter.ok(client, WARM_CODE)
@@ -1595,7 +1738,7 @@ class Bench:
                 assert reply.get("result") == "2", reply
 
             async def ours() -> None:
-                """As shipped: a reset in the default env takes the spare kernel when one is ready."""
+                """--spare-kernels 1: a reset in the default env takes the spare kernel when one is ready."""
                 assert self.ours
                 await self.ours.wait_for_spare()  # and no spare refill still running from before
                 await ours_reset(self.ours, shipped, "reset.ours")
@@ -1603,6 +1746,10 @@ class Bench:
             async def ours_without_spare() -> None:
                 assert self.ours_no_spare
                 await ours_reset(self.ours_no_spare, no_spare, "reset.ours_no_spare")
+
+            async def ours_without_fork() -> None:
+                assert self.ours_no_fork
+                await ours_reset(self.ours_no_fork, no_fork, "reset.ours_no_fork")
 
             async def baseline() -> None:
                 started = time.perf_counter()
@@ -1613,6 +1760,8 @@ class Bench:
             steps = [ours, baseline]
             if self.ours_no_spare is not None:
                 steps.insert(1, ours_without_spare)
+            if self.ours_no_fork is not None:
+                steps.insert(1, ours_without_fork)
             with self.unrecorded():
                 for step in steps:
                     await step()
@@ -1625,6 +1774,8 @@ class Bench:
             await self.ours.drop(shipped)
             if self.ours_no_spare is not None:
                 await self.ours_no_spare.drop(no_spare)
+            if self.ours_no_fork is not None:
+                await self.ours_no_fork.drop(no_fork)
 
     # -- a new session in a non-default env (a venv this run made): no spare kernel applies
 
@@ -1636,21 +1787,32 @@ class Bench:
         venv_python = self.venv / "bin" / "python"
         self.jupyter.add_env(BASELINE_VENV_SPEC, venv_python)
 
-        async def ours() -> None:
-            assert self.ours
-            await self.ours.wait_for_spare()  # no default-env spare start running alongside
+        async def one(server: Ours, key: str) -> None:
             name = self.name("venv")
             started = time.perf_counter()
             try:
-                reply = await self.ours.execute(name, WARM_CODE, env=str(self.venv))
-                r.add("env.ours", time.perf_counter() - started)
+                reply = await server.execute(name, WARM_CODE, env=str(self.venv))
+                r.add(key, time.perf_counter() - started)
                 if reply.get("status") != "ok" or reply.get("result") != "2":
                     raise RuntimeError(f"ours in the venv gave {reply.get('status')}: {str(reply.get('error'))[:500]}")
-                python = (await self.ours.sessions())[name]["python"]
+                python = (await server.sessions())[name]["python"]
                 if Path(python) != venv_python:
                     raise RuntimeError(f"ours ran the venv session in {python}, not {venv_python}")
             finally:
-                await self.ours.drop(name)
+                await server.drop(name)
+
+        async def ours() -> None:
+            """A fresh server as shipped (its start not timed): its first session in the venv, which
+            starts the venv's fork server (when it has them), then a second one, forked by it."""
+            async with fresh_server(self.parameters) as (server, _):
+                await server.wait_for_spare()  # the default env's fork server and spare: not running alongside
+                await one(server, "env.ours_first")
+                await one(server, "env.ours_second")
+
+        async def ours_no_fork() -> None:
+            """The no-spare server with fork servers off: every venv kernel spawned."""
+            assert self.ours_no_fork
+            await one(self.ours_no_fork, "env.ours_no_fork")
 
         async def baseline() -> None:
             started = time.perf_counter()
@@ -1668,6 +1830,8 @@ class Bench:
             r.add("env.floor_import_ipython", await spawn_until_ready("import IPython", str(venv_python)))
 
         steps = [ours, baseline, floor]
+        if self.ours_no_fork is not None:
+            steps.insert(1, ours_no_fork)
         with self.unrecorded():  # the venv's first starts fill the page cache
             for step in steps:
                 await step()
@@ -1678,34 +1842,42 @@ class Bench:
     # -- whole process tree with 1 and then 10 idle sessions, each side in a fresh process
 
     async def tree(self) -> None:
-        from mcp import Client
-
         r = self.r
         sizes = (1, CONCURRENT)
 
         def record(side: str, size: int, memory: dict[str, Any]) -> None:
             for field in ("rss", "uss", "pss"):
                 r.add(f"tree{size}.{side}_{field}", memory[field])
+            for kind, part in memory["by_kind"].items():
+                for field in ("rss", "uss", "pss"):
+                    r.add(f"tree{size}.{side}_{kind}_{field}", part[field])
             r.notes[f"tree{size}.{side}_processes"] = memory["processes"]
             r.notes[f"tree{size}.{side}_process_names"] = memory["names"]
 
-        async def ours() -> None:
-            """A fresh server as shipped; everything under its process: server, session kernels, spare."""
-            async with Client(self.parameters, read_timeout_seconds=START_TIMEOUT_S) as client:
-                server = Ours(client)
+        async def ours_tree(parameters: Any, side: str) -> None:
+            """A fresh server; everything under its process (server, orphan guard, fork servers,
+            session kernels, spare), idle with no session, then 1, then 10."""
+            async with fresh_server(parameters) as (server, server_pid):
                 names: list[str] = []
                 try:
-                    for size in sizes:
+                    for size in (0, *sizes):
                         while len(names) < size:
                             names.append(self.name("tree"))
                             await server.ok(names[-1], WARM_CODE)
                         await server.wait_for_spare()  # as shipped: the spare taken is replaced
                         await asyncio.sleep(MEMORY_SETTLE_S)
-                        server_pid = psutil.Process((await server.sessions())[names[0]]["pid"]).ppid()
-                        record("ours", size, tree_memory(server_pid))
+                        record(side, size, tree_memory(server_pid))
                 finally:
                     for name in names:
                         await server.drop(name)
+
+        async def ours() -> None:
+            """As shipped (on Linux: the default env's fork server, and no spare kernel since it replaced it)."""
+            await ours_tree(self.parameters, "ours")
+
+        async def ours_no_fork() -> None:
+            """As shipped but --no-fork-server (a spare kernel, every kernel spawned)."""
+            await ours_tree(self.parameters_no_fork, "ours_no_fork")
 
         async def baseline() -> None:
             """A fresh jupyter_client host; everything under its process: the host and its kernels."""
@@ -1738,12 +1910,13 @@ class Bench:
                     await host.wait()
 
         steps = [ours, baseline]
+        if self.parameters_no_fork is not None:
+            steps.append(ours_no_fork)
         for rep in range(self.reps.tree):
             for step in rotate(steps, rep):
                 await step()
 
     async def run(self) -> None:
-        from mcp import Client
         from mcp.client.stdio import StdioServerParameters
 
         parameters = StdioServerParameters(
@@ -1752,19 +1925,29 @@ class Bench:
             env={"IPYTHON_MCP_ENVS_DIR": str(self.work / "envs"), RUN_MARKER: os.environ[RUN_MARKER]},
         )
         no_spare = None
+        spare = parameters  # the server of the spare-kernel rows (and warm, output, interrupt)
         if server_has_option("--spare-kernels"):
             no_spare = parameters.model_copy(update={"args": [*parameters.args, "--spare-kernels", "0"]})
+            # As shipped, a server with fork servers keeps no spare kernel: ask for one.
+            spare = parameters.model_copy(update={"args": [*parameters.args, "--spare-kernels", "1"]})
         self.r.notes["server_keeps_spare_kernels"] = no_spare is not None
+        no_fork = None
+        if server_has_option("--no-fork-server"):
+            self.parameters_no_fork = parameters.model_copy(update={"args": [*parameters.args, "--no-fork-server"]})
+            if no_spare is not None:
+                no_fork = no_spare.model_copy(update={"args": [*no_spare.args, "--no-fork-server"]})
+        self.r.notes["server_has_fork_servers"] = self.parameters_no_fork is not None
         self.parameters = parameters
         await self.section("make a venv (not timed)", self.make_venv())
         try:
             started = time.perf_counter()
             async with contextlib.AsyncExitStack() as stack:
-                client = await stack.enter_async_context(Client(parameters, read_timeout_seconds=START_TIMEOUT_S))
+                self.ours, _ = await stack.enter_async_context(fresh_server(spare))
                 self.r.add("server.connect", time.perf_counter() - started)
-                self.ours = Ours(client)
                 if no_spare is not None:
-                    self.ours_no_spare = Ours(await stack.enter_async_context(Client(no_spare, read_timeout_seconds=START_TIMEOUT_S)))
+                    self.ours_no_spare, _ = await stack.enter_async_context(fresh_server(no_spare))
+                if no_fork is not None:
+                    self.ours_no_fork, _ = await stack.enter_async_context(fresh_server(no_fork))
                 await self.section("cold session + idle memory", self.cold())
                 await self.section("reset", self.reset())
                 await self.section("new session in a venv", self.other_env())
@@ -1824,16 +2007,21 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
             "ratio": ratio(base, ours), "over_floor": ratio(ours, floor),
         })
 
-    row("new session, no spare kernel, 1+1 (median)", "cold.ours_no_spare", "cold.baseline", "cold.floor_import_ipython")
-    row("  with a spare kernel ready (as shipped)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
+    row("new session, no spare kernel, fork server ready, 1+1 (median)", "cold.ours_no_spare", "cold.baseline", "cold.floor_import_ipython")
+    row("  --no-fork-server (kernel spawned)", "cold.ours_no_fork", "cold.baseline", "cold.floor_import_ipython")
+    row("  with a spare kernel ready (--spare-kernels 1)", "cold.ours", "cold.baseline", "cold.floor_import_ipython")
     row("  baseline ready by wait_for_ready()", "cold.ours_no_spare", "cold.baseline_wait_for_ready", "cold.floor_import_ipython")
-    row("  kernel only, direct pipes", "cold.ours_direct", "cold.baseline", "cold.floor_import_ipython")
-    row("  kernel CPU time, start + 1+1 + idle", "cold.ours_kernel_cpu", "cold.baseline_kernel_cpu", None)
+    row("  kernel only, spawned, direct pipes", "cold.ours_direct", "cold.baseline", "cold.floor_import_ipython")
+    row("  kernel CPU time, start + 1+1 + idle (forked)", "cold.ours_kernel_cpu", "cold.baseline_kernel_cpu", None)
+    row("  kernel CPU time, the same spawned", "cold.ours_no_fork_kernel_cpu", "cold.baseline_kernel_cpu", None)
     row("  floor: python -c pass", "cold.floor_python", None, None)
     row("  floor: InteractiveShell + 1+1", "cold.floor_shell", None, None)
-    row("new session in a fresh venv, 1+1 (median)", "env.ours", "env.baseline", "env.floor_import_ipython")
+    row("new session in a fresh venv, second (forked), 1+1 (median)", "env.ours_second", "env.baseline", "env.floor_import_ipython")
+    row("  first (its fork server starts with it)", "env.ours_first", "env.baseline", "env.floor_import_ipython")
+    row("  --no-fork-server (kernel spawned)", "env.ours_no_fork", "env.baseline", "env.floor_import_ipython")
     row("reset, no spare kernel, until 1+1 (median)", "reset.ours_no_spare", "reset.baseline", "cold.floor_import_ipython")
-    row("  with a spare kernel ready (as shipped)", "reset.ours", "reset.baseline", "cold.floor_import_ipython")
+    row("  --no-fork-server (kernel spawned)", "reset.ours_no_fork", "reset.baseline", "cold.floor_import_ipython")
+    row("  with a spare kernel ready (--spare-kernels 1)", "reset.ours", "reset.baseline", "cold.floor_import_ipython")
     row("warm 1+1 round trip (median)", "warm.ours", "warm.baseline", "warm.floor_sdk")
     row("warm 1+1 round trip (p95)", "warm.ours", "warm.baseline", "warm.floor_sdk", field="p95")
     row("  over streamable HTTP (legacy session, bearer token)", "warm.ours_http", "warm.baseline", "warm.floor_sdk")
@@ -1857,20 +2045,37 @@ def build_rows(r: Results) -> list[dict[str, Any]]:
     row("interrupt sleep(30) -> reply (median)", "interrupt.ours", "interrupt.baseline", "interrupt.floor")
     row("  second interrupt, same session", "interrupt.ours_repeat", "interrupt.baseline_repeat", "interrupt.floor")
     row("  the interrupt tool call alone", "interrupt.ours_tool_call", None, None)
-    row("idle session kernel RSS (median)", "memory.ours_rss", "memory.baseline_rss", "memory.floor_import_ipython_rss", kind="bytes")
-    row("idle session kernel USS (median)", "memory.ours_uss", "memory.baseline_uss", "memory.floor_import_ipython_uss", kind="bytes")
+    row("idle session kernel RSS (median; forked)", "memory.ours_rss", "memory.baseline_rss", "memory.floor_import_ipython_rss", kind="bytes")
+    row("idle session kernel USS (forked: undercounts)", "memory.ours_uss", "memory.baseline_uss", "memory.floor_import_ipython_uss", kind="bytes")
+    row("idle session kernel PSS", "memory.ours_pss", "memory.baseline_pss", None, kind="bytes")
+    row("  spawned (--no-fork-server) RSS", "memory.ours_no_fork_rss", "memory.baseline_rss", "memory.floor_import_ipython_rss", kind="bytes")
+    row("  spawned (--no-fork-server) USS", "memory.ours_no_fork_uss", "memory.baseline_uss", "memory.floor_import_ipython_uss", kind="bytes")
     row("  floor: InteractiveShell RSS", "memory.floor_shell_rss", None, None, kind="bytes")
     row("  floor: bare python RSS", "memory.floor_python_rss", None, None, kind="bytes")
     row("  our server process RSS", "memory.server_rss", None, None, kind="bytes")
     row("  our server process USS", "memory.server_uss", None, None, kind="bytes")
+    row("  our default env's fork server RSS", "memory.fork_server_rss", None, None, kind="bytes")
+    row("  our default env's fork server USS", "memory.fork_server_uss", None, None, kind="bytes")
+    row("  our default env's fork server PSS", "memory.fork_server_pss", None, None, kind="bytes")
     row("  our idle spare kernel(s) RSS", "memory.spares_rss", None, None, kind="bytes")
     row("  our idle spare kernel(s) USS", "memory.spares_uss", None, None, kind="bytes")
+    row("  our idle spare kernel(s) PSS", "memory.spares_pss", None, None, kind="bytes")
+    # "baseline" here is our own server with --no-fork-server, as shipped otherwise (spare kernel kept)
+    row("fresh server, no session, PSS (baseline col: --no-fork-server)", "tree0.ours_pss", "tree0.ours_no_fork_pss", None, kind="bytes")
+    row("  USS (same columns)", "tree0.ours_uss", "tree0.ours_no_fork_uss", None, kind="bytes")
+    row("  RSS (same columns)", "tree0.ours_rss", "tree0.ours_no_fork_rss", None, kind="bytes")
     row("whole tree, 1 idle session, RSS", "tree1.ours_rss", "tree1.baseline_rss", None, kind="bytes")
     row("whole tree, 1 idle session, USS", "tree1.ours_uss", "tree1.baseline_uss", None, kind="bytes")
+    row("whole tree, 1 idle session, PSS", "tree1.ours_pss", "tree1.baseline_pss", None, kind="bytes")
     row(f"whole tree, {CONCURRENT} idle sessions, RSS", f"tree{CONCURRENT}.ours_rss", f"tree{CONCURRENT}.baseline_rss", None, kind="bytes")
     row(f"whole tree, {CONCURRENT} idle sessions, USS", f"tree{CONCURRENT}.ours_uss", f"tree{CONCURRENT}.baseline_uss", None, kind="bytes")
-    row(f"  {CONCURRENT} idle sessions, PSS", f"tree{CONCURRENT}.ours_pss", f"tree{CONCURRENT}.baseline_pss", None, kind="bytes")
-    row("10 sessions at once, all answered", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
+    row(f"whole tree, {CONCURRENT} idle sessions, PSS", f"tree{CONCURRENT}.ours_pss", f"tree{CONCURRENT}.baseline_pss", None, kind="bytes")
+    row("  of which our fork server, USS", f"tree{CONCURRENT}.ours_fork_server_uss", None, None, kind="bytes")
+    row("  of which our fork server, PSS", f"tree{CONCURRENT}.ours_fork_server_pss", None, None, kind="bytes")
+    row("  --no-fork-server, USS", f"tree{CONCURRENT}.ours_no_fork_uss", f"tree{CONCURRENT}.baseline_uss", None, kind="bytes")
+    row("  --no-fork-server, PSS", f"tree{CONCURRENT}.ours_no_fork_pss", f"tree{CONCURRENT}.baseline_pss", None, kind="bytes")
+    row("10 sessions at once, no spare kernel (fork server), all answered", "concurrent.ours", "concurrent.baseline", "concurrent.floor_import_ipython")
+    row("  --no-fork-server (spawned)", "concurrent.ours_no_fork", "concurrent.baseline", "concurrent.floor_import_ipython")
     row("our MCP server start, spawn -> ready", "server.connect", None, None)
     return rows
 
@@ -1894,13 +2099,17 @@ def evaluate_targets(r: Results) -> list[dict[str, Any]]:
         targets.append({"target": name, "met": met, "detail": "; ".join(parts)})
 
     # The targets of issue 17 (round two), plus the earlier ones they do not replace.
-    target("new session, no spare kernel: >= 8x the lean baseline, below the import IPython floor", [
+    target("new session, no spare kernel (fork server ready): >= 8x the lean baseline, below the import IPython floor", [
         ("baseline/ours", ratio(med("cold.baseline"), med("cold.ours_no_spare")), ">=", 8),
         ("ours/floor", ratio(med("cold.ours_no_spare"), med("cold.floor_import_ipython")), "<", 1),
     ])
-    target("  same in a non-default env (a fresh venv)", [
-        ("baseline/ours", ratio(med("env.baseline"), med("env.ours")), ">=", 8),
-        ("ours/floor", ratio(med("env.ours"), med("env.floor_import_ipython")), "<", 1),
+    target("  same in a non-default env (a fresh venv), its second session (forked)", [
+        ("baseline/ours", ratio(med("env.baseline"), med("env.ours_second")), ">=", 8),
+        ("ours/floor", ratio(med("env.ours_second"), med("env.floor_import_ipython")), "<", 1),
+    ])
+    target("  same, its first session (its fork server starts with it)", [
+        ("baseline/ours", ratio(med("env.baseline"), med("env.ours_first")), ">=", 8),
+        ("ours/floor", ratio(med("env.ours_first"), med("env.floor_import_ipython")), "<", 1),
     ])
     target("reset until the next 1+1, no spare kernel: >= 8x restarting an ipykernel", [
         ("baseline/ours", ratio(med("reset.baseline"), med("reset.ours_no_spare")), ">=", 8),
@@ -1910,6 +2119,13 @@ def evaluate_targets(r: Results) -> list[dict[str, Any]]:
     ])
     target(f"whole tree with {CONCURRENT} idle sessions: USS <= 50% of the baseline's", [
         ("ours/baseline", ratio(med(f"tree{CONCURRENT}.ours_uss"), med(f"tree{CONCURRENT}.baseline_uss")), "<=", 0.5),
+    ])
+    target("  the same by PSS (fairer: a forked kernel's USS leaves out what it shares with its fork server)", [
+        ("ours/baseline", ratio(med(f"tree{CONCURRENT}.ours_pss"), med(f"tree{CONCURRENT}.baseline_pss")), "<=", 0.5),
+    ])
+    target("idle fresh server as shipped holds no more than as shipped with --no-fork-server", [
+        ("PSS fork/no-fork", ratio(med("tree0.ours_pss"), med("tree0.ours_no_fork_pss")), "<=", 1),
+        ("USS fork/no-fork", ratio(med("tree0.ours_uss"), med("tree0.ours_no_fork_uss")), "<=", 1),
     ])
     target("warm 1+1 within 1.5x of the SDK's floor (bare tool, same ExecuteResult reply)", [
         ("ours/floor", ratio(med("warm.ours"), med("warm.floor_sdk")), "<=", 1.5),
@@ -1953,13 +2169,26 @@ def print_report(info: dict[str, Any], reps: Reps, r: Results, rows: list[dict[s
         ours_n, base_n = r.notes.get(f"tree{size}.ours_processes"), r.notes.get(f"tree{size}.baseline_processes")
         if ours_n is not None or base_n is not None:
             print(f"note, whole tree with {size} idle session(s), summed over processes: ours {ours_n} processes (server, "
-                  f"session kernels, spare kernels); baseline {base_n} (a jupyter_client host process, its kernels).")
+                  f"orphan guard, fork server, session kernels, spare kernel); baseline {base_n} (a jupyter_client host "
+                  "process, its kernels).")
     if r.notes.get("ssh_skipped"):
         print(f"note, ssh rows: skipped, {r.notes['ssh_skipped']}.")
     elif r.stat("ssh.cold") is not None:
         print("note, ssh rows: our server with a config file whose env is `ssh <a real sshd on 127.0.0.1>` and this run's "
               "python; no baseline (jupyter_client has no ssh launcher to compare with). Their floors: `python -c \"import "
               "IPython\"` over the same ssh, and a line echoed by a far-side python over one ssh connection.")
+    gains = [
+        (label, ratio(r.stat(spawned), r.stat(forked)))
+        for label, spawned, forked in (
+            ("new session", "cold.ours_no_fork", "cold.ours_no_spare"),
+            ("new venv session", "env.ours_no_fork", "env.ours_second"),
+            ("reset", "reset.ours_no_fork", "reset.ours_no_spare"),
+            (f"{CONCURRENT} at once", "concurrent.ours_no_fork", "concurrent.ours"),
+        )
+    ]
+    if any(gain is not None for _, gain in gains):
+        print("what the fork server gives (spawned / forked, same run): "
+              + ", ".join(f"{label} {fmt_ratio(gain)}" for label, gain in gains if gain is not None))
     overhead = None
     if r.stat("warm.ours") is not None and r.stat("warm.ours_direct") is not None:
         overhead = r.stat("warm.ours") - r.stat("warm.ours_direct")
