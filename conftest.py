@@ -43,6 +43,17 @@ SHORT_INTERRUPT_GRACE_S = 0.5
 # Matplotlib builds its font cache once per cache folder (seconds of CPU); kernels inherit this
 # environment, so one folder kept between runs serves every kernel of every run.
 os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib"))
+# Likewise bytecode: uv installs packages without .pyc files, so where PYTHONDONTWRITEBYTECODE is
+# set (as on the shared machines) every kernel, server, `ipython-mcp attach` and pip this run
+# starts would compile matplotlib, the MCP SDK or pip from source again: seconds of CPU each
+# time. Every process of the run caches its bytecode instead (no test is about that setting).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+# pytest-xdist gives its workers COLUMNS=80 and LINES=24, which installers (uv) then wrap their
+# messages to: the kernels of a test run see the terminal size of the person who started it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 from mcp import Client
 
 import ipython_mcp
-from conftest import FAILED, QUICK_S, SLOW_S, run, stdio_parameters, text_of
+from conftest import FAILED, QUICK_S, SLOW_S, connect, run, stdio_parameters, text_of
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -91,10 +92,28 @@ MAKE_PNG = (
 # --- Images: matplotlib ---------------------------------------------------------------------------
 
 
-async def test_plt_show_gives_exactly_one_png_block_matching_its_structured_entry_and_file(client: Client) -> None:
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"  # module-wide, for the module-scoped server below
+
+
+@pytest.fixture(scope="module")
+async def plots(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """One in-memory server whose session 's' has imported pyplot (a second of CPU per kernel),
+    shared by the tests that make figures and read what their one cell showed: every figure is
+    sent and closed at the end of its cell, so no test sees another's (one asserts exactly that).
+    ``%matplotlib inline`` before the first import has a fresh kernel of its own."""
+    async with connect(tmp_path_factory.mktemp("plots")) as client:
+        with anyio.fail_after(SLOW_S):
+            out = await run(client, "s", "import matplotlib.pyplot as plt")
+        assert out["status"] == "ok", out["error"]
+        yield client
+
+
+async def test_plt_show_gives_exactly_one_png_block_matching_its_structured_entry_and_file(plots: Client) -> None:
     with anyio.fail_after(SLOW_S):
         code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
-        result = await call(client, "execute", session="s", code=code)
+        result = await call(plots, "execute", session="s", code=code)
     out = result.structured_content
     assert out["status"] == "ok", out["error"]
     [(mime, png)] = image_blocks(result)
@@ -107,23 +126,23 @@ async def test_plt_show_gives_exactly_one_png_block_matching_its_structured_entr
     assert info["path"] in text_of(result), "the text block names the file for clients without images"
 
 
-async def test_a_figure_left_open_at_the_end_of_a_cell_appears_once(client: Client) -> None:
+async def test_a_figure_left_open_at_the_end_of_a_cell_appears_once(plots: Client) -> None:
     with anyio.fail_after(SLOW_S):
-        result = await call(client, "execute", session="s", code="import matplotlib.pyplot as plt\nplt.plot([1, 2])\nx = 1")
+        result = await call(plots, "execute", session="s", code="import matplotlib.pyplot as plt\nplt.plot([1, 2])\nx = 1")
     out = result.structured_content
     assert out["status"] == "ok", out["error"]
     assert [mime for mime, _ in image_blocks(result)] == ["image/png"]
     assert len(out["images"]) == 1
 
 
-async def test_two_figures_in_one_cell_come_back_in_the_order_they_were_made(client: Client) -> None:
+async def test_two_figures_in_one_cell_come_back_in_the_order_they_were_made(plots: Client) -> None:
     code = (
         "import matplotlib.pyplot as plt\n"
         "plt.figure(figsize=(6, 1.5)); plt.plot([1, 2])\n"  # wide
         "plt.figure(figsize=(1.5, 6)); plt.plot([2, 1])\n"  # tall
     )
     with anyio.fail_after(SLOW_S):
-        result = await call(client, "execute", session="s", code=code)
+        result = await call(plots, "execute", session="s", code=code)
     sizes = [png_size(png) for _, png in image_blocks(result)]
     assert len(sizes) == 2, sizes
     (wide_w, wide_h), (tall_w, tall_h) = sizes
@@ -132,26 +151,26 @@ async def test_two_figures_in_one_cell_come_back_in_the_order_they_were_made(cli
     assert [info["index"] for info in result.structured_content["images"]] == [0, 1]
 
 
-async def test_figures_are_closed_after_they_are_sent(client: Client) -> None:
+async def test_figures_are_closed_after_they_are_sent(plots: Client) -> None:
     with anyio.fail_after(SLOW_S):
-        await run(client, "s", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.figure()\nplt.plot([3])")
-        after = await call(client, "execute", session="s", code="x = 2\nplt.get_fignums()")
+        await run(plots, "s", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.figure()\nplt.plot([3])")
+        after = await call(plots, "execute", session="s", code="x = 2\nplt.get_fignums()")
     assert after.structured_content["result"] == "[]"
     assert image_blocks(after) == [], "a figure shown once is not shown again by the next cell"
     assert after.structured_content["images"] == []
 
 
-async def test_a_figure_closed_in_the_cell_is_not_shown(client: Client) -> None:
+async def test_a_figure_closed_in_the_cell_is_not_shown(plots: Client) -> None:
     with anyio.fail_after(SLOW_S):
         code = "import matplotlib.pyplot as plt\nfig = plt.figure()\nplt.plot([1])\nplt.close(fig)"
-        result = await call(client, "execute", session="s", code=code)
+        result = await call(plots, "execute", session="s", code=code)
     assert image_blocks(result) == []
 
 
-async def test_a_huge_figure_is_downscaled_to_the_image_budget_with_a_warning(client: Client) -> None:
+async def test_a_huge_figure_is_downscaled_to_the_image_budget_with_a_warning(plots: Client) -> None:
     code = "import matplotlib.pyplot as plt\nplt.figure(figsize=(40, 30), dpi=100)\nplt.plot(range(100))\nplt.show()"
     with anyio.fail_after(SLOW_S):
-        result = await call(client, "execute", session="s", code=code)
+        result = await call(plots, "execute", session="s", code=code)
     out = result.structured_content
     [(_, png)] = image_blocks(result)
     assert max(png_size(png)) <= MAX_SIDE_PX
@@ -221,10 +240,10 @@ async def test_a_huge_image_as_last_expression_is_downscaled_too(client: Client)
 
 
 @pytest.mark.parametrize("show", ["fig", "display(fig)"])
-async def test_a_figure_shown_explicitly_and_left_open_appears_once(client: Client, show: str) -> None:
+async def test_a_figure_shown_explicitly_and_left_open_appears_once(plots: Client, show: str) -> None:
     code = f"import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2])\n{show}"
     with anyio.fail_after(SLOW_S):
-        result = await call(client, "execute", session="s", code=code)
+        result = await call(plots, "execute", session="s", code=code)
     assert len(image_blocks(result)) == 1
     assert len(result.structured_content["images"]) == 1
 
