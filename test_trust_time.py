@@ -169,12 +169,14 @@ async def test_a_signal_while_a_kernel_is_still_starting_leaves_nothing_behind(t
             await wait_until_group_gone(starting)
 
 
-async def test_a_kernel_holding_the_gil_dies_with_its_server_by_itself(tmp_path: Path) -> None:
-    """PR_SET_PDEATHSIG alone: the orphan guard is killed first, and the kernel has no thread that can run."""
+@pytest.mark.parametrize("start", [(), ("--no-fork-server",)], ids=["forked", "spawned"])
+async def test_a_kernel_holding_the_gil_dies_with_its_server_by_itself(tmp_path: Path, start: tuple[str, ...]) -> None:
+    """Without the orphan guard (killed first), and with no kernel thread that can run: a forked
+    kernel is killed by its fork server, a spawned one by PR_SET_PDEATHSIG."""
     marker = tmp_path / "matching"
     code = f"open({str(marker)!r}, 'w').close()\nimport re\nre.match(r'(a+)+$', 'a' * 40 + 'b')"
     with anyio.fail_after(SLOW_S):
-        async with stdio_server(tmp_path) as server:
+        async with raw_server(tmp_path, "--envs-dir", str(tmp_path / "envs"), "--spare-kernels", "0", *start) as server:
             kernel = int((await server.execute("s", "import os\nos.getpid()"))["result"])
             (guard,) = live_processes(below=server.process.pid, command_has="killpg")
             await server.start_execute("s", code)
