@@ -5682,21 +5682,21 @@ async def watch(session: str, server_pid: int | None, colour: bool) -> None:
                     streaming = None
                     continue
                 shown = streaming["shown"] if streaming and streaming["code"] == entry.get("code") else None
-                print(terminal.recorded_cell(entry, shown), flush=True)
-                print(flush=True)
+                print(terminal.recorded_cell(entry, shown), file=sys.stdout, flush=True)
+                print(file=sys.stdout, flush=True)
                 streaming = None
                 last_count = entry.get("execution_count") or last_count
             running = view["running"]
             if running is not None:
                 if streaming is None or streaming["code"] != running["code"]:
-                    print(terminal.header((last_count or 0) + 1, running["code"]), flush=True)
+                    print(terminal.header((last_count or 0) + 1, running["code"]), file=sys.stdout, flush=True)
                     streaming = {"code": running["code"], "shown": 0, "total": 0}
                 elif running["output_total"] < streaming["total"]:  # cleared by clear_output(), or taken by `wait`
                     streaming["total"] = running["output_total"]
                 new = running["output_total"] - streaming["total"]
                 if new > 0:
                     text = running["output"][-new:]
-                    print(text, end="", flush=True)
+                    print(text, end="", file=sys.stdout, flush=True)
                     streaming["shown"] += len(text)
                     streaming["total"] = running["output_total"]
             await anyio.sleep(WATCH_POLL_S)
@@ -5742,7 +5742,7 @@ async def attach(session: str, server_pid: int | None, colour: bool) -> None:
             f"Attached to session {session!r} of server pid {pid}: the agent's kernel, variables and all.\n"
             "Your cells queue behind the agent's and are recorded as yours. Ctrl-C stops your running cell; "
             "Ctrl-D detaches (the session goes on).",
-            flush=True,
+            file=sys.stdout, flush=True,
         )
         while True:
             count = await next_count(client, session)
@@ -5757,8 +5757,8 @@ async def attach(session: str, server_pid: int | None, colour: bool) -> None:
                 continue
             await next_count(client, session)  # still there: `execute` would start a new session of that name
             await run_person_cell(client, session, code, terminal)
-            print(flush=True)
-    print(f"Detached from session {session!r}; it goes on in server pid {pid}.", flush=True)
+            print(file=sys.stdout, flush=True)
+    print(f"Detached from session {session!r}; it goes on in server pid {pid}.", file=sys.stdout, flush=True)
 
 
 async def next_count(client: Any, session: str) -> int:
@@ -5795,7 +5795,7 @@ async def run_person_cell(client: Any, session: str, code: str, terminal: Termin
                     new = running["output_total"] - streamed["total"]
                     if new > 0:
                         text = running["output"][-new:]
-                        print(text, end="", flush=True)
+                        print(text, end="", file=sys.stdout, flush=True)
                         streamed["shown"] += len(text)
                     streamed["total"] = running["output_total"]
 
@@ -5805,8 +5805,8 @@ async def run_person_cell(client: Any, session: str, code: str, terminal: Termin
             group.cancel_scope.cancel()
     if result is None:
         if streamed["shown"]:
-            print(flush=True)
-        print(terminal.paint("KeyboardInterrupt: your cell was interrupted; the session keeps its state.", "31"), flush=True)
+            print(file=sys.stdout, flush=True)
+        print(terminal.paint("KeyboardInterrupt: your cell was interrupted; the session keeps its state.", "31"), file=sys.stdout, flush=True)
         return
     # The record has the cell whole, outputs in the order it made them: show what was not streamed.
     entries = (await read_live(client, session, after))["entries"]
@@ -5818,7 +5818,7 @@ async def run_person_cell(client: Any, session: str, code: str, terminal: Termin
     else:
         text = "\n".join(getattr(block, "text", "") for block in result.content)
     if text:
-        print(text, flush=True)
+        print(text, file=sys.stdout, flush=True)
 
 
 def person_command(args: argparse.Namespace) -> int:
@@ -5827,7 +5827,7 @@ def person_command(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         if args.command == "attach" and args.session is None:
-            print(render_sessions_of_servers(await servers_with_sessions()))
+            print(render_sessions_of_servers(await servers_with_sessions()), file=sys.stdout)
         elif args.command == "attach":
             await attach(args.session, args.server, colour)
         else:
@@ -5992,7 +5992,7 @@ def export_command(args: argparse.Namespace) -> int:
         return 1
     if note:
         print(note, file=sys.stderr)
-    print(f"Wrote {cells} cells of session {found.session!r} (server pid {found.server_pid}) to {target} ({size} bytes).")
+    print(f"Wrote {cells} cells of session {found.session!r} (server pid {found.server_pid}) to {target} ({size} bytes).", file=sys.stdout)
     return 0
 
 
