@@ -96,7 +96,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 __version__ = "0.1.0"
 
@@ -138,6 +138,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("ipython_mcp")
+T = TypeVar("T")
 
 # --- Constants: every timing and size, with why ---------------------------------------
 
@@ -1556,6 +1557,112 @@ class ShownImages:
         return note + ". Close figures you do not need (plt.close), or save them with savefig and show a few."
 
 
+# --- Background work: every task has an owner -------------------------------------------
+#
+# The server's background tasks (each kernel's readers and exit watch, session starts, fork
+# servers, spare kernels, the idle watch) run in one anyio task group that the server
+# lifespan owns (``Jobs``), so none outlives the server and none fails unseen. Whoever starts
+# a ``Job`` can cancel it and wait for its end, as with an asyncio Task; a ``OneShot`` is a
+# value that arrives once (a reply, a hello, an exit status), as an asyncio Future, but
+# waiting for it can be cancelled without touching it.
+
+
+class OneShot(Generic[T]):
+    """A value, or an error, set once and awaited by any number of tasks."""
+
+    def __init__(self) -> None:
+        self._arrived = anyio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._arrived.is_set()
+
+    def set(self, value: T) -> None:
+        if not self.done():
+            self._value = value
+            self._arrived.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done():
+            self._error = error
+            self._arrived.set()
+
+    def result(self) -> T:
+        """The value, or the error raised; only once done."""
+        assert self.done()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    async def wait(self) -> T:
+        await self._arrived.wait()
+        return self.result()
+
+
+class Job:
+    """One task of ``Jobs``: ``cancel()`` it, ``wait()`` for its end; ``error`` is what it raised."""
+
+    def __init__(self, name: str, on_done: Callable[[Job], None] | None = None):
+        self.name, self._on_done = name, on_done
+        self.scope = anyio.CancelScope()  # entered by the task itself; cancelled even before it runs
+        self.finished = anyio.Event()
+        self.error: Exception | None = None
+
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True once it has ended, False at ``timeout``; a cancelled waiter leaves the job running."""
+        with anyio.move_on_after(timeout):
+            await self.finished.wait()
+        return self.done()
+
+
+class Jobs:
+    """The task group every background task of a server runs in (opened by the lifespan).
+
+    A job that raises is logged and ends alone: it never cancels its siblings or the
+    server. When the group closes, every job still running is cancelled.
+    """
+
+    def __init__(self, group: anyio.abc.TaskGroup):
+        self._group = group
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls) -> AsyncIterator[Jobs]:
+        async with anyio.create_task_group() as group:
+            try:
+                yield cls(group)
+            finally:
+                group.cancel_scope.cancel()
+
+    def start(
+        self, work: Callable[..., Awaitable[Any]], *args: Any, name: str, on_done: Callable[[Job], None] | None = None
+    ) -> Job:
+        """Run ``work(*args)`` as a job; ``on_done(job)`` runs as it ends, before any waiter wakes."""
+        job = Job(name, on_done)
+        self._group.start_soon(self._run, job, work, args, name=name)
+        return job
+
+    @staticmethod
+    async def _run(job: Job, work: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            with job.scope:
+                await work(*args)
+        except Exception as exc:
+            job.error = exc
+            log.exception("background task %s failed", job.name)
+        finally:
+            if job._on_done is not None:
+                job._on_done(job)
+            job.finished.set()
+
+
 # --- The wire: one cell in flight on one kernel --------------------------------------
 
 
@@ -1574,7 +1681,7 @@ class Execution:
     images: ShownImages = dataclasses.field(init=False)
     # stdout and display() text interleaved as the cell produced them, for the text block
     transcript: OutputBuffer = dataclasses.field(init=False)
-    reply: asyncio.Future[dict[str, Any]] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    reply: OneShot[dict[str, Any]] = dataclasses.field(default_factory=OneShot)
     started: float = dataclasses.field(default_factory=time.monotonic)
     last_stream: str = "stdout"
     clear_pending: bool = False  # clear_output() was called; clear at the next output
@@ -1602,8 +1709,8 @@ class Execution:
             self.clear_pending = True
             if not message.get("wait"):
                 self._clear_if_pending()
-        elif kind == "done" and not self.reply.done():
-            self.reply.set_result(message)
+        elif kind == "done":
+            self.reply.set(message)
 
     def __post_init__(self) -> None:
         self._collect_afresh()
@@ -1655,9 +1762,7 @@ class Execution:
         return self.stderr.last_line if self.last_stream == "stderr" else self.stdout.last_line
 
     def fail(self, error: BaseException) -> None:
-        if not self.reply.done():
-            self.reply.set_exception(error)
-            self.reply.exception()  # mark retrieved: nobody may be waiting any more
+        self.reply.fail(error)
 
 
 # --- Kernel: one child process, knows nothing of MCP ---------------------------------
@@ -1754,7 +1859,7 @@ class ForkedProcess:
     """A kernel forked by a ForkServer, shaped like asyncio's Process: pipes as streams,
     ``wait()`` for the exit status the fork server reports (it is the kernel's parent)."""
 
-    def __init__(self, pid: int, exit_status: asyncio.Future[int | None]):
+    def __init__(self, pid: int, exit_status: OneShot[int | None]):
         self.pid, self._exit_status = pid, exit_status
         self.returncode: int | None = None
         self.stdin: asyncio.StreamWriter | None = None
@@ -1789,7 +1894,7 @@ class ForkedProcess:
 
     async def wait(self) -> int | None:
         """The exit status; None when nobody could read it (the fork server had ended first)."""
-        self.returncode = await asyncio.shield(self._exit_status)
+        self.returncode = await self._exit_status.wait()
         return self.returncode
 
 
@@ -1805,16 +1910,17 @@ class ForkServer:
     are ours) and their exits are seen through a pidfd, status unknown.
     """
 
-    def __init__(self, python: Path, guard: OrphanGuard | None):
-        self.python, self.guard = python, guard
-        self.process: asyncio.subprocess.Process | None = None
+    def __init__(self, python: Path, guard: OrphanGuard | None, jobs: Jobs):
+        self.python, self.guard, self.jobs = python, guard, jobs
+        self.process: anyio.abc.Process | None = None
         self.failed: str | None = None  # why it cannot fork (any more)
         self._socket: socket.socket | None = None
         self._ids = itertools.count(1)
-        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}  # request id -> forked or refused
-        self._exits: dict[int, asyncio.Future[int | None]] = {}  # kernel pid -> its exit status
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._replies: dict[int, OneShot[dict[str, Any]]] = {}  # request id -> forked or refused
+        self._unwanted: set[int] = set()  # requests whose caller was cancelled: a kernel forked for one is killed
+        self._exits: dict[int, OneShot[int | None]] = {}  # kernel pid -> its exit status
+        self._ready: OneShot[dict[str, Any]] = OneShot()
+        self._reader: Job | None = None
         self.started = time.monotonic()
         self.was_ready = False
 
@@ -1834,9 +1940,9 @@ class ForkServer:
         """Start it and wait until it has imported IPython. Raises ForkUnavailable."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                str(self.python), "-u", str(BOOTSTRAP), "--fork-server", str(theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            self.process = await anyio.open_process(
+                [str(self.python), "-u", str(BOOTSTRAP), "--fork-server", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, env=environ, pass_fds=[theirs.fileno()],
             )
         except OSError as exc:
@@ -1849,12 +1955,10 @@ class ForkServer:
             self.guard.watch(self.process.pid)
         ours.setblocking(False)
         self._socket = ours
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self._reader = loop.create_task(self._read(), name=f"fork-server-{self.process.pid}")
+        self._reader = self.jobs.start(self._read, name=f"fork-server-{self.process.pid}")
         try:
             with anyio.fail_after(FORK_SERVER_START_TIMEOUT_S):
-                ready = await asyncio.shield(self._ready)
+                ready = await self._ready.wait()
         except (TimeoutError, ForkUnavailable) as exc:
             self.failed = self.failed or f"not ready within {FORK_SERVER_START_TIMEOUT_S:.0f} s"
             self.close()
@@ -1875,7 +1979,7 @@ class ForkServer:
         if self.failed is not None or self._socket is None:
             raise ForkUnavailable(self.failed or "not started")
         request_id = next(self._ids)
-        reply = self._replies[request_id] = asyncio.get_running_loop().create_future()
+        reply = self._replies[request_id] = OneShot()
         try:
             cwd: str | None = os.getcwd()
         except OSError:  # deleted: the kernel starts where the fork server is
@@ -1894,9 +1998,12 @@ class ForkServer:
                 self.retire(f"its socket failed: {exc}")
             raise ForkUnavailable(f"the fork request could not be sent: {exc}") from exc
         try:
-            answer = await asyncio.shield(reply)
-        except asyncio.CancelledError:  # the kernel is forked all the same: it must not live on unowned
-            reply.add_done_callback(self._kill_unwanted)
+            answer = await reply.wait()
+        except BaseException:  # cancelled: the kernel is forked all the same, and must not live on unowned
+            if reply.done():
+                self._kill_unwanted(reply.result())
+            else:
+                self._unwanted.add(request_id)
             raise
         if answer.get("kind") != "forked":
             if answer.get("stale"):
@@ -1905,25 +2012,23 @@ class ForkServer:
         pid = int(answer["pid"])
         return ForkedProcess(pid, self._exits[pid])
 
-    def _kill_unwanted(self, reply: asyncio.Future[dict[str, Any]]) -> None:
-        answer = reply.result()
+    @staticmethod
+    def _kill_unwanted(answer: dict[str, Any]) -> None:
         if answer.get("kind") == "forked":
             for kill in (os.killpg, os.kill):  # os.kill: it may not have reached setsid() yet
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     kill(int(answer["pid"]), signal.SIGKILL)
 
-    def _ended(self, pid: int) -> None:
-        self._exits.pop(pid, None)
-        if self.failed is not None and not self._exits:  # retired (or gone), and its last kernel has ended
-            self.close()
-
     async def _read(self) -> None:
-        assert self._socket is not None and self._ready is not None
-        loop = asyncio.get_running_loop()
-        why = "it exited"
+        assert self._socket is not None
+        sock, why = self._socket, "it exited"
         try:
             while True:
-                data = await loop.sock_recv(self._socket, FORK_PACKET_BYTES)
+                try:
+                    data = sock.recv(FORK_PACKET_BYTES)
+                except BlockingIOError:
+                    await anyio.wait_readable(sock)
+                    continue
                 if not data:
                     break
                 try:
@@ -1934,30 +2039,37 @@ class ForkServer:
                 self._dispatch(message)
         except OSError as exc:
             why = f"its socket failed: {exc}"
-        except asyncio.CancelledError:
+        except anyio.get_cancelled_exc_class():
             why = "it was closed"
             raise
         finally:
             self._lost(why)
+            sock.close()
+            self._socket = None
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
         if kind == "ready":
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_result(message)
+            self._ready.set(message)
         elif kind in ("forked", "refused"):
             if kind == "forked" and isinstance(message.get("pid"), int):  # its exit may be the next message
-                pid = message["pid"]
-                self._exits[pid] = asyncio.get_running_loop().create_future()
-                self._exits[pid].add_done_callback(lambda _: self._ended(pid))
+                self._exits[message["pid"]] = OneShot()
             reply = self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
-            if reply is not None and not reply.done():
-                reply.set_result(message)
-        elif kind == "exited":
-            status = self._exits.get(message.get("pid"))  # type: ignore[arg-type]
+            if reply is not None:
+                reply.set(message)
+            if message.get("id") in self._unwanted:
+                self._unwanted.discard(message["id"])
+                self._kill_unwanted(message)
+        elif kind == "exited" and message.get("pid") in self._exits:
             returncode = message.get("returncode")
-            if status is not None and not status.done():
-                status.set_result(returncode if isinstance(returncode, int) else None)
+            self._exit_seen(message["pid"], returncode if isinstance(returncode, int) else None)
+
+    def _exit_seen(self, pid: int, returncode: int | None) -> None:
+        status = self._exits.pop(pid, None)
+        if status is not None:
+            status.set(returncode)
+        if self.failed is not None and not self._exits:  # retired (or gone), and its last kernel has ended
+            self.close()
 
     def _lost(self, why: str) -> None:
         """The fork server is gone: no more forks; its live kernels are watched through pidfds."""
@@ -1966,34 +2078,29 @@ class ForkServer:
             log.info("fork server %s for %s: %s", self.pid, self.python, why)
         replies, self._replies = self._replies, {}
         for reply in replies.values():
-            if not reply.done():
-                reply.set_result({"kind": "refused", "error": f"the fork server ended ({why})"})
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(ForkUnavailable(f"it ended before it was ready ({why})"))
-            self._ready.exception()
-        for pid, status in list(self._exits.items()):
-            if not status.done():
-                self._watch_orphan(pid, status)
+            reply.set({"kind": "refused", "error": f"the fork server ended ({why})"})
+        self._ready.fail(ForkUnavailable(f"it ended before it was ready ({why})"))
+        for pid in list(self._exits):
+            self._watch_orphan(pid)
 
-    def _watch_orphan(self, pid: int, status: asyncio.Future[int | None]) -> None:
+    def _watch_orphan(self, pid: int) -> None:
         """Learn a kernel's exit without its parent: its pidfd becomes readable (Linux 5.3+)."""
-        loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as exc:  # gone already (fork_server_default checked that pidfds work here)
             if not isinstance(exc, ProcessLookupError):
                 log.warning("kernel %s: its exit cannot be watched (%s); taken as ended", pid, exc)
-            if not status.done():
-                status.set_result(None)
+            self._exit_seen(pid, None)
             return
 
-        def ended() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            if not status.done():
-                status.set_result(None)
+        async def watch() -> None:
+            try:
+                await anyio.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            self._exit_seen(pid, None)
 
-        loop.add_reader(pidfd, ended)
+        self.jobs.start(watch, name=f"orphan-kernel-{pid}")
 
     def retire(self, why: str) -> None:
         """No more forks; it ends when its last kernel has (their exit statuses still come)."""
@@ -2014,8 +2121,8 @@ class ForkServer:
             if self.guard is not None:
                 self.guard.forget(self.process.pid)
         if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-        if self._socket is not None:
+            self._reader.cancel()  # it closes the socket as it ends, once it no longer waits on it
+        elif self._socket is not None:
             self._socket.close()
             self._socket = None
 
@@ -2103,25 +2210,24 @@ class Kernel:
     kernel, the connection closing)."""
 
     def __init__(
-        self, python: Path | LaunchedPython, env_label: str, guard: OrphanGuard | None = None,
+        self, python: Path | LaunchedPython, env_label: str, jobs: Jobs, guard: OrphanGuard | None = None,
         envs_dir: Path | None = None, forks: ForkServer | None = None,
     ):
-        self.python, self.env_label, self.guard = python, env_label, guard
+        self.python, self.env_label, self.jobs, self.guard = python, env_label, jobs, guard
         self.envs_dir = envs_dir  # named in hints that suggest a new env
         self.forks = forks  # a ready fork server of this interpreter: forked, not spawned
         self.launched = python if isinstance(python, LaunchedPython) else None
         self.proc = KernelProcess(guard, signals=self.launched is None)
         self.hello: dict[str, Any] = {}
         self.current: Execution | None = None
-        self.exited = asyncio.Event()
+        self.exited = anyio.Event()
         self.stop_reason: StopReason | None = None  # we ended it on purpose, and why
         self._ids = itertools.count(1)
         self._log_tail = ""
-        self._tasks: list[asyncio.Task[None]] = []
-        self._hello_future: asyncio.Future[dict[str, Any]] | None = None
-        self._reader_done = asyncio.Event()
-        self._log_done = asyncio.Event()
-        self._sends: set[asyncio.Task[None]] = set()
+        self._jobs: list[Job] = []  # its readers and exit watch, in the server's task group
+        self._said_hello: OneShot[dict[str, Any]] = OneShot()
+        self._reader_done = anyio.Event()
+        self._log_done = anyio.Event()
         self._output_read_ends: dict[str, int] = {}
         self._startup_output = ""  # what the env printed on stdout before the hello (a banner)
         self._pip_shims: str | None = None  # private folder of `pip` scripts, while the kernel lives
@@ -2240,21 +2346,19 @@ class Kernel:
 
     async def start(self) -> dict[str, Any]:
         """Spawn and wait for the kernel's hello. Raises EnvError or KernelDied."""
-        loop = asyncio.get_running_loop()
-        self._hello_future = loop.create_future()
         if self.launched is not None:
             await self._spawn_launched(self.launched)
         else:
             assert isinstance(self.python, Path)
             await self._spawn_local(self.python)
-        self._tasks = [
-            asyncio.create_task(self._read_protocol(), name=f"kernel-{self.pid}-protocol"),
-            asyncio.create_task(self._read_log(), name=f"kernel-{self.pid}-log"),
-            asyncio.create_task(self._watch_exit(), name=f"kernel-{self.pid}-exit"),
+        self._jobs = [
+            self.jobs.start(self._read_protocol, name=f"kernel-{self.pid}-protocol"),
+            self.jobs.start(self._read_log, name=f"kernel-{self.pid}-log"),
+            self.jobs.start(self._watch_exit, name=f"kernel-{self.pid}-exit"),
         ]
         try:
             with anyio.fail_after(KERNEL_START_TIMEOUT_S):
-                hello = await asyncio.shield(self._hello_future)
+                hello = await self._said_hello.wait()
         except TimeoutError:
             await self.kill(StopReason.KILLED)
             raise EnvError(
@@ -2368,8 +2472,7 @@ class Kernel:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("kind") == "hello":
-            if self._hello_future and not self._hello_future.done():
-                self._hello_future.set_result(message)
+            self._said_hello.set(message)
             return
         if message.get("kind") == "done" and "result_file_text" in message:
             self._save_inline_spill(message)
@@ -2445,9 +2548,7 @@ class Kernel:
         for fd in self._output_read_ends.values():
             os.close(fd)
         self._output_read_ends = {}
-        if self._hello_future and not self._hello_future.done():
-            self._hello_future.set_exception(died)
-            self._hello_future.exception()
+        self._said_hello.fail(died)
         if self.current is not None:
             self.current.fail(died)
         self.exited.set()
@@ -2525,9 +2626,7 @@ class Kernel:
             return
         signalled = self.proc.signal_group(signal.SIGINT)
         message = {"kind": "interrupt", "id": self.current.request_id, "group_signalled": signalled}
-        task = asyncio.get_running_loop().create_task(self._send(message))
-        self._sends.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._sends.discard)
+        self.jobs.start(self._send, message, name=f"kernel-{self.pid}-interrupt")
 
     def kill_now(self, stop: StopReason | None = None) -> None:
         """SIGKILL the kernel's process group (for a launched kernel: the launcher's, which
@@ -2557,8 +2656,8 @@ class Kernel:
         self.kill_now()
         with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
             await self.exited.wait()
-        for task in self._tasks:
-            task.cancel()
+        for job in self._jobs:
+            job.cancel()
         if not self.exited.is_set():  # not reaped in time (a stuck D-state process): do the exit watcher's part
             log.error("kernel %s did not exit within %s s of SIGKILL", self.pid, KILL_REAP_TIMEOUT_S)
             self._mark_exited(KernelDied("signal SIGKILL (not yet reaped)", stop=self.stop_reason))
@@ -2867,10 +2966,10 @@ class Session:
     kernel: Kernel | None = None
     created: float = dataclasses.field(default_factory=time.monotonic)
     exec_count: int = 0
-    run_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one cell at a time
+    run_lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)  # one cell at a time
     # The kernel start under way, if any: it runs on its own, outliving the call that began it,
     # so no call waits past its deadline for a kernel (see SessionManager._ensure_kernel).
-    starting: asyncio.Task[None] | None = None
+    starting: Job | None = None
     start_began: float = 0.0
     start_failure: Exception | None = None  # a restart that failed, for the next call to report
     start_progress: Progress | None = None  # the call now waiting for the start hears the installer
@@ -2881,7 +2980,7 @@ class Session:
     notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
     # The cell left running by on_timeout="continue", followed by `wait` (its one name: "left running").
     left_running: Execution | None = None
-    wait_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one `wait` at a time
+    wait_lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)  # one `wait` at a time
 
     def check_open(self) -> None:
         if self.closed is not None:
@@ -3015,23 +3114,23 @@ class SessionList(BaseModel):
 class SessionManager:
     """Owns every session and kernel; created and closed by the server lifespan."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, jobs: Jobs):
+        self.config, self.jobs = config, jobs  # every background task runs in ``jobs``, the lifespan's task group
         self.sessions: dict[str, Session] = {}
         self.helpers = Helpers()  # the installer and env probes
         self.envs = EnvCatalog(self.helpers)
         self.guard = OrphanGuard()  # kills every kernel's group if this server dies without cleaning up
         self._closing = False
         self._spares: list[Kernel] = []
-        self._refill: asyncio.Task[None] | None = None
+        self._refill: Job | None = None
         self._forks: dict[Path, ForkServer] = {}  # local interpreter -> its fork server
-        self._fork_starts: dict[Path, asyncio.Task[None]] = {}
+        self._fork_starts: dict[Path, Job] = {}
         self._retired_forks: list[ForkServer] = []  # replaced, ending when their last kernel does
         self._starting: set[Kernel] = set()  # spawned but not ready yet: every shutdown path kills these too
-        self._start_tasks: set[asyncio.Task[None]] = set()
+        self._start_tasks: set[Job] = set()
         # A new session whose start failed after every call waiting for it had returned: the next call gets the error.
         self._failed_first_starts: dict[str, Session] = {}
-        self._idle_watch: asyncio.Task[None] | None = None
+        self._idle_watch: Job | None = None
         self.files = OutputFiles(config.output_dir, config.spill_file_limit, config.output_dir_limit)
         self.records = SessionRecords(self.files)  # what ran, for history and export (fed by the MCP tools)
 
@@ -3098,7 +3197,7 @@ class SessionManager:
             deadline = max(deadline, time.monotonic() + self.config.start_grace_s)
         session.start_progress = progress
         try:
-            await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0))
+            await task.wait(max(deadline - time.monotonic(), 0))
         finally:
             if session.start_progress is progress:
                 session.start_progress = None
@@ -3115,52 +3214,46 @@ class SessionManager:
             raise ToolError(f"Session {session.name!r} has no kernel after its start; call execute again.")
         return session.kernel
 
-    def _begin_start(self, session: Session) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self._start_for(session), name=f"start-{session.name}")
-        session.starting, session.start_began, session.start_failure = task, time.monotonic(), None
-        self._start_tasks.add(task)
-
-        def finished(done: asyncio.Task[None]) -> None:  # also when cancelled before it ever ran
-            self._start_tasks.discard(done)
-            if session.starting is done:
+    def _begin_start(self, session: Session) -> Job:
+        def finished(job: Job) -> None:  # also when cancelled before it ever ran
+            self._start_tasks.discard(job)
+            if session.starting is job:
                 session.starting = None
 
-        task.add_done_callback(finished)
-        return task
+        job = self.jobs.start(self._start_for, session, name=f"start-{session.name}", on_done=finished)
+        session.starting, session.start_began, session.start_failure = job, time.monotonic(), None
+        self._start_tasks.add(job)
+        return job
 
     async def _start_for(self, session: Session) -> None:
         """Body of a session's start task: the session gets a fresh kernel, or the failure is kept for the calls."""
         first = session.kernel is None
         try:
-            try:
-                kernel = await self._start_kernel(session)
-            except BaseException as exc:
-                failure = exc if isinstance(exc, (EnvError, ToolError)) else ToolError(
-                    f"The kernel of session {session.name!r} could not start: {type(exc).__name__}: {exc}"
-                )
-                if first:  # the session never came to be: every call waiting for it gets this answer
-                    if session.closed is None:
-                        session.closed = failure
-                    if self.sessions.get(session.name) is session:
-                        del self.sessions[session.name]
-                        if isinstance(failure, EnvError):
-                            self._failed_first_starts[session.name] = session
-                            while len(self._failed_first_starts) > self.config.max_sessions:
-                                del self._failed_first_starts[next(iter(self._failed_first_starts))]
-                else:
-                    session.start_failure = failure
-                if not isinstance(exc, Exception):
-                    raise  # cancelled: a shutdown, or the server stopping
-                return
-            if self._closing and session.closed is None:
-                session.closed = ToolError("The server is shutting down.")
-            if session.closed is not None:  # shut down while the kernel started
-                await kernel.kill(StopReason.SHUTDOWN)
-                return
-            session.kernel = kernel
-        finally:
-            if session.starting is asyncio.current_task():
-                session.starting = None
+            kernel = await self._start_kernel(session)
+        except BaseException as exc:
+            failure = exc if isinstance(exc, (EnvError, ToolError)) else ToolError(
+                f"The kernel of session {session.name!r} could not start: {type(exc).__name__}: {exc}"
+            )
+            if first:  # the session never came to be: every call waiting for it gets this answer
+                if session.closed is None:
+                    session.closed = failure
+                if self.sessions.get(session.name) is session:
+                    del self.sessions[session.name]
+                    if isinstance(failure, EnvError):
+                        self._failed_first_starts[session.name] = session
+                        while len(self._failed_first_starts) > self.config.max_sessions:
+                            del self._failed_first_starts[next(iter(self._failed_first_starts))]
+            else:
+                session.start_failure = failure
+            if not isinstance(exc, Exception):
+                raise  # cancelled: a shutdown, or the server stopping
+            return
+        if self._closing and session.closed is None:
+            session.closed = ToolError("The server is shutting down.")
+        if session.closed is not None:  # shut down while the kernel started
+            await kernel.kill(StopReason.SHUTDOWN)
+            return
+        session.kernel = kernel
 
     async def _start_kernel(self, session: Session) -> Kernel:
         """A ready kernel in the session's env, installing ipykernel first if allowed and needed."""
@@ -3188,7 +3281,7 @@ class SessionManager:
     async def _spawn(self, python: Path, env_label: str) -> Kernel:
         """A started kernel; while it starts, every shutdown path finds it in ``_starting``."""
         forks = await self._fork_server(python) if isinstance(python, Path) else None
-        kernel = Kernel(python, env_label, self.guard, self.config.envs_dir, forks)
+        kernel = Kernel(python, env_label, self.jobs, self.guard, self.config.envs_dir, forks)
         self._starting.add(kernel)
         try:
             await kernel.start()
@@ -3213,13 +3306,13 @@ class SessionManager:
                 self._retired_forks.append(self._forks.pop(python))  # its kernels live on
                 forks = None
         if forks is None:
-            forks = self._forks[python] = ForkServer(python, self.guard)
-            task = asyncio.get_running_loop().create_task(self._start_fork_server(forks), name=f"fork-server-{python}")
-            self._fork_starts[python] = task
-            task.add_done_callback(lambda _: self._fork_starts.pop(python, None))
-        task = self._fork_starts.get(python)
-        if task is not None:
-            await asyncio.wait({task})  # a cancelled caller leaves the start to the next one
+            forks = self._forks[python] = ForkServer(python, self.guard, self.jobs)
+            self._fork_starts[python] = self.jobs.start(
+                self._start_fork_server, forks, name=f"fork-server-{python}", on_done=lambda _: self._fork_starts.pop(python, None)
+            )
+        starting = self._fork_starts.get(python)
+        if starting is not None:
+            await starting.wait()  # a cancelled caller leaves the start to the next one
         return forks if forks.usable else None
 
     async def _start_fork_server(self, forks: ForkServer) -> None:
@@ -3229,8 +3322,8 @@ class SessionManager:
             log.info("no fork server for %s, kernels are spawned: %s", forks.python, exc)
 
     def _close_fork_servers(self) -> None:
-        for task in self._fork_starts.values():
-            task.cancel()
+        for job in self._fork_starts.values():
+            job.cancel()
         for forks in [*self._forks.values(), *self._retired_forks]:
             forks.close()
 
@@ -3251,7 +3344,7 @@ class SessionManager:
         old, reaped = session.kernel, None
         if old is not None and old.launched is None:
             old.kill_now(StopReason.RESET)  # SIGKILLed now: the fresh kernel starts while the old one is reaped
-            reaped = asyncio.get_running_loop().create_task(old.kill(StopReason.RESET))
+            reaped = self.jobs.start(old.kill, StopReason.RESET, name=f"reap-{old.pid}")
         elif old is not None:
             await old.kill(StopReason.RESET)  # far side: its input closes first, so it ends its own group
         session.lost_state = None  # asked for: no warning on the next call
@@ -3263,7 +3356,7 @@ class SessionManager:
             session.last_active = time.monotonic()
             if reaped is not None:
                 with anyio.CancelScope(shield=True):
-                    await reaped
+                    await reaped.wait()
 
     def interrupt(self, name: str) -> tuple[str, ActionOutcome, str, int | None]:
         """SIGINT to the session's running cell, if any: (session, outcome, message, kernel pid)."""
@@ -3288,7 +3381,7 @@ class SessionManager:
             await session.kernel.kill(StopReason.SHUTDOWN)
         if starting is not None:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait({starting}, timeout=KILL_REAP_TIMEOUT_S)
+                await starting.wait(KILL_REAP_TIMEOUT_S)
         self.files.remove_session(name)
         return session
 
@@ -3296,7 +3389,7 @@ class SessionManager:
 
     def start_idle_watch(self) -> None:
         if self.config.idle_timeout_s is not None and not self._closing:
-            self._idle_watch = asyncio.get_running_loop().create_task(self._stop_idle_kernels(), name="idle-kernels")
+            self._idle_watch = self.jobs.start(self._stop_idle_kernels, name="idle-kernels")
 
     async def _stop_idle_kernels(self) -> None:
         idle_s = self.config.idle_timeout_s
@@ -3326,9 +3419,9 @@ class SessionManager:
         if self._closing:
             return
         if self.config.spare_kernels > 0 and memory_to_spare():
-            self._refill = asyncio.get_running_loop().create_task(self._fill_spares(), name="spare-kernels")
+            self._refill = self.jobs.start(self._fill_spares, name="spare-kernels")
         elif self.config.fork_server and self._refill is None and memory_to_spare():
-            self._refill = asyncio.get_running_loop().create_task(self._fork_server_ahead(), name="fork-server-ahead")
+            self._refill = self.jobs.start(self._fork_server_ahead, name="fork-server-ahead")
 
     async def _fork_server_ahead(self) -> None:
         await self._fork_server(Path(sys.executable))
@@ -3364,18 +3457,18 @@ class SessionManager:
         self.helpers.kill_all()
         for kernel in self._starting:  # kernels still starting belong to no session yet
             kernel.kill_now()
-        tasks = [task for task in (*self._start_tasks, self._refill, self._idle_watch) if task is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait(tasks, timeout=KILL_REAP_TIMEOUT_S)
+        jobs = [job for job in (*self._start_tasks, self._refill, self._idle_watch) if job is not None]
+        for job in jobs:
+            job.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+            for job in jobs:
+                await job.finished.wait()
         sessions = list(self.sessions.values())
         self.sessions.clear()
         kernels = [s.kernel for s in sessions if s.kernel is not None] + self._spares + list(self._starting)
         self._spares = []
-        for task in self._fork_starts.values():
-            task.cancel()
+        for job in self._fork_starts.values():
+            job.cancel()
         for kernel in kernels:
             kernel.kill_now()
         async with anyio.create_task_group() as group:
@@ -3531,7 +3624,7 @@ class SessionManager:
 
     async def _follow(self, call: CellCall, session: Session, kernel: Kernel, execution: Execution) -> CellOutcome:
         """Wait for a cell's end for what is left of the call, then interrupt it or leave it running."""
-        ticker = asyncio.create_task(self._report_progress(execution, call.progress)) if call.progress else None
+        ticker = self.jobs.start(self._report_progress, execution, call.progress, name=f"progress-{session.name}") if call.progress else None
         status: CellStatus | None = None
         reply: dict[str, Any] | None = None
         error: str | None = None
@@ -3539,7 +3632,7 @@ class SessionManager:
         try:
             try:
                 with anyio.fail_after(call.remaining(MIN_CELL_S)):
-                    reply = await asyncio.shield(execution.reply)
+                    reply = await execution.reply.wait()
             except TimeoutError:
                 if call.on_timeout == "continue":
                     left_running = True
@@ -3712,7 +3805,7 @@ class SessionManager:
         grace_s = self.config.interrupt_grace_s
         try:
             with anyio.fail_after(grace_s):
-                return await asyncio.shield(execution.reply)
+                return await execution.reply.wait()
         except TimeoutError:
             pass
         except KernelDied:
@@ -4619,18 +4712,19 @@ def build_server(
 
     @asynccontextmanager
     async def lifespan(_: MCPServer):
-        manager = SessionManager(config)
-        live.add(manager)
-        manager.guard.start()
-        manager.start_spares()
-        manager.start_idle_watch()
-        try:
-            yield manager
-        finally:
-            live.discard(manager)
-            with anyio.CancelScope(shield=True):
-                await manager.close_all()
-            manager.records.close_all()
+        async with Jobs.open() as jobs:  # every background task of the manager, ended with it
+            manager = SessionManager(config, jobs)
+            live.add(manager)
+            manager.guard.start()
+            manager.start_spares()
+            manager.start_idle_watch()
+            try:
+                yield manager
+            finally:
+                live.discard(manager)
+                with anyio.CancelScope(shield=True):
+                    await manager.close_all()
+                manager.records.close_all()
 
     # The SDK's own bearer check (AuthenticationMiddleware + RequireAuthMiddleware on the MCP
     # route); with no resource_server_url it publishes no OAuth metadata: the token is ours.

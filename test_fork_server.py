@@ -7,10 +7,12 @@ and the places that keep spawning (macOS, --no-fork-server)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -171,10 +173,16 @@ async def test_an_env_without_ipython_still_gets_its_clear_error_and_no_fork_ser
     assert servers == set() and kernels == set()
 
 
-async def started_fork_server() -> ipython_mcp.ForkServer:
-    forks = ipython_mcp.ForkServer(Path(sys.executable), None)
-    await forks.start(ipython_mcp.kernel_environment(Path(sys.executable)))
-    return forks
+@contextlib.asynccontextmanager
+async def started_fork_server() -> AsyncIterator[ipython_mcp.ForkServer]:
+    """A ready fork server of this Python, its tasks in a task group as a server lifespan has them."""
+    async with ipython_mcp.Jobs.open() as jobs:
+        forks = ipython_mcp.ForkServer(Path(sys.executable), None, jobs)
+        try:
+            await forks.start(ipython_mcp.kernel_environment(Path(sys.executable)))
+            yield forks
+        finally:
+            forks.close()
 
 
 def kernel_pipes() -> tuple[list[int], list[int]]:
@@ -184,34 +192,32 @@ def kernel_pipes() -> tuple[list[int], list[int]]:
 
 
 async def test_a_fork_cancelled_while_waiting_for_its_reply_leaves_no_kernel(tmp_path: Path) -> None:
-    forks = await started_fork_server()
     theirs, ours = kernel_pipes()  # ours stay open: only a kill ends that kernel
     try:
         with anyio.fail_after(QUICK_S):
-            async with anyio.create_task_group() as group:
-                group.start_soon(forks.fork, ipython_mcp.kernel_environment(Path(sys.executable)), theirs)
-                while not forks._replies:  # the request is out
-                    await anyio.sleep(0)
-                group.cancel_scope.cancel()
-            while live_processes(below=forks.pid):  # the kernel it forked anyway is killed
-                await anyio.sleep(POLL_S)
-            assert forks.usable and not forks._exits
+            async with started_fork_server() as forks:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(forks.fork, ipython_mcp.kernel_environment(Path(sys.executable)), theirs)
+                    while not forks._replies:  # the request is out
+                        await anyio.sleep(0)
+                    group.cancel_scope.cancel()
+                while live_processes(below=forks.pid):  # the kernel it forked anyway is killed
+                    await anyio.sleep(POLL_S)
+                assert forks.usable and not forks._exits
     finally:
-        forks.close()
         for fd in theirs + ours:
             os.close(fd)
 
 
 async def test_a_fork_request_too_big_to_send_is_refused_and_the_fork_server_stays(tmp_path: Path) -> None:
-    forks = await started_fork_server()
     theirs, ours = kernel_pipes()
     try:
         with anyio.fail_after(QUICK_S):
-            huge = {**ipython_mcp.kernel_environment(Path(sys.executable)), "BIG": "x" * (4 << 20)}
-            with pytest.raises(ipython_mcp.ForkUnavailable, match="could not be sent"):
-                await forks.fork(huge, theirs)
-            assert forks.usable and forks.alive
+            async with started_fork_server() as forks:
+                huge = {**ipython_mcp.kernel_environment(Path(sys.executable)), "BIG": "x" * (4 << 20)}
+                with pytest.raises(ipython_mcp.ForkUnavailable, match="could not be sent"):
+                    await forks.fork(huge, theirs)
+                assert forks.usable and forks.alive
     finally:
-        forks.close()
         for fd in theirs + ours:
             os.close(fd)

@@ -1236,6 +1236,7 @@ class Bench:
         direct = await self.new_direct()
         manager, client = await self.jupyter.start()
         kernel_obj = None
+        kernel_jobs = contextlib.AsyncExitStack()  # the task group a server lifespan gives its kernels
         spill_dir = self.work / "spill"
         spill_dir.mkdir(exist_ok=True)
         counter = iter(range(1 << 30))
@@ -1250,7 +1251,8 @@ class Bench:
 
         try:
             if ipython_mcp is not None:
-                kernel_obj = ipython_mcp.Kernel(Path(PY), "default")
+                jobs = await kernel_jobs.enter_async_context(ipython_mcp.Jobs.open())
+                kernel_obj = ipython_mcp.Kernel(Path(PY), "default", jobs)
                 await asyncio.wait_for(kernel_obj.start(), START_TIMEOUT_S)
             else:
                 r.notes["warm.ours_kernel_class_error"] = import_error
@@ -1282,7 +1284,7 @@ class Bench:
                 started = time.perf_counter()
                 execution = await kernel_obj.start_execution(WARM_CODE, 100_000, spill)
                 try:
-                    reply = await asyncio.wait_for(asyncio.shield(execution.reply), CALL_TIMEOUT_S)
+                    reply = await asyncio.wait_for(execution.reply.wait(), CALL_TIMEOUT_S)
                 finally:
                     kernel_obj.finish_execution(execution)
                 r.add("warm.ours_kernel_class", time.perf_counter() - started)
@@ -1352,6 +1354,7 @@ class Bench:
             if kernel_obj is not None:
                 with contextlib.suppress(Exception):
                     await kernel_obj.kill("shutdown")
+            await kernel_jobs.aclose()
             if spill_files is not None:
                 spill_files.remove_all()
             await self.close_direct(direct)
