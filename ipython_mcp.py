@@ -93,7 +93,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -1596,7 +1596,8 @@ class OneShot(Generic[T]):
         return self._value  # type: ignore[return-value]
 
     async def wait(self) -> T:
-        await self._arrived.wait()
+        if not self.done():  # a value already there is taken at once, even past a deadline
+            await self._arrived.wait()
         return self.result()
 
 
@@ -1617,8 +1618,9 @@ class Job:
 
     async def wait(self, timeout: float | None = None) -> bool:
         """True once it has ended, False at ``timeout``; a cancelled waiter leaves the job running."""
-        with anyio.move_on_after(timeout):
-            await self.finished.wait()
+        if not self.done():
+            with anyio.move_on_after(timeout):
+                await self.finished.wait()
         return self.done()
 
 
@@ -1777,46 +1779,189 @@ class StopReason(str, enum.Enum):
     IDLE = "idle"
 
 
+class PipeReader(anyio.abc.ByteReceiveStream):
+    """Our end of a pipe a kernel writes (its stdout or stderr), as an anyio byte stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.BaseTransport):
+        self._reader, self._transport = reader, transport
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self._reader.read(max_bytes)
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+
+class PipeWriter(anyio.abc.ByteSendStream):
+    """Our end of the pipe a kernel reads (its stdin), as an anyio byte stream."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+
+    @property
+    def closing(self) -> bool:
+        return self._writer.is_closing()
+
+    async def send(self, item: bytes) -> None:
+        if self.closing:
+            raise anyio.ClosedResourceError
+        self._writer.write(item)
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:  # the kernel (or launcher) is gone
+            raise anyio.BrokenResourceError from exc
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+async def connect_pipes(stdin: int, stdout: int, stderr: int) -> tuple[PipeWriter, PipeReader, PipeReader]:
+    """Streams on our ends of a kernel's three pipes; on failure the fds are closed.
+
+    anyio's ``open_process`` makes its own pipes, but a forked kernel's are made here and
+    sent to its fork server, so every kernel's pipes are made here and read the same way:
+    through asyncio's pipe transports, which take an fd off the event loop before closing it.
+    """
+    loop = asyncio.get_running_loop()
+    files = [os.fdopen(stdin, "wb", 0), os.fdopen(stdout, "rb", 0), os.fdopen(stderr, "rb", 0)]
+    transports: list[asyncio.BaseTransport] = []  # a file under a transport is closed by aborting it
+    try:
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
+        transports.append(transport)
+        writer = PipeWriter(asyncio.StreamWriter(transport, protocol, None, loop))  # type: ignore[arg-type]
+        readers = []
+        for file in files[1:]:
+            reader = asyncio.StreamReader(limit=WIRE_LINE_LIMIT, loop=loop)
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), file)  # noqa: B023
+            transports.append(transport)
+            readers.append(PipeReader(reader, transport))
+    except BaseException:
+        for transport in transports:
+            transport.abort()  # type: ignore[attr-defined]
+        for file in files[len(transports):]:
+            file.close()
+        raise
+    return writer, readers[0], readers[1]
+
+
+class LineReader:
+    """The lines of a byte stream (the wire: a kernel's stdout), each at most ``limit`` bytes."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream, limit: int):
+        self._stream, self._limit = stream, limit
+        self._buffer = bytearray()
+
+    async def receive_line(self) -> bytes | None:
+        """The next line with its newline (the last may lack it); b"" at the end of the stream;
+        None for a line over the limit, which is skipped."""
+        searched, overlong = 0, False
+        while True:
+            index = self._buffer.find(b"\n", searched)
+            if index >= 0:
+                line = bytes(self._buffer[: index + 1])
+                del self._buffer[: index + 1]
+                return None if overlong else line
+            if len(self._buffer) > self._limit:
+                overlong = True
+                self._buffer.clear()
+            searched = len(self._buffer)
+            try:
+                data = await self._stream.receive()
+            except anyio.EndOfStream:
+                line, self._buffer = bytes(self._buffer), bytearray()
+                return b"" if overlong else line
+            self._buffer += data
+
+
+def make_pipes(count: int) -> list[tuple[int, int]]:
+    """``count`` new pipes as (read end, write end); OSError (none left open) when the fds run out."""
+    pipes: list[tuple[int, int]] = []
+    try:
+        for _ in range(count):
+            pipes.append(os.pipe())
+    except OSError:
+        close_fds(fd for pipe in pipes for fd in pipe)
+        raise
+    return pipes
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class KernelProcess:
-    """The process a kernel runs in: spawn, pipes, reap, kill. Knows nothing of the protocol.
+    """The process a kernel runs in: spawn or fork, pipes, reap, kill. Knows nothing of the protocol.
 
     Local: the env's Python, leader of its own process group, which signals reach.
     Launched: the launcher (ssh, docker exec, bwrap) in its own group here; the kernel is
     on the far side, where our signals do not go (``signals`` is False): the protocol
     carries interrupts, and closing the launcher's input ends the far side.
+    Either way its stdin, stdout and stderr are pipes made here (``connect_pipes``).
     """
 
     def __init__(self, guard: OrphanGuard | None, signals: bool):
         self.guard, self.signals = guard, signals
-        self.process: asyncio.subprocess.Process | ForkedProcess | None = None
+        self.process: anyio.abc.Process | ForkedProcess | None = None
+        self.stdin: PipeWriter | None = None
+        self.stdout: PipeReader | None = None
+        self.stderr: PipeReader | None = None
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
     async def spawn(self, argv: Sequence[str], environ: dict[str, str], pass_fds: Sequence[int] = ()) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # own process group: interrupt and kill reach its children
-            env=environ,
-            limit=WIRE_LINE_LIMIT,
-            pass_fds=pass_fds,
-        )
+        """Spawn ``argv`` on three new pipes. OSError: it could not start (nothing is left open)."""
+        (in_read, in_write), (out_read, out_write), (err_read, err_write) = make_pipes(3)
+        try:
+            self.process = await anyio.open_process(
+                argv, stdin=in_read, stdout=out_write, stderr=err_write,
+                start_new_session=True,  # own process group: interrupt and kill reach its children
+                env=environ, pass_fds=pass_fds,
+            )
+        except BaseException:
+            close_fds([in_write, out_read, err_read])
+            raise
+        finally:
+            close_fds([in_read, out_write, err_write])
         if self.guard is not None:
             self.guard.watch(self.process.pid)
+        await self._connect(in_write, out_read, err_read)
 
-    async def fork(self, forks: ForkServer, environ: dict[str, str], fds: Sequence[int]) -> None:
-        """A kernel forked by ``forks`` on ``fds`` (stdin, stdout, stderr read by the kernel or
-        written by it, then the output pipes); ours ends of the first three are ``fds[7:]``.
-        Raises ForkUnavailable, having started nothing."""
-        process = await forks.fork(environ, fds[:7])
-        self.process = process
+    async def fork(self, forks: ForkServer, environ: dict[str, str], output_fds: Sequence[int]) -> None:
+        """A kernel forked by ``forks`` on three new pipes and ``output_fds`` (the output pipes, both
+        ends). Raises ForkUnavailable, having started nothing and left ``output_fds`` as they were."""
+        try:
+            (in_read, in_write), (out_read, out_write), (err_read, err_write) = make_pipes(3)
+        except OSError as exc:
+            raise ForkUnavailable(f"no pipes for the kernel: {exc}") from exc
+        try:
+            self.process = await forks.fork(environ, [in_read, out_write, err_write, *output_fds])
+        except BaseException:
+            close_fds([in_write, out_read, err_read])
+            raise
+        finally:
+            close_fds([in_read, out_write, err_write])
         if self.guard is not None:
-            self.guard.watch(process.pid)
-        await process.connect(*fds[7:])
+            self.guard.watch(self.process.pid)
+        await self._connect(in_write, out_read, err_read)
+
+    async def _connect(self, stdin: int, stdout: int, stderr: int) -> None:
+        try:
+            self.stdin, self.stdout, self.stderr = await connect_pipes(stdin, stdout, stderr)
+        except BaseException:  # cancelled: the kernel started already goes now
+            self.kill_now(running=False)
+            if self.guard is not None and self.pid is not None:
+                self.guard.forget(self.pid)
+            raise
 
     async def wait(self) -> int | None:
         assert self.process
@@ -1836,8 +1981,8 @@ class KernelProcess:
         return True
 
     def close_input(self) -> None:
-        if self.process is not None and self.process.stdin is not None:
-            self.process.stdin.close()
+        if self.stdin is not None:
+            self.stdin.close()
 
     def kill_now(self, running: bool) -> None:
         """SIGKILL the process group, and descendants that left it (setsid)."""
@@ -1856,41 +2001,12 @@ class ForkUnavailable(Exception):
 
 
 class ForkedProcess:
-    """A kernel forked by a ForkServer, shaped like asyncio's Process: pipes as streams,
-    ``wait()`` for the exit status the fork server reports (it is the kernel's parent)."""
+    """A kernel forked by a ForkServer, shaped like anyio's Process for KernelProcess: its
+    ``pid``, and ``wait()`` for the exit status the fork server reports (it is the kernel's parent)."""
 
     def __init__(self, pid: int, exit_status: OneShot[int | None]):
         self.pid, self._exit_status = pid, exit_status
         self.returncode: int | None = None
-        self.stdin: asyncio.StreamWriter | None = None
-        self.stdout: asyncio.StreamReader | None = None
-        self.stderr: asyncio.StreamReader | None = None
-
-    async def connect(self, stdin: int, stdout: int, stderr: int) -> None:
-        """Take our ends of the kernel's three pipes (and close them if this fails)."""
-        loop = asyncio.get_running_loop()
-        files = [os.fdopen(stdin, "wb", 0), os.fdopen(stdout, "rb", 0), os.fdopen(stderr, "rb", 0)]
-        transports: list[asyncio.BaseTransport] = []  # a file under a transport is closed by aborting it
-        try:
-            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
-            transports.append(transport)
-            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)  # type: ignore[arg-type]
-            self.stdout = await self._reader(files[1], transports)
-            self.stderr = await self._reader(files[2], transports)
-        except BaseException:
-            for transport in transports:
-                transport.abort()  # type: ignore[attr-defined]
-            for file in files[len(transports):]:
-                file.close()
-            raise
-
-    @staticmethod
-    async def _reader(file: Any, transports: list[asyncio.BaseTransport]) -> asyncio.StreamReader:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=WIRE_LINE_LIMIT, loop=loop)
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), file)
-        transports.append(transport)
-        return reader
 
     async def wait(self) -> int | None:
         """The exit status; None when nobody could read it (the fork server had ended first)."""
@@ -2235,7 +2351,7 @@ class Kernel:
         self.ended: str | None = None  # how it ended ("signal SIGKILL", "the connection to HOST was lost: ..."), once it has
 
     @property
-    def process(self) -> asyncio.subprocess.Process | ForkedProcess | None:
+    def process(self) -> anyio.abc.Process | ForkedProcess | None:
         return self.proc.process
 
     @property
@@ -2262,25 +2378,20 @@ class Kernel:
         # The cell output pipes are made here and handed to the kernel, whose relay thread
         # reads them; we keep a copy of each read end, to collect what a kernel killed by a
         # signal had not forwarded yet (see _collect_leftover_output).
-        handed: list[int] = []
         try:
-            for _ in range(2):
-                handed.extend(os.pipe())
+            pipes = make_pipes(2)
         except OSError as exc:
-            for fd in handed:
-                os.close(fd)
             raise EnvError(self.env_label, str(python), f"Could not start {python}: {exc}.") from exc
-        pipes = [(handed[0], handed[1]), (handed[2], handed[3])]
+        handed = [fd for pipe in pipes for fd in pipe]
         self._make_pip_shims()
         environ = kernel_environment(python, self._pip_shims)
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         environ["IPYTHON_MCP_SERVER_PID"] = str(os.getpid())  # the kernel dies with us (PR_SET_PDEATHSIG, Linux)
         try:
-            if not (self.forks is not None and await self._fork(environ, handed)):
+            if not await self._forked(environ, handed):
                 await self.proc.spawn([str(python), "-u", str(BOOTSTRAP)], environ, pass_fds=handed)
         except BaseException as exc:  # OSError, or cancelled while spawning: no fd may leak
-            for fd in handed:
-                os.close(fd)
+            close_fds(handed)
             self._remove_pip_shims()
             if isinstance(exc, OSError):
                 raise EnvError(self.env_label, str(python), f"Could not start {python}: {exc}.") from exc
@@ -2290,37 +2401,15 @@ class Kernel:
             os.set_blocking(read_end, False)
         self._output_read_ends = {"stdout": pipes[0][0], "stderr": pipes[1][0]}
 
-    async def _fork(self, environ: dict[str, str], output_fds: list[int]) -> bool:
-        """Fork the kernel from the fork server, on pipes made here as a spawn would get them;
-        False (nothing started, ``output_fds`` untouched) when that fork server cannot."""
-        assert self.forks is not None
-        ends: list[int] = []
-        try:
-            for _ in range(3):
-                ends.extend(os.pipe())
-        except OSError:
-            for fd in ends:
-                os.close(fd)
+    async def _forked(self, environ: dict[str, str], output_fds: list[int]) -> bool:
+        """Fork the kernel from the fork server; False (nothing started) when there is none or it cannot."""
+        if self.forks is None:
             return False
-        (in_read, in_write), (out_read, out_write), (err_read, err_write) = zip(ends[::2], ends[1::2])
-        theirs, ours = [in_read, out_write, err_write], [in_write, out_read, err_read]
         try:
-            await self.proc.fork(self.forks, environ, [*theirs, *output_fds, *ours])
+            await self.proc.fork(self.forks, environ, output_fds)
         except ForkUnavailable as exc:
             log.info("kernel of env %r spawned: the fork server cannot fork (%s)", self.env_label, exc)
-            for fd in ends:
-                os.close(fd)
             return False
-        except BaseException:  # cancelled: a kernel forked already goes now
-            if self.process is not None:
-                self.proc.kill_now(running=False)
-                if self.guard is not None:
-                    self.guard.forget(self.process.pid)
-            for fd in theirs if self.process is not None else ends:  # once connected, ours belong to the streams
-                os.close(fd)
-            raise
-        for fd in theirs:
-            os.close(fd)
         return True
 
     async def _spawn_launched(self, launched: LaunchedPython) -> None:
@@ -2338,11 +2427,10 @@ class Kernel:
             if isinstance(exc, FileNotFoundError):
                 raise launcher_missing_error(self.env_label, launched, None) from exc
             raise EnvError(self.env_label, launched.python, f"Could not run the launcher of env {self.env_label!r}, `{launched.program}`: {exc}.") from exc
-        assert self.process and self.process.stdin
+        assert self.proc.stdin
         source = BOOTSTRAP.read_bytes()
-        self.process.stdin.write(b"%d\n" % len(source) + source)
-        with contextlib.suppress(ConnectionError, BrokenPipeError):  # the launcher ended: its exit says why
-            await self.process.stdin.drain()
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):  # the launcher ended: its exit says why
+            await self.proc.stdin.send(b"%d\n" % len(source) + source)
 
     async def start(self) -> dict[str, Any]:
         """Spawn and wait for the kernel's hello. Raises EnvError or KernelDied."""
@@ -2436,13 +2524,12 @@ class Kernel:
             shutil.rmtree(folder, ignore_errors=True)
 
     async def _read_protocol(self) -> None:
-        assert self.process and self.process.stdout
-        stdout = self.process.stdout
+        assert self.proc.stdout
+        lines = LineReader(self.proc.stdout, WIRE_LINE_LIMIT)
         try:
             while True:
-                try:
-                    line = await stdout.readline()
-                except (ValueError, asyncio.LimitOverrunError):
+                line = await lines.receive_line()
+                if line is None:
                     log.error("kernel %s sent a line over %d bytes; dropped", self.pid, WIRE_LINE_LIMIT)
                     continue
                 if not line:
@@ -2510,9 +2597,9 @@ class Kernel:
         message["result_file"] = {"path": path, "bytes": len(data)}
 
     async def _read_log(self) -> None:
-        assert self.process and self.process.stderr
+        assert self.proc.stderr
         try:
-            while chunk := await self.process.stderr.read(65536):
+            async for chunk in self.proc.stderr:
                 text = chunk.decode("utf-8", "replace")
                 self._log_tail = (self._log_tail + text)[-KERNEL_LOG_TAIL_CHARS:]
                 for line in text.splitlines():
@@ -2571,14 +2658,10 @@ class Kernel:
                 os.close(fd)
 
     async def _send(self, message: dict[str, Any]) -> None:
-        assert self.process and self.process.stdin
-        if self.process.stdin.is_closing():
-            return  # closed by kill(): the exit watcher reports the end
-        self.process.stdin.write((json.dumps(message) + "\n").encode())
-        try:
-            await self.process.stdin.drain()
-        except (ConnectionError, BrokenPipeError):
-            pass  # the exit watcher reports the death
+        assert self.proc.stdin
+        # Closed by kill(), or the kernel is gone: the exit watcher reports the end.
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self.proc.stdin.send((json.dumps(message) + "\n").encode())
 
     async def start_execution(
         self, code: str, output_limit: int, spill_path: SpillTarget,
@@ -2763,11 +2846,11 @@ class Helpers:
         self.pids: set[int] = set()
 
     @asynccontextmanager
-    async def run(self, argv: Sequence[str], cwd: Path | None = None, merge_stderr: bool = False) -> AsyncIterator[asyncio.subprocess.Process]:
+    async def run(self, argv: Sequence[str], cwd: Path | None = None, merge_stderr: bool = False) -> AsyncIterator[anyio.abc.Process]:
         """The started process (stdin closed, stdout piped, stderr piped or into stdout). OSError: it could not start."""
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE, start_new_session=True,
+        process = await anyio.open_process(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, start_new_session=True,
         )
         self.pids.add(process.pid)
         try:
@@ -2785,6 +2868,23 @@ class Helpers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 
+    @staticmethod
+    async def communicate(process: anyio.abc.Process) -> tuple[bytes, bytes]:
+        """Its stdout and stderr to their ends, read together (either could fill its pipe), then its exit."""
+        out: list[bytes] = []
+        err: list[bytes] = []
+
+        async def drain(stream: anyio.abc.ByteReceiveStream | None, into: list[bytes]) -> None:
+            if stream is not None:
+                async for chunk in stream:
+                    into.append(chunk)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(drain, process.stdout, out)
+            group.start_soon(drain, process.stderr, err)
+        await process.wait()
+        return b"".join(out), b"".join(err)
+
 
 async def install_ipykernel(error: EnvError, progress: Progress | None, helpers: Helpers, envs_dir: Path | None = None) -> None:
     """Run the env's install command, streaming its lines as progress. Raises EnvError on failure."""
@@ -2799,10 +2899,11 @@ async def install_ipykernel(error: EnvError, progress: Progress | None, helpers:
     try:
         async with helpers.run(plan.argv, cwd=plan.cwd, merge_stderr=True) as process:
             assert process.stdout is not None
+            lines = LineReader(process.stdout, INSTALL_LOG_TAIL_CHARS)
             with anyio.move_on_after(INSTALL_TIMEOUT_S):  # returncode stays None
                 last_sent = 0.0
-                while line := await process.stdout.readline():
-                    text = line.decode("utf-8", "replace").rstrip()
+                while (line := await lines.receive_line()) != b"":
+                    text = (line or b"[a line too long to show]").decode("utf-8", "replace").rstrip()
                     tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
                     now = time.monotonic()
                     if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
@@ -2868,7 +2969,7 @@ class EnvCatalog:
         try:
             async with self._helpers.run(argv) as process:
                 with anyio.fail_after(ENV_PROBE_TIMEOUT_S):
-                    out, err = await process.communicate()
+                    out, err = await self._helpers.communicate(process)
                 answer.update(json.loads(out.decode().strip().splitlines()[-1]))
         except OSError as exc:
             answer["error"] = f"cannot run {python}: {exc}"
@@ -3523,9 +3624,7 @@ class SessionManager:
                 await self._ensure_kernel(session, call.deadline, progress)  # a first start, or a restart after a death
                 if session.left_running_runs:
                     return self._busy(call, session)
-                with anyio.move_on_after(call.remaining()) as queued:
-                    await session.run_lock.acquire()  # one cell at a time per session
-                if queued.cancelled_caught:
+                if not await self._take_run_lock(call, session):
                     return self._busy(call, session, queued=True)
                 try:
                     return await self._run(call, session, code)
@@ -3543,6 +3642,20 @@ class SessionManager:
             return CellOutcome(call.result("busy", error=error))
         except EnvError as exc:
             return CellOutcome(call.result("env_error", error=exc.message, warning=None))
+
+    @staticmethod
+    async def _take_run_lock(call: CellCall, session: Session) -> bool:
+        """One cell at a time per session: the lock, if free (even for a call whose kernel start
+        used all of its time), else once the calls ahead are done; False at the call's deadline."""
+        try:
+            session.run_lock.acquire_nowait()
+            return True
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(call.remaining()):
+            await session.run_lock.acquire()
+            return True
+        return False
 
     async def _run(self, call: CellCall, session: Session, code: str) -> CellOutcome:
         """Run one cell in a session whose run_lock the caller holds."""
