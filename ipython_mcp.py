@@ -39,7 +39,8 @@ bounds the whole call (waiting for the session, its kernel and the cell), and ev
 whatever its status, is built by ``CellCall.result``.
 
 How the file reads, top to bottom: constants; exceptions; pure functions (envs, hints,
-timeouts); saved output files and the per-call output buffers; the wire (``Execution``);
+timeouts); saved output files and the per-call output buffers; background work (``Jobs``:
+every task in one anyio task group that the lifespan owns); the wire (``Execution``);
 ``Kernel`` (one child process), fork servers and the orphan guard; envs (install, list); sessions
 (``Config``, ``Session``, ``CellCall``, ``SessionManager``: names -> kernels, locks);
 the session record; the MCP tools; the transports (stdio, HTTP, the person's Unix socket)
