@@ -1615,7 +1615,8 @@ class Job:
         return self.finished.is_set()
 
     def cancel(self) -> None:
-        self.scope.cancel()
+        if not self.done():  # a scope long exited (the server's loop gone, say) is left alone
+            self.scope.cancel()
 
     async def wait(self, timeout: float | None = None) -> bool:
         """True once it has ended, False at ``timeout``; a cancelled waiter leaves the job running."""
@@ -4157,13 +4158,14 @@ class SessionRecord:
             last.warnings.append("It ended without `wait` fetching its end; its last output was not returned.")
             self._chars += last.chars - before
             self._changed(last)
-        counts = [
-            entry.execution_count for entry in reversed(self.entries) if isinstance(entry, CellRecord) and entry.execution_count
-        ]
+        latest_count = next(
+            (entry.execution_count for entry in reversed(self.entries) if isinstance(entry, CellRecord) and entry.execution_count),
+            None,
+        )
         if (
             result.execution_count is not None
-            and counts
-            and result.execution_count <= counts[0]
+            and latest_count is not None
+            and result.execution_count <= latest_count
             and not isinstance(self.entries[-1], RestartMark)
         ):
             self.add_restart("the kernel restarted (it died, or was killed after a timeout): the state before is gone")
