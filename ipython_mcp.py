@@ -3083,6 +3083,7 @@ class Session:
     notices: list[str] = dataclasses.field(default_factory=list)  # for the next call's warning
     # The cell left running by on_timeout="continue", followed by `wait` (its one name: "left running").
     left_running: Execution | None = None
+    cancelled: CellOutcome | None = None  # the end of a cell whose call the client cancelled, for the record
     wait_lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)  # one `wait` at a time
 
     def check_open(self) -> None:
@@ -3767,7 +3768,8 @@ class SessionManager:
                 # followed by `wait` keeps running: only that wait was cancelled.
                 if session.left_running is not execution:
                     with anyio.CancelScope(shield=True), contextlib.suppress(KernelDied):
-                        await self._interrupt_or_kill(call, session, kernel, execution)
+                        reply = await self._interrupt_or_kill(call, session, kernel, execution)
+                    self._keep_cancelled(call, session, execution, reply)
                 else:
                     left_running = True
                 raise
@@ -3782,6 +3784,14 @@ class SessionManager:
                     session.left_running = None
                 kernel.finish_execution(execution)
         return self._final_result(call, session, execution, reply, status=status, error=error)
+
+    def _keep_cancelled(self, call: CellCall, session: Session, execution: Execution, reply: dict[str, Any] | None) -> None:
+        """The end of a cell whose call was cancelled: no client hears it, the session record keeps it."""
+        error = "The client cancelled the call, so the cell was interrupted." + (f"\n{reply['error']}" if reply and reply.get("error") else "")
+        try:
+            session.cancelled = self._final_result(call, session, execution, reply, status="error", error=error)
+        except Exception:  # the cancellation must go on whatever happens here
+            log.exception("session %r: the end of a cancelled cell could not be kept", session.name)
 
     def _running_result(self, call: CellCall, execution: Execution) -> CellOutcome:
         """Output so far of a cell left running; the next `wait` starts after it."""
@@ -4001,7 +4011,7 @@ class CellRecord:
 
     index: int  # 1-based position in the session's record, restarts included
     code: str
-    status: str  # ok, error, timeout, running (left running; `wait` completes it), ended
+    status: str  # ok, error, timeout, running (left running; `wait` completes it), ended, cancelled (by the client)
     started: float  # epoch seconds
     duration_s: float
     execution_count: int | None = None
@@ -4149,7 +4159,7 @@ class SessionRecord:
 
     # -- what the tools report
 
-    def add_cell(self, code: str, outcome: CellOutcome, by: str = "agent") -> CellRecord:
+    def add_cell(self, code: str, outcome: CellOutcome, by: str = "agent", status: str | None = None) -> CellRecord:
         result = outcome.result
         last = next((entry for entry in reversed(self.entries) if isinstance(entry, CellRecord)), None)
         if last is not None and last.status == "running":  # it ended on its own; nobody fetched its end
@@ -4172,7 +4182,7 @@ class SessionRecord:
         cell = CellRecord(
             index=self.count + 1,
             code=clip(code, RECORD_CODE_CHARS),
-            status=result.status,
+            status=status or result.status,
             started=time.time() - result.duration_s,
             duration_s=result.duration_s,
             execution_count=result.execution_count,
@@ -4310,8 +4320,10 @@ class SessionRecords:
     def get(self, name: str) -> SessionRecord | None:
         return self.by_name.get(name)
 
-    def cell(self, session: Session, code: str | None, outcome: CellOutcome, by: str = "agent") -> CellRecord | None:
-        """Record an `execute` (``code``) or `wait` (None) reply; never fails the call it records."""
+    def cell(
+        self, session: Session, code: str | None, outcome: CellOutcome, by: str = "agent", status: str | None = None
+    ) -> CellRecord | None:
+        """Record an `execute` (``code``) or `wait` (None) reply, as ``status`` if given; never fails the call it records."""
         if outcome.result.status in ("busy", "env_error"):  # nothing ran
             return None
         try:
@@ -4322,7 +4334,7 @@ class SessionRecords:
                 record = self.by_name[session.name] = SessionRecord(session.name, self.files, self.about(session))
             if code is None:
                 return record.continue_cell(outcome)
-            return record.add_cell(code, outcome, by)
+            return record.add_cell(code, outcome, by, status)
         except Exception:  # the record is an aside: the agent's reply must come back
             log.exception("session %r: the cell could not be recorded", session.name)
             return None
@@ -4364,7 +4376,9 @@ class HistoryEntry(BaseModel):
     kind: Literal["cell", "restart"]
     time: str = Field(description="When the cell started, or the kernel restarted (local time, ISO 8601).")
     execution_count: int | None = None
-    status: str | None = Field(None, description="ok, error, timeout, running (left running), ended (ended without wait).")
+    status: str | None = Field(
+        None, description="ok, error, timeout, running (left running), ended (ended without wait), cancelled (its call was cancelled)."
+    )
     code: str | None = None
     output: str | None = Field(
         None, description="A short excerpt of what the cell returned: its output, result, or the error's last line."
@@ -4881,6 +4895,15 @@ def build_server(
         await announce_sessions(ctx)
         return outcome
 
+    def record_cancelled(ctx: Context, session: str, code: str) -> None:
+        """A cancelled call answers nobody, but its cell ran (interrupted): the session record shows it."""
+        manager = manager_of(ctx)
+        live = manager.sessions.get(session)
+        if live is not None and live.cancelled is not None:
+            outcome, live.cancelled = live.cancelled, None
+            by = "person" if through_person_socket(ctx) else "agent"
+            manager.records.cell(live, code, outcome, by, status="cancelled")
+
     async def announce_sessions(ctx: Context) -> None:
         """`notifications/resources/list_changed` when sessions came or went since clients were last told."""
         manager = manager_of(ctx)
@@ -4937,7 +4960,11 @@ def build_server(
         """Run code in a stateful IPython session and return its output, result, error and images. \
 To add a package, run `%pip install NAME` in the session: it goes into the session's own env and imports right after."""
         call = manager_of(ctx).execute(session, code, env, timeout_s, progress_to(ctx), on_timeout)
-        outcome = await unless_client_leaves(ctx, call)
+        try:
+            outcome = await unless_client_leaves(ctx, call)
+        except BaseException:
+            record_cancelled(ctx, session, code)
+            raise
         return execute_result(await recorded(ctx, session, code, outcome))
 
     @server.tool(

@@ -204,6 +204,30 @@ async def test_a_cell_left_running_is_one_cell_in_the_record_completed_by_wait(c
     assert cell["duration_s"] >= 2.5
 
 
+async def test_a_cell_whose_call_the_client_cancelled_is_in_the_record_as_cancelled(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    code = f"print('before', flush=True)\nopen({str(started)!r}, 'w').close()\nimport time\ntime.sleep(60)"
+    with anyio.fail_after(QUICK_S):
+        async with connect(tmp_path) as client:
+            await run(client, "cancelled", "x = 1")
+            async with anyio.create_task_group() as group:
+                group.start_soon(client.call_tool, "execute", {"session": "cancelled", "code": code})
+                while not started.exists():
+                    await anyio.sleep(0.02)
+                group.cancel_scope.cancel()  # the client gives up on the call: the cell is interrupted
+            after = await run(client, "cancelled", "x")
+            seen = await history(client, "cancelled")
+            kept = [json.loads(line) for line in Path(seen["record_file"]).read_text().splitlines()]
+    assert after["result"] == "1"  # the session kept its state
+    first, cancelled, last = seen["entries"]
+    assert (cancelled["code"], cancelled["status"], cancelled["execution_count"]) == (code, "cancelled", 2)
+    assert cancelled["output"] == "KeyboardInterrupt"  # the excerpt of an error is its last line
+    assert (first["status"], last["status"]) == ("ok", "ok")
+    [cell] = [entry for entry in kept if entry.get("status") == "cancelled"]
+    assert {"type": "stream", "name": "stdout", "text": "before\n"} in cell["outputs"], cell
+    assert "cancelled the call" in cell["error"], cell
+
+
 async def test_a_kernel_that_died_leaves_a_restart_mark_before_the_next_cell(client: Client) -> None:
     with anyio.fail_after(QUICK_S):
         await run(client, "s", "x = 1")
