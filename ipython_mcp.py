@@ -94,6 +94,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -204,6 +205,8 @@ ERROR_LIMIT_CHARS = 20_000
 INSTALL_TIMEOUT_S = 600.0
 # Installer output kept for an env_error when the install fails.
 INSTALL_LOG_TAIL_CHARS = 3_000
+# An installer line longer than this (a progress bar redrawn with \r, say) is read past, not kept.
+INSTALL_LINE_LIMIT_BYTES = 1024 * 1024
 # list_envs probes each interpreter at most this long, and reuses answers this long.
 ENV_PROBE_TIMEOUT_S = 15.0
 ENV_PROBE_CACHE_S = 60.0
@@ -1575,6 +1578,7 @@ class OneShot(Generic[T]):
         self._arrived = anyio.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._error_tb: types.TracebackType | None = None
 
     def done(self) -> bool:
         return self._arrived.is_set()
@@ -1586,14 +1590,14 @@ class OneShot(Generic[T]):
 
     def fail(self, error: BaseException) -> None:
         if not self.done():
-            self._error = error
+            self._error, self._error_tb = error, error.__traceback__
             self._arrived.set()
 
     def result(self) -> T:
         """The value, or the error raised; only once done."""
         assert self.done()
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(self._error_tb)  # as asyncio's Future: each waiter's traceback starts afresh
         return self._value  # type: ignore[return-value]
 
     async def wait(self) -> T:
@@ -1657,14 +1661,19 @@ class Jobs:
     async def _run(job: Job, work: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         try:
             with job.scope:
-                await work(*args)
+                if not job.scope.cancel_called:  # cancelled before it ran: none of it runs, as with a Task
+                    await work(*args)
         except Exception as exc:
             job.error = exc
             log.exception("background task %s failed", job.name)
         finally:
-            if job._on_done is not None:
-                job._on_done(job)
-            job.finished.set()
+            try:
+                if job._on_done is not None:
+                    job._on_done(job)
+            except Exception:
+                log.exception("background task %s: its clean-up failed", job.name)
+            finally:
+                job.finished.set()
 
 
 # --- The wire: one cell in flight on one kernel --------------------------------------
@@ -2034,7 +2043,8 @@ class ForkServer:
         self.failed: str | None = None  # why it cannot fork (any more)
         self._socket: socket.socket | None = None
         self._ids = itertools.count(1)
-        self._replies: dict[int, OneShot[dict[str, Any]]] = {}  # request id -> forked or refused
+        self._replies: dict[int, OneShot[ForkedProcess | dict[str, Any]]] = {}  # request id -> the kernel, or the refusal
+        self._sending = anyio.Lock()
         self._unwanted: set[int] = set()  # requests whose caller was cancelled: a kernel forked for one is killed
         self._exits: dict[int, OneShot[int | None]] = {}  # kernel pid -> its exit status
         self._ready: OneShot[dict[str, Any]] = OneShot()
@@ -2063,10 +2073,12 @@ class ForkServer:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, env=environ, pass_fds=[theirs.fileno()],
             )
-        except OSError as exc:
+        except BaseException as exc:  # OSError, or cancelled while starting
             ours.close()
             self.failed = f"could not start: {exc}"
-            raise ForkUnavailable(self.failed) from exc
+            if isinstance(exc, OSError):
+                raise ForkUnavailable(self.failed) from exc
+            raise
         finally:
             theirs.close()
         if self.guard is not None:
@@ -2104,17 +2116,13 @@ class ForkServer:
             cwd = None
         request = json.dumps({"kind": "fork", "id": request_id, "environ": environ, "cwd": cwd}).encode()
         try:
-            while True:
-                try:
-                    socket.send_fds(self._socket, [request], list(fds))
-                    break
-                except BlockingIOError:
-                    await anyio.wait_writable(self._socket)
-        except OSError as exc:
+            await self._send(request, fds)
+        except (OSError, anyio.ClosedResourceError) as exc:
             self._replies.pop(request_id, None)
-            if exc.errno != errno.EMSGSIZE:  # EMSGSIZE: this request (a huge environment) only
-                self.retire(f"its socket failed: {exc}")
-            raise ForkUnavailable(f"the fork request could not be sent: {exc}") from exc
+            why = str(exc) or "the socket closed"
+            if getattr(exc, "errno", None) != errno.EMSGSIZE:  # EMSGSIZE: this request (a huge environment) only
+                self.retire(f"its socket failed: {why}")
+            raise ForkUnavailable(f"the fork request could not be sent: {why}") from exc
         try:
             answer = await reply.wait()
         except BaseException:  # cancelled: the kernel is forked all the same, and must not live on unowned
@@ -2123,19 +2131,31 @@ class ForkServer:
             else:
                 self._unwanted.add(request_id)
             raise
-        if answer.get("kind") != "forked":
-            if answer.get("stale"):
-                self.retire("its env's packages changed")  # the next kernel gets a fresh fork server
-            raise ForkUnavailable(str(answer.get("error")))
-        pid = int(answer["pid"])
-        return ForkedProcess(pid, self._exits[pid])
+        if isinstance(answer, ForkedProcess):
+            return answer
+        if answer.get("stale"):
+            self.retire("its env's packages changed")  # the next kernel gets a fresh fork server
+        raise ForkUnavailable(str(answer.get("error")))
+
+    async def _send(self, request: bytes, fds: Sequence[int]) -> None:
+        """One request and its fds, on a socket that may be full (the fork server busy) or closing."""
+        sock = self._socket
+        async with self._sending:  # one waiter per socket at a time, as anyio.wait_writable allows
+            while True:
+                if sock is None or self._socket is not sock:
+                    raise anyio.ClosedResourceError
+                try:
+                    socket.send_fds(sock, [request], list(fds))
+                    return
+                except BlockingIOError:
+                    await anyio.wait_writable(sock)  # ClosedResourceError if the reader closes it meanwhile
 
     @staticmethod
-    def _kill_unwanted(answer: dict[str, Any]) -> None:
-        if answer.get("kind") == "forked":
+    def _kill_unwanted(answer: ForkedProcess | dict[str, Any]) -> None:
+        if isinstance(answer, ForkedProcess):
             for kill in (os.killpg, os.kill):  # os.kill: it may not have reached setsid() yet
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    kill(int(answer["pid"]), signal.SIGKILL)
+                    kill(answer.pid, signal.SIGKILL)
 
     async def _read(self) -> None:
         assert self._socket is not None
@@ -2162,6 +2182,7 @@ class ForkServer:
             raise
         finally:
             self._lost(why)
+            anyio.notify_closing(sock)  # a fork() waiting to send hears it, and no stale wait stays on the loop
             sock.close()
             self._socket = None
 
@@ -2170,14 +2191,16 @@ class ForkServer:
         if kind == "ready":
             self._ready.set(message)
         elif kind in ("forked", "refused"):
+            answer: ForkedProcess | dict[str, Any] = message
             if kind == "forked" and isinstance(message.get("pid"), int):  # its exit may be the next message
-                self._exits[message["pid"]] = OneShot()
+                status = self._exits[message["pid"]] = OneShot()
+                answer = ForkedProcess(message["pid"], status)
             reply = self._replies.pop(message.get("id"), None)  # type: ignore[arg-type]
             if reply is not None:
-                reply.set(message)
+                reply.set(answer)
             if message.get("id") in self._unwanted:
                 self._unwanted.discard(message["id"])
-                self._kill_unwanted(message)
+                self._kill_unwanted(answer)
         elif kind == "exited" and message.get("pid") in self._exits:
             returncode = message.get("returncode")
             self._exit_seen(message["pid"], returncode if isinstance(returncode, int) else None)
@@ -2380,12 +2403,13 @@ class Kernel:
         # The cell output pipes are made here and handed to the kernel, whose relay thread
         # reads them; we keep a copy of each read end, to collect what a kernel killed by a
         # signal had not forwarded yet (see _collect_leftover_output).
+        self._make_pip_shims()
         try:
             pipes = make_pipes(2)
         except OSError as exc:
+            self._remove_pip_shims()
             raise EnvError(self.env_label, str(python), f"Could not start {python}: {exc}.") from exc
         handed = [fd for pipe in pipes for fd in pipe]
-        self._make_pip_shims()
         environ = kernel_environment(python, self._pip_shims)
         environ["IPYTHON_MCP_OUTPUT_FDS"] = ",".join(map(str, handed))
         environ["IPYTHON_MCP_SERVER_PID"] = str(os.getpid())  # the kernel dies with us (PR_SET_PDEATHSIG, Linux)
@@ -2514,10 +2538,15 @@ class Kernel:
             log.warning("no pip scripts for the kernel of env %r: %s", self.env_label, exc)
             return
         script = f'#!/bin/sh\nexec {shlex.quote(str(self.python))} {shlex.quote(os.path.abspath(BOOTSTRAP))} --pip "$@"\n'
-        for name in ("pip", "pip3"):
-            path = os.path.join(folder, name)
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "w") as shim:
-                shim.write(script)
+        try:
+            for name in ("pip", "pip3"):
+                path = os.path.join(folder, name)
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "w") as shim:
+                    shim.write(script)
+        except OSError as exc:  # a full disk: the kernel runs without them
+            log.warning("no pip scripts for the kernel of env %r: %s", self.env_label, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         self._pip_shims = folder
 
     def _remove_pip_shims(self) -> None:
@@ -2901,11 +2930,11 @@ async def install_ipykernel(error: EnvError, progress: Progress | None, helpers:
     try:
         async with helpers.run(plan.argv, cwd=plan.cwd, merge_stderr=True) as process:
             assert process.stdout is not None
-            lines = LineReader(process.stdout, INSTALL_LOG_TAIL_CHARS)
+            lines = LineReader(process.stdout, INSTALL_LINE_LIMIT_BYTES)
             with anyio.move_on_after(INSTALL_TIMEOUT_S):  # returncode stays None
                 last_sent = 0.0
                 while (line := await lines.receive_line()) != b"":
-                    text = (line or b"[a line too long to show]").decode("utf-8", "replace").rstrip()
+                    text = clip((line or b"[a line too long to keep]").decode("utf-8", "replace").rstrip(), INSTALL_LOG_TAIL_CHARS)
                     tail = (tail + text + "\n")[-INSTALL_LOG_TAIL_CHARS:]
                     now = time.monotonic()
                     if progress and text and now - last_sent >= PROGRESS_INTERVAL_S:
@@ -3424,6 +3453,10 @@ class SessionManager:
             await forks.start(kernel_environment(forks.python))
         except ForkUnavailable as exc:
             log.info("no fork server for %s, kernels are spawned: %s", forks.python, exc)
+        except Exception as exc:  # no socket (out of fds), say: tried again later, like a fork server without IPython
+            forks.failed = forks.failed or f"could not start: {exc}"
+            forks.close()
+            log.warning("no fork server for %s, kernels are spawned: %s", forks.python, exc)
 
     def _close_fork_servers(self) -> None:
         for job in self._fork_starts.values():
@@ -5906,23 +5939,42 @@ async def watch(session: str, server_pid: int | None, colour: bool) -> None:
         after = view["count"]
         last_count: int | None = view["last_execution_count"]
         print(f"Watching session {session!r} of server pid {pid} ({after} cells before now; Ctrl-C stops watching).", file=sys.stdout, flush=True)
+        if after and view["running"] is not None:
+            tail = (await read_live(client, session, after - 1))["entries"]
+            if tail and tail[-1].get("status") == "running":
+                after -= 1  # a cell left running: shown from its start, then followed to its end
         streaming: dict[str, Any] | None = None  # the running cell printed so far: its code, characters shown
+        left_running: int | None = None  # the record index of a cell left running: its entry changes when it ends
+        warned = 0  # of that cell's warnings, how many were printed already
         while True:
             try:
-                view = await read_live(client, session, after)
+                view = await read_live(client, session, min(after, left_running - 1) if left_running else after)
             except MCPError as exc:
                 raise PersonCommandError(f"Session {session!r} is gone: {exc}") from None
             for entry in view["entries"]:
+                if entry["index"] <= after and (entry["index"] != left_running or entry.get("status") == "running"):
+                    continue  # printed already, and no news
                 after = max(after, entry["index"])
                 if entry.get("kind") == "restart":
                     print(terminal.paint(f"--- the kernel restarted: {entry.get('reason')} ---", "33"), file=sys.stdout, flush=True)
-                    streaming = None
+                    streaming = left_running = None
                     continue
                 shown = streaming["shown"] if streaming and streaming["code"] == entry.get("code") else None
+                if entry["index"] == left_running:
+                    entry = {**entry, "warnings": (entry.get("warnings") or [])[warned:]}
+                if entry.get("status") == "running":  # its number comes with its end, as in `In [n]` of the agent's next reply
+                    entry = {**entry, "execution_count": (last_count or 0) + 1}
                 print(terminal.recorded_cell(entry, shown), file=sys.stdout, flush=True)
-                print(file=sys.stdout, flush=True)
-                streaming = None
-                last_count = entry.get("execution_count") or last_count
+                if entry.get("status") == "running":  # `wait` follows it: keep streaming it, print its end later
+                    left_running, warned = entry["index"], len(entry.get("warnings") or [])
+                    streaming = {"code": entry.get("code"), "shown": len(terminal.shown(entry.get("outputs") or [])), "total": 0}
+                else:
+                    print(file=sys.stdout, flush=True)
+                    streaming = None
+                    if entry["index"] == left_running:  # its end, fetched by `wait` (or "ended": nobody fetched it)
+                        left_running = None
+                if entry.get("status") != "running":
+                    last_count = entry.get("execution_count") or last_count
             running = view["running"]
             if running is not None:
                 if streaming is None or streaming["code"] != running["code"]:

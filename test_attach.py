@@ -8,6 +8,7 @@ Unix socket in the private runtime folder. A second local user must not get in.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pwd
 import shutil
@@ -404,3 +405,62 @@ def test_socket_path_and_peer_check_helpers(tmp_path: Path) -> None:
     assert not ipython_mcp.input_is_complete("def f():\n    return 1")
     assert ipython_mcp.input_is_complete("def f():\n    return 1\n")
     assert ipython_mcp.input_is_complete("%timeit 1")
+
+
+async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(runtime: Path, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    code = (
+        "import os, time\n"
+        "print('started', flush=True)\n"
+        f"while not os.path.exists({str(release)!r}):\n"
+        "    time.sleep(0.05)\n"
+        "print('finished')\n"
+        "6 * 7"
+    )
+    with anyio.fail_after(SLOW_S * 3):
+        async with agent(runtime, tmp_path) as (client, _, _):
+            await run(client, "left", "x = 1")
+            terminal = person(runtime, "watch", "left")
+            seen = terminal.logfile_read = io.StringIO()
+            try:
+                terminal.expect(r"Watching session 'left' of server pid \d+")
+                running = await run(client, "left", code, timeout_s=1, on_timeout="continue")
+                await anyio.to_thread.run_sync(terminal.expect, "still running")  # the running reply, as recorded
+                release.touch()
+                final = await client.call_tool("wait", {"session": "left", "timeout_s": 30})
+                await anyio.to_thread.run_sync(terminal.expect, "finished")
+                await anyio.to_thread.run_sync(terminal.expect, r"Out\[2\]: 42")
+                await run(client, "left", "1 + 1")
+                await anyio.to_thread.run_sync(terminal.expect, r"In \[3\]: 1 \+ 1")
+            finally:
+                terminal.sendcontrol("c")
+                terminal.expect(pexpect.EOF)
+                terminal.close(force=True)
+    assert running["status"] == "running" and final.structured_content["result"] == "42"
+    shown = seen.getvalue()
+    assert shown.count("In [2]: import os, time") == 1, shown  # one cell, shown once, from start to end
+    lines = shown.splitlines()
+    assert lines.count("started") == 1 and lines.count("finished") == 1, shown
+    assert shown.count("still running") == 1, shown  # the running reply's warning, not again at the end
+
+
+async def test_watch_started_while_a_cell_is_left_running_shows_it_from_its_start_to_its_end(runtime: Path, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    code = f"import os, time\nprint('started', flush=True)\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\nprint('finished')\n6 * 7"
+    with anyio.fail_after(SLOW_S * 3):
+        async with agent(runtime, tmp_path) as (client, _, _):
+            running = await run(client, "late", code, timeout_s=1, on_timeout="continue")
+            terminal = person(runtime, "watch", "late")
+            try:
+                terminal.expect(r"Watching session 'late' of server pid \d+ \(1 cells before now")
+                terminal.expect(r"In \[1\]: import os, time")
+                terminal.expect("\nstarted")
+                release.touch()
+                final = await client.call_tool("wait", {"session": "late", "timeout_s": 30})
+                await anyio.to_thread.run_sync(terminal.expect, "finished")
+                await anyio.to_thread.run_sync(terminal.expect, r"Out\[1\]: 42")
+            finally:
+                terminal.sendcontrol("c")
+                terminal.expect(pexpect.EOF)
+                terminal.close(force=True)
+    assert running["status"] == "running" and final.structured_content["result"] == "42"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -221,3 +222,38 @@ async def test_a_fork_request_too_big_to_send_is_refused_and_the_fork_server_sta
     finally:
         for fd in theirs + ours:
             os.close(fd)
+
+
+async def test_a_kernel_whose_exit_comes_with_its_fork_reply_is_returned_with_that_exit(tmp_path: Path) -> None:
+    """The fork server's reply and the kernel's exit can arrive in one read: fork() still returns
+    the kernel, and its exit status (a kernel that died at once is a start error, not a KeyError)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    try:
+        with anyio.fail_after(QUICK_S):
+            async with ipython_mcp.Jobs.open() as jobs:
+                forks = ipython_mcp.ForkServer(Path(sys.executable), None, jobs)  # its far end played here
+                ours.setblocking(False)
+                forks._socket = ours
+                forks._reader = jobs.start(forks._read, name="reader")
+                async with anyio.create_task_group() as group:
+                    kernels: list[ipython_mcp.ForkedProcess] = []
+
+                    async def fork() -> None:
+                        kernels.append(await forks.fork({}, [read_end, write_end]))
+
+                    group.start_soon(fork)
+                    await anyio.wait_readable(theirs)
+                    request, fds, _, _ = socket.recv_fds(theirs, 1 << 20, 10)
+                    for fd in fds:
+                        os.close(fd)
+                    request_id = json.loads(request)["id"]
+                    theirs.send(json.dumps({"kind": "forked", "id": request_id, "pid": 424242}).encode())
+                    theirs.send(json.dumps({"kind": "exited", "pid": 424242, "returncode": 3}).encode())
+                [kernel] = kernels
+                assert (kernel.pid, await kernel.wait()) == (424242, 3)
+                forks.close()
+    finally:
+        theirs.close()
+        os.close(read_end)
+        os.close(write_end)

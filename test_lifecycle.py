@@ -17,6 +17,7 @@ import anyio
 import pytest
 from mcp import Client
 
+import ipython_mcp
 from conftest import FAILED, POLL_S, QUICK_S, connect, kernels_below, wait_for_file
 
 pytestmark = pytest.mark.anyio
@@ -193,3 +194,37 @@ async def test_a_call_waiting_for_a_slow_kernel_start_answers_busy_at_its_timeou
                 elapsed = time.monotonic() - started
     assert second["status"] == "busy" and "was not run" in second["error"]
     assert elapsed < 2.5, f"a 1 s call waited {elapsed:.1f} s"
+
+
+async def test_a_background_job_cancelled_before_it_runs_runs_nothing_and_its_waiters_wake() -> None:
+    ran: list[str] = []
+    ended: list[ipython_mcp.Job] = []
+
+    async def work() -> None:
+        ran.append("work")  # before its first await: must not run at all once cancelled
+        await anyio.sleep(60)
+
+    with anyio.fail_after(QUICK_S):
+        async with ipython_mcp.Jobs.open() as jobs:
+            job = jobs.start(work, name="cancelled-early", on_done=ended.append)
+            job.cancel()
+            assert await job.wait()
+    assert (ran, ended, job.error) == ([], [job], None)
+
+
+async def test_a_background_job_that_fails_and_whose_clean_up_fails_ends_alone(caplog: pytest.LogCaptureFixture) -> None:
+    async def fails() -> None:
+        raise ValueError("inside the job")
+
+    def clean_up_fails(_: ipython_mcp.Job) -> None:
+        raise RuntimeError("inside its clean-up")
+
+    with anyio.fail_after(QUICK_S):
+        async with ipython_mcp.Jobs.open() as jobs:
+            sibling = jobs.start(anyio.sleep, 60, name="sibling")
+            job = jobs.start(fails, name="failing", on_done=clean_up_fails)
+            assert await job.wait()  # its waiters wake
+            assert not sibling.done()  # and nothing else was cancelled
+            sibling.cancel()
+    assert isinstance(job.error, ValueError)
+    assert "background task failing failed" in caplog.text and "its clean-up failed" in caplog.text
