@@ -173,9 +173,10 @@ async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_stat
             after = await run(client, "s", "kept")
             entries = await history(client, "s")
     assert after["status"] == "ok" and after["result"] == "'still here'"
-    # A cancelled call leaves no cell in the record (for the agent too): the record holds replies.
-    assert [(entry["by"], entry["code"]) for entry in entries] == [
-        ("agent", "kept = 'still here'"), ("person", "print(kept)"), ("agent", "kept"),
+    # The interrupted cell is in the record too, as the person's and cancelled (its call was).
+    assert [(entry["by"], entry["status"], entry["code"].split(";")[-1].strip()) for entry in entries] == [
+        ("agent", "ok", "kept = 'still here'"), ("person", "cancelled", "time.sleep(600)"), ("person", "ok", "print(kept)"),
+        ("agent", "ok", "kept"),
     ]
 
 
