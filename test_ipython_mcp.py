@@ -41,6 +41,7 @@ from conftest import (
     SLOW_S,
     connect,
     kernels_below,
+    own_sessions,
     process_running,
     raw_server,
     run,
@@ -80,9 +81,15 @@ def envs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+async def shared_env_server(tmp_path_factory: pytest.TempPathFactory, envs_dir: Path) -> AsyncIterator[Client]:
+    async with connect(tmp_path_factory.mktemp("envs-server"), envs_dir=envs_dir) as client:
+        yield client
+
+
 @pytest.fixture
-async def env_client(tmp_path: Path, envs_dir: Path) -> AsyncIterator[Client]:
-    async with connect(tmp_path, envs_dir=envs_dir) as client:
+async def env_client(shared_env_server: Client) -> AsyncIterator[Client]:
+    async with own_sessions(shared_env_server) as client:
         yield client
 
 
