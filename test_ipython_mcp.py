@@ -780,9 +780,12 @@ async def test_no_spare_kernel_with_spare_kernels_zero(tmp_path: Path) -> None:
                 await anyio.sleep(0.1)
 
 
-async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -> None:
+async def test_malformed_json_rpc_lines_get_a_parse_error_answer_and_do_not_stop_the_server(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
         async with raw_server(tmp_path, "--spare-kernels", "0") as server:
+            await server.send_line(b"this is not json")
+            await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
+            answers = [await server.receive(), await server.receive()]
             await server.execute("s", "x = 1")
             for line in [
                 b"this is not json",
@@ -798,19 +801,11 @@ async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -
             unknown = await server.request("no/such/method")
             after = await server.execute("s", "x + 1")
             assert server.process.returncode is None
-    assert unknown["error"]["code"] == -32601
-    assert after["result"] == "2"
-
-
-async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path) -> None:
-    with anyio.fail_after(QUICK_S):
-        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
-            await server.send_line(b"this is not json")
-            await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
-            answers = [await server.receive(), await server.receive()]
     parse_errors = [answer for answer in answers if answer.get("id") is None]
     assert [answer["error"]["code"] for answer in parse_errors] == [-32700]
     assert any(answer.get("id") == 5 and "result" in answer for answer in answers), "still serving"
+    assert unknown["error"]["code"] == -32601
+    assert after["result"] == "2"
 
 
 async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path, envs_dir: Path) -> None:

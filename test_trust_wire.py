@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -219,13 +220,21 @@ async def test_start_error_quotes_what_the_env_printed_before_it_died(tmp_path: 
 # --- Names that are not UTF-8, and strings JSON cannot carry -----------------------------------------
 
 
-async def test_env_folder_with_a_non_utf8_name_is_listed_escaped_and_the_server_keeps_answering(tmp_path: Path) -> None:
-    envs = tmp_path / "envs"
+@pytest.fixture(scope="module")
+async def odd_stdio(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """A stdio server process whose envs folder holds an env named with a byte that is not UTF-8,
+    shared by the tests of what JSON cannot carry (each takes its turn with ``own_sessions``)."""
+    envs = tmp_path_factory.mktemp("odd") / "envs"
     envs.mkdir()
     odd = os.path.join(os.fsencode(envs), b"caf\xe9")
     os.makedirs(os.path.join(odd, b"bin"))
     os.symlink(os.fsencode(sys.executable), os.path.join(odd, b"bin", b"python"))
     async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(envs), IPYTHON_MCP_SPARE_KERNELS="0")) as client:
+        yield client
+
+
+async def test_env_folder_with_a_non_utf8_name_is_listed_escaped_and_the_server_keeps_answering(odd_stdio: Client) -> None:
+    async with own_sessions(odd_stdio) as client:
         with anyio.fail_after(SLOW_S):
             listing = await client.call_tool("list_envs", {})
             missing = await run(client, "s", "1", env="nope")
@@ -240,7 +249,7 @@ async def test_env_folder_with_a_non_utf8_name_is_listed_escaped_and_the_server_
     assert live["s"]["status"] == "idle"
 
 
-async def test_cell_output_with_lone_surrogates_is_answered_and_the_next_call_works(tmp_path: Path) -> None:
+async def test_cell_output_with_lone_surrogates_is_answered_and_the_next_call_works(odd_stdio: Client) -> None:
     code = (
         "import sys\n"
         "class Odd:\n"
@@ -250,7 +259,7 @@ async def test_cell_output_with_lone_surrogates_is_answered_and_the_next_call_wo
         "sys.stderr.write('caf\\udce9\\n')\n"
         "Odd()"
     )
-    async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(tmp_path), IPYTHON_MCP_SPARE_KERNELS="0")) as client:
+    async with own_sessions(odd_stdio) as client:
         with anyio.fail_after(SLOW_S):
             out = await run(client, "s", code)
             raised = await run(client, "s", "raise ValueError('caf\\udce9')")
