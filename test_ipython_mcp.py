@@ -14,6 +14,7 @@ touches a marker file first, and the test waits for that file.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from conftest import (
     POLL_S,
     QUICK_S,
     SERVER,
+    RawServer,
     SLOW_S,
     connect,
     kernels_below,
@@ -808,17 +810,40 @@ async def test_malformed_json_rpc_lines_get_a_parse_error_answer_and_do_not_stop
     assert after["result"] == "2"
 
 
-async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path, envs_dir: Path) -> None:
+@pytest.fixture(scope="module")
+async def flagged_raw_server(tmp_path_factory: pytest.TempPathFactory, envs_dir: Path) -> AsyncIterator[RawServer]:
+    """A server process started with ``--envs-dir`` and spoken to in raw lines, shared by the tests
+    below that are not about its start or its exit: each takes its turn with ``raw_turn``."""
+    async with raw_server(tmp_path_factory.mktemp("flagged"), "--envs-dir", str(envs_dir), "--spare-kernels", "0") as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def raw_turn(server: RawServer) -> AsyncIterator[RawServer]:
+    """``own_sessions`` for a raw server: no session at the start, the test's shut down after."""
+    def names(answer: dict[str, Any]) -> list[str]:
+        return [info["name"] for info in answer["result"]["structuredContent"]["sessions"]]
+
+    with anyio.fail_after(QUICK_S):
+        assert names(await server.request("tools/call", {"name": "list_sessions", "arguments": {}})) == []
+    yield server
+    with anyio.fail_after(QUICK_S):
+        for name in names(await server.request("tools/call", {"name": "list_sessions", "arguments": {}})):
+            shut = await server.request("tools/call", {"name": "shutdown", "arguments": {"session": name}})
+            assert not shut["result"].get("isError"), shut
+
+
+async def test_envs_dir_flag_points_bare_env_names_at_that_folder(flagged_raw_server: RawServer, envs_dir: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with raw_server(tmp_path, "--envs-dir", str(envs_dir), "--spare-kernels", "0") as server:
+        async with raw_turn(flagged_raw_server) as server:
             out = await server.execute("s", "import sys\nsys.prefix", env="good")
     assert out["result"] == repr(str(envs_dir / "good"))
 
 
-async def test_cancelled_notification_interrupts_the_cell_and_keeps_state(tmp_path: Path) -> None:
+async def test_cancelled_notification_interrupts_the_cell_and_keeps_state(flagged_raw_server: RawServer, tmp_path: Path) -> None:
     marker = tmp_path / "running"
     with anyio.fail_after(QUICK_S):
-        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
+        async with raw_turn(flagged_raw_server) as server:
             await server.execute("s", "kept = 5")
             code = f"{touch(marker)}\nimport time\ntime.sleep(30)"
             call = {"name": "execute", "arguments": {"session": "s", "code": code}}
