@@ -251,20 +251,20 @@ async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_
     assert listed.structured_content["sessions"] == []
 
 
-async def test_attach_without_a_name_lists_live_sessions_and_their_server(runtime: Path, tmp_path: Path) -> None:
+async def test_attach_without_a_name_lists_live_sessions_and_their_server(shared_agent: SharedAgent) -> None:
+    runtime = shared_agent.runtime
     with anyio.fail_after(SLOW_S * 2):
-        async with agent(runtime, tmp_path) as (client, pid, path):
+        async with turn(shared_agent) as (client, pid, path):
             await run(client, "analysis", "1")
             listing = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
             unknown = await anyio.run_process([sys.executable, str(SERVER), "attach", "nope"], env=environment(runtime), check=False)
-        after = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
     text = listing.stdout.decode()
     assert listing.returncode == 0
     assert f"server pid {pid} ({path}): 1 session" in text
     assert "  analysis: env default, idle, 1 cells" in text
     assert unknown.returncode == 1
     assert f"No live session named 'nope'. Live sessions: analysis (server {pid})." in unknown.stderr.decode()
-    assert "No running ipython-mcp server of yours was found" in after.stdout.decode()
+    # Once the server has ended, `attach` finds none: test_the_socket_is_0600_in_a_0700_folder_and_is_gone_when_the_server_ends.
 
 
 # --- watch --------------------------------------------------------------------------------------
@@ -408,10 +408,12 @@ async def test_the_socket_is_0600_in_a_0700_folder_and_is_gone_when_the_server_e
         async with agent(runtime, tmp_path) as (client, pid, path):
             await run(client, "s", "1")
             folder, sock = path.parent.lstat(), path.lstat()
+        after = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
     assert path == runtime / "ipython-mcp" / f"{pid}.sock"
     assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
     assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600 and sock.st_uid == os.getuid()
     assert not path.exists()
+    assert "No running ipython-mcp server of yours was found" in after.stdout.decode(), "attach finds no server once it ended"
 
 
 async def test_a_runtime_folder_others_may_write_gets_no_socket_and_the_agent_is_served_as_before(
