@@ -56,9 +56,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.pop(name, None)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
-    return "asyncio"
+    return "asyncio"  # module-wide: one event loop per test module, so a module-scoped server can serve its tests
 
 
 # --- The in-memory server ----------------------------------------------------------------------------
@@ -75,10 +75,32 @@ async def connect(tmp_path: Path, **config: Any) -> AsyncIterator[Client]:
         yield client
 
 
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    async with connect(tmp_path) as client:
+@pytest.fixture(scope="module")
+async def shared_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """The in-memory server behind ``client``: one per test module (and xdist worker), so its fork
+    server (IPython imported, ~0.3 s of CPU) is started once, not once per test."""
+    async with connect(tmp_path_factory.mktemp("shared")) as client:
         yield client
+
+
+@pytest.fixture
+async def client(shared_server: Client) -> AsyncIterator[Client]:
+    """A client of the module's shared in-memory server, with no session when the test starts.
+    A test about the server itself (its start, its exit, its config) uses ``connect`` for a fresh one."""
+    async with own_sessions(shared_server) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def own_sessions(client: Client) -> AsyncIterator[Client]:
+    """A test's turn on a shared server: it finds no session, and the ones it leaves are shut down."""
+    with anyio.fail_after(QUICK_S):
+        assert await sessions(client) == {}, "a previous test's session was left behind"
+    yield client
+    with anyio.fail_after(QUICK_S):
+        for name in await sessions(client):
+            result = await client.call_tool("shutdown", {"session": name})
+            assert not result.is_error, text_of(result)
 
 
 def text_of(result: Any) -> str:

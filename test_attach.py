@@ -8,6 +8,7 @@ Unix socket in the private runtime folder. A second local user must not get in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pwd
@@ -32,7 +33,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 import ipython_mcp
 
-from conftest import run, touch, wait_for_file
+from conftest import own_sessions, run, touch, wait_for_file
 
 SERVER = Path(__file__).with_name("ipython_mcp.py")
 SLOW_S = 90  # the machine is shared and loaded: generous bounds, exact synchronisation
@@ -72,6 +73,34 @@ async def agent(runtime: Path, tmp_path: Path) -> AsyncIterator[tuple[Client, in
         yield client, int(sockets[0].stem), sockets[0]
 
 
+@dataclasses.dataclass
+class SharedAgent:
+    runtime: Path
+    client: Client
+    pid: int
+    path: Path
+
+
+@pytest.fixture(scope="module")
+async def shared_agent(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SharedAgent]:
+    """One agent server for the tests about what a person does in its sessions (not about the
+    server's start or exit): each test takes a turn (``turn``) with sessions of its own."""
+    folder = Path(tempfile.mkdtemp(prefix="ipymcp-run-", dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        async with agent(folder, tmp_path_factory.mktemp("agent")) as (client, pid, path):
+            yield SharedAgent(folder, client, pid, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def turn(shared: SharedAgent) -> AsyncIterator[tuple[Client, int, Path]]:
+    """The shared agent with no session at the start; the sessions the test leaves are shut down."""
+    async with own_sessions(shared.client) as client:
+        yield client, shared.pid, shared.path
+
+
 def person(runtime: Path, *arguments: str) -> pexpect.spawn:
     """``ipython-mcp attach|watch ...`` in a terminal of its own."""
     return pexpect.spawn(
@@ -102,9 +131,10 @@ def finish(terminal: pexpect.spawn) -> None:
 # --- attach -------------------------------------------------------------------------------------
 
 
-async def test_person_and_agent_share_one_kernel_and_the_record_marks_the_persons_cells(runtime: Path, tmp_path: Path) -> None:
+async def test_person_and_agent_share_one_kernel_and_the_record_marks_the_persons_cells(shared_agent: SharedAgent) -> None:
+    runtime = shared_agent.runtime
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "agent_value = 41")
             terminal = person(runtime, "attach", "s")
             try:
@@ -132,11 +162,12 @@ async def test_person_and_agent_share_one_kernel_and_the_record_marks_the_person
     assert [entry["execution_count"] for entry in entries] == [1, 2, 3, 4, 5, 6]  # one kernel, one count
 
 
-async def test_attach_shows_the_persons_output_as_it_streams_and_the_rest_when_the_cell_ends(runtime: Path, tmp_path: Path) -> None:
+async def test_attach_shows_the_persons_output_as_it_streams_and_the_rest_when_the_cell_ends(shared_agent: SharedAgent, tmp_path: Path) -> None:
+    runtime = shared_agent.runtime
     release = tmp_path / "release"
     waits = f"[time.sleep(0.05) for _ in iter(lambda: os.path.exists({str(release)!r}), True)]"
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "import os, time")
             terminal = person(runtime, "attach", "s")
             try:
@@ -152,9 +183,10 @@ async def test_attach_shows_the_persons_output_as_it_streams_and_the_rest_when_t
     assert "streamed early" not in rest  # shown once, not again when the cell ended
 
 
-async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_state(runtime: Path, tmp_path: Path) -> None:
+async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_state(shared_agent: SharedAgent, tmp_path: Path) -> None:
+    runtime = shared_agent.runtime
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "kept = 'still here'")
             terminal = person(runtime, "attach", "s")
             try:
@@ -180,9 +212,10 @@ async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_stat
     ]
 
 
-async def test_ctrl_d_detaches_and_the_session_lives_on(runtime: Path, tmp_path: Path) -> None:
+async def test_ctrl_d_detaches_and_the_session_lives_on(shared_agent: SharedAgent) -> None:
+    runtime = shared_agent.runtime
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "n = 1")
             terminal = person(runtime, "attach", "s")
             try:
@@ -201,9 +234,10 @@ async def test_ctrl_d_detaches_and_the_session_lives_on(runtime: Path, tmp_path:
     assert after["result"] == "2"
 
 
-async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_no_new_one(runtime: Path, tmp_path: Path) -> None:
+async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_no_new_one(shared_agent: SharedAgent) -> None:
+    runtime = shared_agent.runtime
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "1")
             terminal = person(runtime, "attach", "s")
             try:
@@ -219,26 +253,27 @@ async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_
     assert listed.structured_content["sessions"] == []
 
 
-async def test_attach_without_a_name_lists_live_sessions_and_their_server(runtime: Path, tmp_path: Path) -> None:
+async def test_attach_without_a_name_lists_live_sessions_and_their_server(shared_agent: SharedAgent) -> None:
+    runtime = shared_agent.runtime
     with anyio.fail_after(SLOW_S * 2):
-        async with agent(runtime, tmp_path) as (client, pid, path):
+        async with turn(shared_agent) as (client, pid, path):
             await run(client, "analysis", "1")
             listing = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
             unknown = await anyio.run_process([sys.executable, str(SERVER), "attach", "nope"], env=environment(runtime), check=False)
-        after = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
     text = listing.stdout.decode()
     assert listing.returncode == 0
     assert f"server pid {pid} ({path}): 1 session" in text
     assert "  analysis: env default, idle, 1 cells" in text
     assert unknown.returncode == 1
     assert f"No live session named 'nope'. Live sessions: analysis (server {pid})." in unknown.stderr.decode()
-    assert "No running ipython-mcp server of yours was found" in after.stdout.decode()
+    # Once the server has ended, `attach` finds none: test_the_socket_is_0600_in_a_0700_folder_and_is_gone_when_the_server_ends.
 
 
 # --- watch --------------------------------------------------------------------------------------
 
 
-async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(runtime: Path, tmp_path: Path) -> None:
+async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(shared_agent: SharedAgent, tmp_path: Path) -> None:
+    runtime = shared_agent.runtime
     release = tmp_path / "release"
     code = (
         "import os, time\n"
@@ -249,7 +284,7 @@ async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(run
         "6 * 7"
     )
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "x = 1")
             terminal = person(runtime, "watch", "s")
             try:
@@ -344,10 +379,10 @@ def other_user() -> str:
 
 
 async def test_a_second_user_can_neither_connect_nor_list_and_the_peer_check_hangs_up_on_them(
-    runtime: Path, tmp_path: Path, other_user: str
+    shared_agent: SharedAgent, other_user: str
 ) -> None:
     with anyio.fail_after(SLOW_S * 2):
-        async with agent(runtime, tmp_path) as (client, _, path):
+        async with turn(shared_agent) as (client, _, path):
             await run(client, "s", "secret = 1")
             refused = other_user_python(CONNECT_AND_ASK, str(path))
             listed = other_user_python("import os, sys; os.listdir(sys.argv[1])", str(path.parent))
@@ -375,10 +410,12 @@ async def test_the_socket_is_0600_in_a_0700_folder_and_is_gone_when_the_server_e
         async with agent(runtime, tmp_path) as (client, pid, path):
             await run(client, "s", "1")
             folder, sock = path.parent.lstat(), path.lstat()
+        after = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
     assert path == runtime / "ipython-mcp" / f"{pid}.sock"
     assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
     assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600 and sock.st_uid == os.getuid()
     assert not path.exists()
+    assert "No running ipython-mcp server of yours was found" in after.stdout.decode(), "attach finds no server once it ended"
 
 
 async def test_a_runtime_folder_others_may_write_gets_no_socket_and_the_agent_is_served_as_before(
@@ -408,7 +445,8 @@ def test_socket_path_and_peer_check_helpers(tmp_path: Path) -> None:
     assert ipython_mcp.input_is_complete("%timeit 1")
 
 
-async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(runtime: Path, tmp_path: Path) -> None:
+async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(shared_agent: SharedAgent, tmp_path: Path) -> None:
+    runtime = shared_agent.runtime
     release = tmp_path / "release"
     code = (
         "import os, time\n"
@@ -419,7 +457,7 @@ async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(ru
         "6 * 7"
     )
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             await run(client, "left", "x = 1")
             terminal = person(runtime, "watch", "left")
             seen = terminal.logfile_read = io.StringIO()
@@ -445,11 +483,12 @@ async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(ru
     assert shown.count("still running") == 1, shown  # the running reply's warning, not again at the end
 
 
-async def test_watch_started_while_a_cell_is_left_running_shows_it_from_its_start_to_its_end(runtime: Path, tmp_path: Path) -> None:
+async def test_watch_started_while_a_cell_is_left_running_shows_it_from_its_start_to_its_end(shared_agent: SharedAgent, tmp_path: Path) -> None:
+    runtime = shared_agent.runtime
     release = tmp_path / "release"
     code = f"import os, time\nprint('started', flush=True)\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\nprint('finished')\n6 * 7"
     with anyio.fail_after(SLOW_S * 3):
-        async with agent(runtime, tmp_path) as (client, _, _):
+        async with turn(shared_agent) as (client, _, _):
             running = await run(client, "late", code, timeout_s=1, on_timeout="continue")
             terminal = person(runtime, "watch", "late")
             try:

@@ -21,7 +21,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp import Client
 
-from conftest import FAILED, QUICK_S, SERVER, SLOW_S, connect, run, stdio_parameters, text_of
+from conftest import FAILED, QUICK_S, SERVER, SLOW_S, own_sessions, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -62,7 +62,7 @@ def so_far(warning: str) -> int:
 # --- Failures that clients can see ------------------------------------------------------------------
 
 
-async def test_failed_cells_are_tool_errors_that_keep_their_structured_result_and_text(tmp_path: Path) -> None:
+async def test_failed_cells_are_tool_errors_that_keep_their_structured_result_and_text(shared_server: Client, tmp_path: Path) -> None:
     release = tmp_path / "release"
     calls = {
         "ok": {"session": "s", "code": "1 + 1"},
@@ -74,7 +74,7 @@ async def test_failed_cells_are_tool_errors_that_keep_their_structured_result_an
     }
     results: dict[str, Any] = {}
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             for expected, arguments in calls.items():
                 results[expected] = await client.call_tool("execute", arguments)
             release.touch()
@@ -139,9 +139,9 @@ async def test_raw_json_rpc_answer_to_a_failed_cell_has_is_error_and_structured_
 # --- Every client, not only the SDK's ------------------------------------------------------------------
 
 
-async def test_every_tool_advertises_a_plain_type_for_each_argument(tmp_path: Path) -> None:
+async def test_every_tool_advertises_a_plain_type_for_each_argument(shared_server: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == TOOLS
     for name, tool in tools.items():
@@ -159,18 +159,18 @@ async def test_every_tool_advertises_a_plain_type_for_each_argument(tmp_path: Pa
     assert tools["wait"].input_schema["properties"]["timeout_s"]["type"] == "number"
 
 
-async def test_optional_arguments_still_accept_an_explicit_null_and_a_number_as_text(tmp_path: Path) -> None:
+async def test_optional_arguments_still_accept_an_explicit_null_and_a_number_as_text(shared_server: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             nulls = await run(client, "s", "6 * 7", env=None, timeout_s=None)
             text = await run(client, "s", "7 * 8", timeout_s="5")  # clients that type every value as a string
             empty = await run(client, "s", "8 * 9", env="")
     assert (nulls["result"], text["result"], empty["result"]) == ("42", "56", "72")
 
 
-async def test_every_tool_states_all_four_annotation_hints(tmp_path: Path) -> None:
+async def test_every_tool_states_all_four_annotation_hints(shared_server: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == set(HINTS)
     for name, tool in tools.items():
@@ -180,21 +180,21 @@ async def test_every_tool_states_all_four_annotation_hints(tmp_path: Path) -> No
         assert stated == HINTS[name], f"{name}: {stated}"
 
 
-async def test_server_instructions_name_every_tool(tmp_path: Path) -> None:
+async def test_server_instructions_name_every_tool(shared_server: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             instructions = client.instructions or ""
             tools = {tool.name for tool in (await client.list_tools()).tools}
     for name in tools:
         assert f"`{name}" in instructions, f"the instructions do not mention {name}"
 
 
-async def test_running_reply_counts_so_far_from_the_call_like_its_duration(tmp_path: Path) -> None:
+async def test_running_reply_counts_so_far_from_the_call_like_its_duration(shared_server: Client, tmp_path: Path) -> None:
     """The kernel takes seconds to start, so the cell starts well after the call did."""
     env = slow_env(tmp_path / "slow", 3)
     release = tmp_path / "release"
     with anyio.fail_after(SLOW_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             first = await run(client, "s", loop_until(release), env=str(env), timeout_s=8, on_timeout="continue")
             waited = (await client.call_tool("wait", {"session": "s", "timeout_s": 2})).structured_content
             release.touch()

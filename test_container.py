@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -29,7 +29,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 import ipython_mcp
-from conftest import POLL_S, QUICK_S, SERVER, SHORT_INTERRUPT_GRACE_S, SLOW_S, connect, run, touch, wait_for_file
+from conftest import POLL_S, QUICK_S, SERVER, SHORT_INTERRUPT_GRACE_S, SLOW_S, connect, own_sessions, run, touch, wait_for_file
 from test_remote import marked, start_marked_child
 
 pytestmark = pytest.mark.anyio
@@ -146,8 +146,15 @@ def box() -> Iterator[Container]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def test_podman_session_keeps_state_prints_and_runs_inside_the_container(box: Container, tmp_path: Path) -> None:
-    async with connect(tmp_path, launchers=box.launchers()) as client:
+@pytest.fixture(scope="module")
+async def box_server(box: Container, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """One in-memory server with the container's launchers, for the tests that need no other config."""
+    async with connect(tmp_path_factory.mktemp("box-server"), launchers=box.launchers()) as client:
+        yield client
+
+
+async def test_podman_session_keeps_state_prints_and_runs_inside_the_container(box: Container, box_server: Client) -> None:
+    async with own_sessions(box_server) as client:
         with anyio.fail_after(SLOW_S):
             first = await run(
                 client, "s", "import os, sys\nx = 41\nprint('hello from', open('/proc/1/cmdline').read().split(chr(0))[0])\n"
@@ -162,9 +169,9 @@ async def test_podman_session_keeps_state_prints_and_runs_inside_the_container(b
     assert envs["box"]["usable"] and envs["box"]["ipython_version"], envs["box"]
 
 
-async def test_podman_interrupt_and_timeout_travel_as_messages_and_keep_state(box: Container, tmp_path: Path) -> None:
+async def test_podman_interrupt_and_timeout_travel_as_messages_and_keep_state(box: Container, box_server: Client) -> None:
     marker = box.shared / f"running-{uuid.uuid4().hex}"
-    async with connect(tmp_path, launchers=box.launchers()) as client:
+    async with own_sessions(box_server) as client:
         with anyio.fail_after(SLOW_S):
             await run(client, "s", "x = 7", env="box")
 
@@ -202,9 +209,9 @@ async def test_podman_cell_ignoring_sigint_is_ended_by_closing_its_input_leaving
 
 
 @pytest.mark.parametrize("how", ["reset", "shutdown"])
-async def test_podman_reset_and_shutdown_leave_no_process_in_the_container(box: Container, tmp_path: Path, how: str) -> None:
+async def test_podman_reset_and_shutdown_leave_no_process_in_the_container(box: Container, box_server: Client, how: str) -> None:
     marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
-    async with connect(tmp_path, launchers=box.launchers()) as client:
+    async with own_sessions(box_server) as client:
         with anyio.fail_after(SLOW_S):
             pid = int((await run(client, "s", start_marked_child(marker), env="box"))["result"])
             ended = await client.call_tool(how, {"session": "s"})
@@ -213,11 +220,11 @@ async def test_podman_reset_and_shutdown_leave_no_process_in_the_container(box: 
 
 
 async def test_podman_client_killed_mid_cell_is_an_error_and_the_next_call_starts_fresh_leaving_nothing(
-    box: Container, tmp_path: Path
+    box: Container, box_server: Client
 ) -> None:
     running = box.shared / f"running-{uuid.uuid4().hex}"
     marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
-    async with connect(tmp_path, launchers=box.launchers()) as client:
+    async with own_sessions(box_server) as client:
         with anyio.fail_after(SLOW_S):
             await run(client, "s", "x = 1", env="box")
             pid = int((await run(client, "s", start_marked_child(marker)))["result"])
@@ -255,8 +262,8 @@ async def test_server_killed_leaves_no_process_in_the_container(box: Container, 
         await box.ended(pid, marker)
 
 
-async def test_missing_container_is_an_env_error_quoting_podman(box: Container, tmp_path: Path) -> None:
-    async with connect(tmp_path, launchers=box.launchers()) as client:
+async def test_missing_container_is_an_env_error_quoting_podman(box: Container, box_server: Client) -> None:
+    async with own_sessions(box_server) as client:
         with anyio.fail_after(QUICK_S):
             missing = await run(client, "s", "1", env="gone")
             envs = {env["name"]: env for env in (await client.call_tool("list_envs", {})).structured_content["envs"]}

@@ -13,14 +13,16 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from mcp import Client
 
 import ipython_mcp
-from conftest import QUICK_S, SLOW_S, connect, run
+from conftest import QUICK_S, SLOW_S, connect, own_sessions, run
 from ipython_mcp import KERNEL_PROTOCOL_VERSION, EnvError, hello_problem, install_plan, interpreter_for, python_in
 
 UV = os.environ.get("UV") or shutil.which("uv")
@@ -66,6 +68,13 @@ def envs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = base / "project"
     make_venv(project / ".pixi" / "envs" / "default", "ipython")
     return folder
+
+
+@pytest.fixture(scope="module")
+async def envs_server(envs: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """One in-memory server on ``envs``, for the tests that only run sessions in them."""
+    async with connect(tmp_path_factory.mktemp("envs-server"), envs_dir=envs) as client:
+        yield client
 
 
 # --- Install hints fit the env (pure functions) ----------------------------------------------------
@@ -177,36 +186,36 @@ def test_envs_dir_default_follows_ipython_mcp_envs_dir(tmp_path: Path, monkeypat
 # --- Real envs through a real client -----------------------------------------------------------------
 
 
-async def test_pixi_project_folder_runs_in_its_default_env(tmp_path: Path, envs: Path) -> None:
+async def test_pixi_project_folder_runs_in_its_default_env(envs_server: Client, envs: Path) -> None:
     project = envs.parent / "project"
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs_dir=envs) as client:
+        async with own_sessions(envs_server) as client:
             out = await run(client, "p", "import sys; sys.executable", env=str(project))
     assert out["status"] == "ok", out
     assert out["result"] == repr(str(project / ".pixi" / "envs" / "default" / "bin" / "python"))
 
 
-async def test_conda_prefix_without_ipython_gets_a_conda_install_hint(tmp_path: Path, envs: Path) -> None:
+async def test_conda_prefix_without_ipython_gets_a_conda_install_hint(envs_server: Client, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs_dir=envs) as client:
+        async with own_sessions(envs_server) as client:
             out = await run(client, "c", "1", env="condaish")
     assert out["status"] == "env_error"
     assert "ipykernel not found in env 'condaish'" in out["error"]
     assert f"install -p {envs / 'condaish'} -c conda-forge ipykernel" in out["error"]
 
 
-async def test_too_old_ipython_is_env_error_naming_the_minimum(tmp_path: Path, envs: Path) -> None:
+async def test_too_old_ipython_is_env_error_naming_the_minimum(envs_server: Client, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs_dir=envs) as client:
+        async with own_sessions(envs_server) as client:
             out = await run(client, "o", "1", env="old")
     assert out["status"] == "env_error"
     assert "IPython 6.5.0 is older than the 7.0" in out["error"]
     assert "Install with:" in out["error"]
 
 
-async def test_missing_env_lists_the_envs_that_exist(tmp_path: Path, envs: Path) -> None:
+async def test_missing_env_lists_the_envs_that_exist(envs_server: Client, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs_dir=envs) as client:
+        async with own_sessions(envs_server) as client:
             out = await run(client, "m", "1", env="goood")
     assert out["status"] == "env_error"
     assert str(envs / "goood" / "bin" / "python") in out["error"]
@@ -232,9 +241,9 @@ async def test_list_envs_shows_versions_and_what_is_usable(tmp_path: Path, envs:
     assert cached_s < 1.0, "a second listing is answered from the cache"
 
 
-async def test_auto_install_is_off_by_default_and_installs_nothing(tmp_path: Path, envs: Path) -> None:
+async def test_auto_install_is_off_by_default_and_installs_nothing(envs_server: Client, envs: Path) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path, envs_dir=envs) as client:
+        async with own_sessions(envs_server) as client:
             out = await run(client, "b", "1", env="bare")
     assert out["status"] == "env_error"
     assert not list((envs / "bare" / "lib").glob("python3*/site-packages/IPython"))

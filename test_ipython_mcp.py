@@ -14,6 +14,7 @@ touches a marker file first, and the test waits for that file.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -38,9 +39,11 @@ from conftest import (
     POLL_S,
     QUICK_S,
     SERVER,
+    RawServer,
     SLOW_S,
     connect,
     kernels_below,
+    own_sessions,
     process_running,
     raw_server,
     run,
@@ -80,9 +83,15 @@ def envs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+async def shared_env_server(tmp_path_factory: pytest.TempPathFactory, envs_dir: Path) -> AsyncIterator[Client]:
+    async with connect(tmp_path_factory.mktemp("envs-server"), envs_dir=envs_dir) as client:
+        yield client
+
+
 @pytest.fixture
-async def env_client(tmp_path: Path, envs_dir: Path) -> AsyncIterator[Client]:
-    async with connect(tmp_path, envs_dir=envs_dir) as client:
+async def env_client(shared_env_server: Client) -> AsyncIterator[Client]:
+    async with own_sessions(shared_env_server) as client:
         yield client
 
 
@@ -773,9 +782,12 @@ async def test_no_spare_kernel_with_spare_kernels_zero(tmp_path: Path) -> None:
                 await anyio.sleep(0.1)
 
 
-async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -> None:
+async def test_malformed_json_rpc_lines_get_a_parse_error_answer_and_do_not_stop_the_server(tmp_path: Path) -> None:
     with anyio.fail_after(SLOW_S):
         async with raw_server(tmp_path, "--spare-kernels", "0") as server:
+            await server.send_line(b"this is not json")
+            await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
+            answers = [await server.receive(), await server.receive()]
             await server.execute("s", "x = 1")
             for line in [
                 b"this is not json",
@@ -791,32 +803,47 @@ async def test_malformed_json_rpc_lines_do_not_stop_the_server(tmp_path: Path) -
             unknown = await server.request("no/such/method")
             after = await server.execute("s", "x + 1")
             assert server.process.returncode is None
+    parse_errors = [answer for answer in answers if answer.get("id") is None]
+    assert [answer["error"]["code"] for answer in parse_errors] == [-32700]
+    assert any(answer.get("id") == 5 and "result" in answer for answer in answers), "still serving"
     assert unknown["error"]["code"] == -32601
     assert after["result"] == "2"
 
 
-async def test_malformed_json_rpc_line_gets_a_parse_error_answer(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+async def flagged_raw_server(tmp_path_factory: pytest.TempPathFactory, envs_dir: Path) -> AsyncIterator[RawServer]:
+    """A server process started with ``--envs-dir`` and spoken to in raw lines, shared by the tests
+    below that are not about its start or its exit: each takes its turn with ``raw_turn``."""
+    async with raw_server(tmp_path_factory.mktemp("flagged"), "--envs-dir", str(envs_dir), "--spare-kernels", "0") as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def raw_turn(server: RawServer) -> AsyncIterator[RawServer]:
+    """``own_sessions`` for a raw server: no session at the start, the test's shut down after."""
+    def names(answer: dict[str, Any]) -> list[str]:
+        return [info["name"] for info in answer["result"]["structuredContent"]["sessions"]]
+
     with anyio.fail_after(QUICK_S):
-        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
-            await server.send_line(b"this is not json")
-            await server.send({"jsonrpc": "2.0", "id": 5, "method": "ping"})
-            answers = [await server.receive(), await server.receive()]
-    parse_errors = [answer for answer in answers if answer.get("id") is None]
-    assert [answer["error"]["code"] for answer in parse_errors] == [-32700]
-    assert any(answer.get("id") == 5 and "result" in answer for answer in answers), "still serving"
+        assert names(await server.request("tools/call", {"name": "list_sessions", "arguments": {}})) == []
+    yield server
+    with anyio.fail_after(QUICK_S):
+        for name in names(await server.request("tools/call", {"name": "list_sessions", "arguments": {}})):
+            shut = await server.request("tools/call", {"name": "shutdown", "arguments": {"session": name}})
+            assert not shut["result"].get("isError"), shut
 
 
-async def test_envs_dir_flag_points_bare_env_names_at_that_folder(tmp_path: Path, envs_dir: Path) -> None:
+async def test_envs_dir_flag_points_bare_env_names_at_that_folder(flagged_raw_server: RawServer, envs_dir: Path) -> None:
     with anyio.fail_after(SLOW_S):
-        async with raw_server(tmp_path, "--envs-dir", str(envs_dir), "--spare-kernels", "0") as server:
+        async with raw_turn(flagged_raw_server) as server:
             out = await server.execute("s", "import sys\nsys.prefix", env="good")
     assert out["result"] == repr(str(envs_dir / "good"))
 
 
-async def test_cancelled_notification_interrupts_the_cell_and_keeps_state(tmp_path: Path) -> None:
+async def test_cancelled_notification_interrupts_the_cell_and_keeps_state(flagged_raw_server: RawServer, tmp_path: Path) -> None:
     marker = tmp_path / "running"
     with anyio.fail_after(QUICK_S):
-        async with raw_server(tmp_path, "--spare-kernels", "0") as server:
+        async with raw_turn(flagged_raw_server) as server:
             await server.execute("s", "kept = 5")
             code = f"{touch(marker)}\nimport time\ntime.sleep(30)"
             call = {"name": "execute", "arguments": {"session": "s", "code": code}}

@@ -18,7 +18,7 @@ import pytest
 from mcp import Client
 
 import ipython_mcp
-from conftest import FAILED, POLL_S, QUICK_S, connect, kernels_below, wait_for_file
+from conftest import FAILED, POLL_S, QUICK_S, kernels_below, own_sessions, wait_for_file
 
 pytestmark = pytest.mark.anyio
 
@@ -44,11 +44,11 @@ def kernel_pids() -> set[int]:
     return kernels_below(os.getpid())
 
 
-async def test_a_call_queued_behind_a_cell_left_running_answers_busy_and_takes_nothing_of_it(tmp_path: Path) -> None:
+async def test_a_call_queued_behind_a_cell_left_running_answers_busy_and_takes_nothing_of_it(shared_server: Client, tmp_path: Path) -> None:
     release = tmp_path / "release"
     code = f"import os, time\nprint('A start', flush=True)\nwhile not os.path.exists({str(release)!r}): time.sleep(0.02)\nprint('A end')\n'A'"
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             results: dict[str, Any] = {}
             async with anyio.create_task_group() as group:
 
@@ -67,10 +67,10 @@ async def test_a_call_queued_behind_a_cell_left_running_answers_busy_and_takes_n
     assert final["status"] == "ok" and final["result"] == "'A'" and "A end" in final["stdout"]
 
 
-async def test_shutdown_racing_a_first_start_leaves_no_kernel(tmp_path: Path) -> None:
+async def test_shutdown_racing_a_first_start_leaves_no_kernel(shared_server: Client) -> None:
     before = kernel_pids()
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             results: dict[str, Any] = {}
             async with anyio.create_task_group() as group:
 
@@ -91,10 +91,10 @@ async def test_shutdown_racing_a_first_start_leaves_no_kernel(tmp_path: Path) ->
         assert "shut down" in results["execute"].content[0].text
 
 
-async def test_interrupt_during_a_large_display_keeps_the_kernel(tmp_path: Path) -> None:
+async def test_interrupt_during_a_large_display_keeps_the_kernel(shared_server: Client) -> None:
     code = "from IPython.display import display\nwhile True:\n    display({'text/plain': 'x' * 1_900_000}, raw=True)"
     with anyio.fail_after(QUICK_S * 2):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             pid = structured(await call(client, "execute", session="s", code="import os\nos.getpid()"))["result"]
             for _ in range(4):
                 out = structured(await call(client, "execute", session="s", code=code, timeout_s=1))
@@ -104,22 +104,22 @@ async def test_interrupt_during_a_large_display_keeps_the_kernel(tmp_path: Path)
     assert again["result"] == pid, "the kernel survived every interrupt"
 
 
-async def test_a_cell_that_replaces_sys_stdout_with_a_bare_object_does_not_kill_the_kernel(tmp_path: Path) -> None:
+async def test_a_cell_that_replaces_sys_stdout_with_a_bare_object_does_not_kill_the_kernel(shared_server: Client) -> None:
     code = "import sys\nclass Sink:\n    def write(self, text): return len(text)\n    def flush(self): pass\nsys.stdout = Sink()"
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             out = structured(await call(client, "execute", session="s", code=code))
             after = structured(await call(client, "execute", session="s", code="x = 1\nx + 1"))
     assert out["status"] == "ok", out
     assert (after["status"], after["result"], after["warning"]) == ("ok", "2", None)
 
 
-async def test_timeout_s_bounds_the_wait_for_a_busy_session_too(tmp_path: Path) -> None:
+async def test_timeout_s_bounds_the_wait_for_a_busy_session_too(shared_server: Client, tmp_path: Path) -> None:
     marker = tmp_path / "running"
     release = tmp_path / "release"
     slow = f"import os, time\nopen({str(marker)!r}, 'w').close()\nwhile not os.path.exists({str(release)!r}): time.sleep(0.02)"
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             async with anyio.create_task_group() as group:
                 group.start_soon(call_with, client, "execute", {"session": "s", "code": slow, "timeout_s": 20})
                 await wait_for_file(marker)
@@ -131,11 +131,11 @@ async def test_timeout_s_bounds_the_wait_for_a_busy_session_too(tmp_path: Path) 
     assert elapsed < 5, f"a 1 s call waited {elapsed:.1f} s"
 
 
-async def test_a_cell_left_running_that_finished_shows_idle_and_interrupt_says_so(tmp_path: Path) -> None:
+async def test_a_cell_left_running_that_finished_shows_idle_and_interrupt_says_so(shared_server: Client, tmp_path: Path) -> None:
     done = tmp_path / "done"
     code = f"import time\ntime.sleep(1)\nopen({str(done)!r}, 'w').close()\n42"
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             first = structured(await call(client, "execute", session="s", code=code, timeout_s=0.3, on_timeout="continue"))
             await wait_for_file(done)
             while True:  # its reply is on its way: wait until the server has it
@@ -151,10 +151,10 @@ async def test_a_cell_left_running_that_finished_shows_idle_and_interrupt_says_s
     assert (final["status"], final["result"]) == ("ok", "42")
 
 
-async def test_reset_and_shutdown_at_once_leave_no_kernel(tmp_path: Path) -> None:
+async def test_reset_and_shutdown_at_once_leave_no_kernel(shared_server: Client) -> None:
     before = kernel_pids()
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             structured(await call(client, "execute", session="s", code="1"))
             async with anyio.create_task_group() as group:
                 group.start_soon(call_with, client, "reset", {"session": "s"})
@@ -165,9 +165,9 @@ async def test_reset_and_shutdown_at_once_leave_no_kernel(tmp_path: Path) -> Non
     assert listing["sessions"] == []
 
 
-async def test_reset_shutdown_and_interrupt_answer_with_structured_outcomes(tmp_path: Path) -> None:
+async def test_reset_shutdown_and_interrupt_answer_with_structured_outcomes(shared_server: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             first = structured(await call(client, "execute", session="s", code="import os\nos.getpid()"))
             idle = structured(await call(client, "interrupt", session="s"))
             reset = structured(await call(client, "reset", session="s"))
@@ -177,14 +177,14 @@ async def test_reset_shutdown_and_interrupt_answer_with_structured_outcomes(tmp_
     assert gone == {"session": "s", "outcome": "shut_down", "message": "Session 's' was shut down.", "pid": None}
 
 
-async def test_a_call_waiting_for_a_slow_kernel_start_answers_busy_at_its_timeout(tmp_path: Path) -> None:
+async def test_a_call_waiting_for_a_slow_kernel_start_answers_busy_at_its_timeout(shared_server: Client, tmp_path: Path) -> None:
     """An env whose interpreter takes seconds to start must not hold a 1 s call for seconds."""
     env = tmp_path / "slow"
     (env / "bin").mkdir(parents=True)
     (env / "bin" / "python").write_text(f"#!/bin/sh\nsleep 3\nexec {sys.executable} \"$@\"\n")
     (env / "bin" / "python").chmod(0o755)
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             async with anyio.create_task_group() as group:
                 group.start_soon(call_with, client, "execute", {"session": "s", "code": "1", "env": str(env)})
                 while "s" not in {s["name"] for s in structured(await call(client, "list_sessions"))["sessions"]}:

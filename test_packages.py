@@ -26,7 +26,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import BOOTSTRAP, connect, run, stdio_parameters, wait_until_gone
+from conftest import BOOTSTRAP, connect, own_sessions, run, stdio_parameters, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -109,12 +109,12 @@ async def test_pip_magic_in_the_default_env_of_a_uv_started_server_installs_with
     assert not has_pip(python), "uv installed the package; pip was not put into the server's env"
 
 
-async def test_pip_magic_in_a_venv_with_pip_uses_its_pip_and_the_package_imports_at_once(tmp_path: Path) -> None:
+async def test_pip_magic_in_a_venv_with_pip_uses_its_pip_and_the_package_imports_at_once(shared_server: Client, tmp_path: Path) -> None:
     env = tmp_path / "with-pip"
     with anyio.fail_after(PACKAGE_TEST_S):
         std_venv(env, with_pip=True)
         wheel = make_wheel(tmp_path / "wheels", "probe_pip")
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             install = await ok(client, "v", f"%pip install {wheel}", env=str(env), timeout_s=INSTALL_S)
             assert "Successfully installed probe" in install["stdout"], install
             imported = await ok(client, "v", "import probe_pip; probe_pip.WHERE")
@@ -124,12 +124,12 @@ async def test_pip_magic_in_a_venv_with_pip_uses_its_pip_and_the_package_imports
             assert gone["status"] == "error", gone
 
 
-async def test_pip_magic_in_a_venv_without_pip_installs_lists_and_uninstalls_with_uv(tmp_path: Path) -> None:
+async def test_pip_magic_in_a_venv_without_pip_installs_lists_and_uninstalls_with_uv(shared_server: Client, tmp_path: Path) -> None:
     env = tmp_path / "no-pip"
     python = uv_venv(env)
     wheel = make_wheel(tmp_path / "wheels", "probe_uv")
     with anyio.fail_after(PACKAGE_TEST_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             await ok(client, "u", f"%pip install {wheel}", env=str(env))
             imported = await ok(client, "u", "import probe_uv; probe_uv.WHERE")
             assert imported["result"].strip("'").startswith(str(env)), imported
@@ -200,11 +200,11 @@ async def test_shell_pip_installs_into_the_sessions_interpreter_not_the_first_pi
     assert not marker.exists(), "the decoy pip first on the server's PATH ran"
 
 
-async def test_failed_install_ends_the_cell_with_error_and_the_installers_last_lines(tmp_path: Path) -> None:
+async def test_failed_install_ends_the_cell_with_error_and_the_installers_last_lines(shared_server: Client, tmp_path: Path) -> None:
     env = tmp_path / "no-pip"
     uv_venv(env)
     with anyio.fail_after(PACKAGE_TEST_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             failed = await run(client, "f", "%pip install --no-index this-package-does-not-exist-xyz\nprint('went on')", env=str(env))
             assert failed["status"] == "error", failed
             assert "went on" not in failed["stdout"], "the rest of the cell must not run after a failed install"
@@ -240,32 +240,32 @@ async def test_interrupted_install_stops_the_installer_and_keeps_the_session(tmp
             assert still["result"] == "42" and still["warning"] is None, still
 
 @pytest.mark.network
-async def test_install_of_a_package_that_is_not_on_pypi_is_an_error_naming_it(tmp_path: Path) -> None:
+async def test_install_of_a_package_that_is_not_on_pypi_is_an_error_naming_it(shared_server: Client, tmp_path: Path) -> None:
     env = tmp_path / "no-pip"
     uv_venv(env)
     with anyio.fail_after(PACKAGE_TEST_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             failed = await run(client, "n", "%pip install this-package-does-not-exist-xyz", env=str(env))
     assert failed["status"] == "error", failed
     assert "this-package-does-not-exist-xyz was not found in the package registry" in failed["error"], failed["error"]
     assert failed["error"].splitlines()[-1].startswith("PipFailed: `pip install this-package-does-not-exist-xyz` failed")
 
 
-async def test_shell_sees_the_project_venv_activated(tmp_path: Path) -> None:
+async def test_shell_sees_the_project_venv_activated(shared_server: Client, tmp_path: Path) -> None:
     project = tmp_path / "project"
     venv = project / ".venv"
     uv_venv(venv)
     with anyio.fail_after(PACKAGE_TEST_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             out = await ok(
                 client, "p", "!python -c 'import sys; print(sys.prefix)'; printenv VIRTUAL_ENV; command -v python", env=str(project)
             )
     assert out["stdout"].splitlines() == [str(venv), str(venv), str(venv / "bin" / "python")], out
 
 
-async def test_pip_scripts_are_in_a_private_folder_that_goes_with_the_kernel(tmp_path: Path) -> None:
+async def test_pip_scripts_are_in_a_private_folder_that_goes_with_the_kernel(shared_server: Client) -> None:
     with anyio.fail_after(PACKAGE_TEST_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             found = await ok(client, "k", "!command -v pip")
             pid = (await ok(client, "k", "import os; os.getpid()"))["result"]
             shim = Path(found["stdout"].strip())
@@ -278,8 +278,8 @@ async def test_pip_scripts_are_in_a_private_folder_that_goes_with_the_kernel(tmp
                 await anyio.sleep(0.02)
 
 
-async def test_execute_tool_description_says_how_to_add_a_package(tmp_path: Path) -> None:
+async def test_execute_tool_description_says_how_to_add_a_package(shared_server: Client) -> None:
     with anyio.fail_after(PACKAGE_TEST_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert "%pip install NAME" in tools["execute"].description

@@ -22,7 +22,7 @@ from mcp.types import ResourceListChangedNotification
 from nbclient import NotebookClient
 
 import ipython_mcp
-from conftest import SERVER_PID_CODE, QUICK_S, SERVER, SLOW_S, connect, run, stdio_parameters, text_of
+from conftest import SERVER_PID_CODE, QUICK_S, SERVER, SLOW_S, connect, own_sessions, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -240,9 +240,9 @@ async def test_a_kernel_that_died_leaves_a_restart_mark_before_the_next_cell(cli
     assert "state before is gone" in seen["entries"][2]["reason"]
 
 
-async def test_shutdown_ends_the_record_and_a_new_session_of_that_name_starts_afresh(tmp_path: Path) -> None:
+async def test_shutdown_ends_the_record_and_a_new_session_of_that_name_starts_afresh(shared_server: Client) -> None:
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             await run(client, "s", "old = 1")
             path = Path((await history(client, "s"))["record_file"])
             await client.call_tool("shutdown", {"session": "s"})
@@ -257,10 +257,10 @@ async def test_shutdown_ends_the_record_and_a_new_session_of_that_name_starts_af
 # --- Export to a notebook ---------------------------------------------------------------------
 
 
-async def test_exported_notebook_validates_and_runs_again_in_a_fresh_kernel_to_the_same_outputs(tmp_path: Path) -> None:
+async def test_exported_notebook_validates_and_runs_again_in_a_fresh_kernel_to_the_same_outputs(shared_server: Client, tmp_path: Path) -> None:
     path = tmp_path / "session.ipynb"
     with anyio.fail_after(SLOW_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             await run_cells_with_a_reset(client)
             exported = await client.call_tool("export_notebook", {"session": "s", "path": str(path)})
         assert not exported.is_error, text_of(exported)
@@ -293,7 +293,7 @@ async def test_exported_notebook_validates_and_runs_again_in_a_fresh_kernel_to_t
         assert text_outputs(recorded.outputs) == text_outputs(fresh.outputs), recorded.source
 
 
-async def test_export_needs_an_absolute_path_and_never_replaces_a_file_or_follows_a_link_unless_asked(tmp_path: Path) -> None:
+async def test_export_needs_an_absolute_path_and_never_replaces_a_file_or_follows_a_link_unless_asked(shared_server: Client, tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     link = tmp_path / "link.ipynb"
@@ -301,7 +301,7 @@ async def test_export_needs_an_absolute_path_and_never_replaces_a_file_or_follow
     existing = tmp_path / "existing.ipynb"
     existing.write_text("{}")
     with anyio.fail_after(QUICK_S):
-        async with connect(tmp_path) as client:
+        async with own_sessions(shared_server) as client:
             await run(client, "s", "1 + 1")
 
             async def export(path: str, **arguments: Any) -> Any:

@@ -22,7 +22,7 @@ import sysconfig
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -31,7 +31,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 import ipython_mcp
-from conftest import POLL_S, connect, process_running, run, touch, wait_for_file
+from conftest import POLL_S, connect, own_sessions, process_running, run, touch, wait_for_file
 
 pytestmark = pytest.mark.anyio
 
@@ -138,6 +138,13 @@ def sshd() -> Iterator[Sshd]:
         shutil.rmtree(server.folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+async def ssh_server(sshd: Sshd, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """One in-memory server with the test host's launchers, for the tests that need no other config."""
+    async with connect(tmp_path_factory.mktemp("ssh-server"), launchers=sshd.launchers()) as client:
+        yield client
+
+
 # The README's sandbox, plus this Python's own folders bound back (read-only) when a checkout
 # under /tmp put them where the sandbox's fresh /tmp hides them.
 BWRAP_SANDBOX = (
@@ -190,8 +197,8 @@ async def nothing_left(marker: str, kernel_pid: int) -> None:
 # --- Over ssh ---------------------------------------------------------------------------------
 
 
-async def test_ssh_session_keeps_state_prints_and_shows_an_image(sshd: Sshd, tmp_path: Path) -> None:
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+async def test_ssh_session_keeps_state_prints_and_shows_an_image(sshd: Sshd, ssh_server: Client) -> None:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             first = await run(client, "s", "import socket\nx = 41\nprint('hello from', 'far')", env="far")
             second = await run(client, "s", "x + 1")
@@ -226,8 +233,8 @@ async def test_ssh_huge_output_and_a_cut_result_are_saved_whole_in_the_local_fol
             assert result_file.read_text() == repr("b" * 300_000), "the far side's full text came back through the wire"
 
 
-async def test_ssh_timeout_interrupts_by_message_and_keeps_state(sshd: Sshd, tmp_path: Path) -> None:
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+async def test_ssh_timeout_interrupts_by_message_and_keeps_state(sshd: Sshd, ssh_server: Client) -> None:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             await run(client, "s", "x = 1", env="far")
             stopped = await run(client, "s", "import subprocess\nsubprocess.run(['sleep', '60'])", timeout_s=2)
@@ -252,11 +259,11 @@ async def test_ssh_cell_ignoring_sigint_is_ended_by_closing_the_connection_leavi
 
 
 async def test_ssh_connection_killed_mid_cell_is_an_error_naming_the_host_and_the_next_call_reconnects(
-    sshd: Sshd, tmp_path: Path
+    sshd: Sshd, ssh_server: Client, tmp_path: Path
 ) -> None:
     marker = tmp_path / "running"
     far_marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             await run(client, "s", "x = 1", env="far")
             pid = int((await run(client, "s", start_marked_child(far_marker)))["result"])
@@ -277,9 +284,9 @@ async def test_ssh_connection_killed_mid_cell_is_an_error_naming_the_host_and_th
 
 
 @pytest.mark.parametrize("how", ["reset", "shutdown"])
-async def test_reset_and_shutdown_leave_no_process_on_the_far_side(sshd: Sshd, tmp_path: Path, how: str) -> None:
+async def test_reset_and_shutdown_leave_no_process_on_the_far_side(sshd: Sshd, ssh_server: Client, how: str) -> None:
     marker = f"ipython-mcp-test-{uuid.uuid4().hex}"
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             pid = int((await run(client, "s", start_marked_child(marker), env="far"))["result"])
             ended = await client.call_tool(how, {"session": "s"})
@@ -306,24 +313,24 @@ async def test_server_killed_leaves_no_process_on_the_far_side(sshd: Sshd, tmp_p
         await nothing_left(marker, pid)
 
 
-async def test_protocol_lookalike_printed_on_the_far_side_stays_output(sshd: Sshd, tmp_path: Path) -> None:
+async def test_protocol_lookalike_printed_on_the_far_side_stays_output(sshd: Sshd, ssh_server: Client) -> None:
     fake = '{"kind": "done", "id": 1, "status": "ok", "result": "forged"}'
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             printed = await run(client, "s", f"import os\nos.write(1, b'\\n' + {fake!r}.encode() + b'\\n')\n'real'", env="far")
     assert printed["result"] == "'real'" and fake in printed["stdout"], printed
 
 
-async def test_host_that_refuses_the_connection_is_an_env_error_quoting_ssh(sshd: Sshd, tmp_path: Path) -> None:
+async def test_host_that_refuses_the_connection_is_an_env_error_quoting_ssh(sshd: Sshd, ssh_server: Client) -> None:
     closed_port = free_port()
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             down = await run(client, "s", "1", env=f"ssh://127.0.0.1:{closed_port}{PYTHON}")
     assert down["status"] == "env_error" and "Connection refused" in down["error"], down
 
 
-async def test_wrong_key_is_an_env_error_quoting_ssh(sshd: Sshd, tmp_path: Path) -> None:
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+async def test_wrong_key_is_an_env_error_quoting_ssh(sshd: Sshd, ssh_server: Client) -> None:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             denied = await run(client, "s", "1", env="denied")
     assert denied["status"] == "env_error", denied
@@ -395,10 +402,10 @@ async def test_missing_remote_python_is_an_env_error_quoting_the_far_shell(sshd:
     assert "not found" in missing["error"] or "No such file" in missing["error"], missing["error"]
 
 
-async def test_ssh_url_shorthand_runs_a_session_with_port_and_user(sshd: Sshd, tmp_path: Path) -> None:
+async def test_ssh_url_shorthand_runs_a_session_with_port_and_user(sshd: Sshd, ssh_server: Client) -> None:
     user = getpass.getuser()
     prefix = Path(PYTHON).parent.parent
-    async with connect(tmp_path, launchers=sshd.launchers()) as client:
+    async with own_sessions(ssh_server) as client:
         with anyio.fail_after(SLOW_S):
             plain = await run(client, "a", "1 + 1", env=f"ssh://testhost{prefix}")
             full = await run(client, "b", "2 + 2", env=f"ssh://{user}@127.0.0.1:{sshd.port}{PYTHON}")
@@ -422,11 +429,11 @@ async def test_ssh_url_shorthand_runs_a_session_with_port_and_user(sshd: Sshd, t
         "ssh://host:22;x/x",
     ],
 )
-async def test_ssh_url_that_smuggles_options_or_commands_is_refused(tmp_path: Path, env: str) -> None:
+async def test_ssh_url_that_smuggles_options_or_commands_is_refused(shared_server: Client, tmp_path: Path, env: str) -> None:
     with pytest.raises(ipython_mcp.EnvError) as refused:
         ipython_mcp.interpreter_for(env, tmp_path)
     assert refused.value.kind == "bad_name"
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             result = await run(client, "s", "1", env=env)
     assert result["status"] == "env_error", result

@@ -19,7 +19,7 @@ import pytest
 from mcp import Client
 
 import ipython_mcp
-from conftest import SERVER_PID_CODE, QUICK_S, SLOW_S, connect, memory_kib, run, stdio_parameters, text_of
+from conftest import SERVER_PID_CODE, QUICK_S, SLOW_S, connect, memory_kib, own_sessions, run, stdio_parameters, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -67,8 +67,8 @@ async def test_ten_thousand_displays_keep_the_reply_and_the_server_memory_bounde
             assert (peak_kib - before_kib) * 1024 < 40 * MIB, f"server RSS grew from {before_kib} KiB to a peak of {peak_kib} KiB"
 
 
-async def test_a_thirty_megabyte_json_display_is_not_sent_whole(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_a_thirty_megabyte_json_display_is_not_sent_whole(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(SLOW_S):
             result = await call(client, "s", "from IPython.display import JSON, display\ndisplay(JSON({'k': 'v' * 30_000_000}))\n'after'")
     out = result.structured_content
@@ -79,8 +79,8 @@ async def test_a_thirty_megabyte_json_display_is_not_sent_whole(tmp_path: Path) 
     assert "display" in out["output_files"]
 
 
-async def test_html_cut_by_the_kernel_is_said_in_the_warning(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_html_cut_by_the_kernel_is_said_in_the_warning(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", "from IPython.display import HTML, display\ndisplay(HTML('<p>' + 'h' * 3_000_000 + '</p>'))")
     assert out["status"] == "ok"
@@ -89,7 +89,7 @@ async def test_html_cut_by_the_kernel_is_said_in_the_warning(tmp_path: Path) -> 
     assert "3000007" in out["warning"]  # the size it had
 
 
-async def test_many_open_figures_give_at_most_the_image_budget_inline(tmp_path: Path) -> None:
+async def test_many_open_figures_give_at_most_the_image_budget_inline(shared_server: Client) -> None:
     # 40 figures rather than 200, to keep the suite quick: the budget counts figures the same way.
     code = (
         "import matplotlib.pyplot as plt\n"
@@ -97,7 +97,7 @@ async def test_many_open_figures_give_at_most_the_image_budget_inline(tmp_path: 
         "    plt.figure(figsize=(1, 1), dpi=20).gca().axis('off')\n"
         "    plt.plot([0, i])\n"
     )
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(SLOW_S):
             result = await call(client, "s", code, timeout_s=SLOW_S - 10)
         out = result.structured_content
@@ -163,8 +163,8 @@ TRUNCATED_PNG = (
 )
 
 
-async def test_a_truncated_image_pillow_cannot_decode_does_not_stop_the_cell(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_a_truncated_image_pillow_cannot_decode_does_not_stop_the_cell(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             await run(client, "s", TRUNCATED_PNG)
             shown = await call(client, "s", "display(Image(data=truncated))\nprint('the rest of the cell ran')")
@@ -178,13 +178,13 @@ async def test_a_truncated_image_pillow_cannot_decode_does_not_stop_the_cell(tmp
         assert "could not be downscaled" in as_result.structured_content["warning"]
 
 
-async def test_a_display_that_is_not_json_does_not_raise_in_the_cell(tmp_path: Path) -> None:
+async def test_a_display_that_is_not_json_does_not_raise_in_the_cell(shared_server: Client) -> None:
     code = (
         "import datetime\n"
         "display({'application/json': {'when': datetime.date(2026, 1, 2)}}, raw=True)\n"
         "print('after')"
     )
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
     assert out["status"] == "ok", out
@@ -218,8 +218,8 @@ EXPECTED_TEXT = {
 
 
 @pytest.mark.parametrize("kind", sorted(RICH_OBJECTS))
-async def test_a_rich_last_expression_gives_the_same_text_as_its_display(tmp_path: Path, kind: str) -> None:
-    async with connect(tmp_path) as client:
+async def test_a_rich_last_expression_gives_the_same_text_as_its_display(shared_server: Client, kind: str) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             await run(client, "s", RICH_OBJECTS[kind])
             out = await run(client, "s", "display(obj)\nobj")
@@ -227,9 +227,9 @@ async def test_a_rich_last_expression_gives_the_same_text_as_its_display(tmp_pat
     assert out["result"] == out["display"][0] == EXPECTED_TEXT[kind]
 
 
-async def test_a_dataframe_last_expression_gives_its_table_text(tmp_path: Path) -> None:
+async def test_a_dataframe_last_expression_gives_its_table_text(shared_server: Client) -> None:
     pytest.importorskip("pandas")  # the sessions run in this interpreter
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})\ndisplay(df)\ndf")
     assert out["result"] == out["display"][0] and "a" in out["result"] and "object" not in out["result"]
@@ -247,8 +247,8 @@ async def test_a_rich_result_is_cut_in_the_middle_and_saved_like_a_plain_one(tmp
         assert Path(saved).read_text() == "<p>" + "h" * 50_000 + "</p>"
 
 
-async def test_plain_results_are_unchanged(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_plain_results_are_unchanged(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             assert (await run(client, "s", "1 + 1"))["result"] == "2"
             assert (await run(client, "s", "'text'"))["result"] == "'text'"
@@ -267,8 +267,8 @@ COLOURED = (
 )
 
 
-async def test_terminal_escape_sequences_are_removed_from_stdout_stderr_display_and_the_text_block(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_terminal_escape_sequences_are_removed_from_stdout_stderr_display_and_the_text_block(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             result = await call(client, "s", COLOURED)
     out = result.structured_content
@@ -301,8 +301,8 @@ def test_reply_text_removes_every_kind_of_terminal_sequence() -> None:
     assert ipython_mcp.reply_text(raw) == "orange link c1 plain [brackets] and ]8;; stay"
 
 
-async def test_terminal_sequences_in_an_exception_message_are_removed_from_the_error(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_terminal_sequences_in_an_exception_message_are_removed_from_the_error(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", "raise ValueError('see \\x1b]8;;https://example.com\\x1b\\\\the docs\\x1b]8;;\\x1b\\\\')")
     assert out["status"] == "error"

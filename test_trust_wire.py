@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -21,7 +22,7 @@ import pytest
 from mcp import Client
 
 import ipython_mcp
-from conftest import QUICK_S, SLOW_S, assert_usable, connect, run, sessions, stdio_parameters, text_of
+from conftest import QUICK_S, SLOW_S, assert_usable, connect, own_sessions, run, sessions, stdio_parameters, text_of
 
 # A kernel that lost its protocol fd is reported dead well before this; the cells' own
 # timeout_s is far longer, so an answer within it cannot come from a timeout.
@@ -62,19 +63,19 @@ async def timed(client: Client, session: str, code: str) -> tuple[dict, float]:
 # --- Protocol fds: out of the user's way, checked before use ---------------------------------------
 
 
-async def test_protocol_fds_sit_high_above_the_fds_a_cell_opens(tmp_path: Path) -> None:
+async def test_protocol_fds_sit_high_above_the_fds_a_cell_opens(shared_server: Client) -> None:
     code = FIND_PROTOCOL_FD + "f = open(os.devnull)\n(proto, proto_in, f.fileno())"
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
     proto, proto_in, opened = eval(out["result"])
     assert min(proto, proto_in) > 900 > opened, out["result"]
 
 
-async def test_closerange_then_open_reports_the_kernel_dead_and_never_writes_the_users_file(tmp_path: Path) -> None:
+async def test_closerange_then_open_reports_the_kernel_dead_and_never_writes_the_users_file(shared_server: Client, tmp_path: Path) -> None:
     mine = tmp_path / "mine.txt"
     code = f"import os\nos.closerange(3, 65536)\nf = open({str(mine)!r}, 'w')\nprint('closed them all')"
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(SLOW_S):
             await assert_usable(client, "s")
             out, elapsed = await timed(client, "s", code)
@@ -83,10 +84,10 @@ async def test_closerange_then_open_reports_the_kernel_dead_and_never_writes_the
     assert "closed them all" in out["stdout"]
 
 
-async def test_closing_the_protocol_fd_then_opening_a_file_reports_the_kernel_dead(tmp_path: Path) -> None:
+async def test_closing_the_protocol_fd_then_opening_a_file_reports_the_kernel_dead(shared_server: Client, tmp_path: Path) -> None:
     mine = tmp_path / "mine.txt"
     code = FIND_PROTOCOL_FD + f"os.close(proto)\nf = open({str(mine)!r}, 'w')\nf.write('mine')\nf.flush()"
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(SLOW_S):
             out, elapsed = await timed(client, "s", code)
             await assert_reported_dead(client, "s", out, elapsed)
@@ -94,18 +95,18 @@ async def test_closing_the_protocol_fd_then_opening_a_file_reports_the_kernel_de
 
 
 @pytest.mark.parametrize("target", ["proto", "proto_in"])
-async def test_a_user_file_dup2ed_onto_a_protocol_fd_is_never_written_or_read(tmp_path: Path, target: str) -> None:
+async def test_a_user_file_dup2ed_onto_a_protocol_fd_is_never_written_or_read(shared_server: Client, tmp_path: Path, target: str) -> None:
     mine = tmp_path / "mine.txt"
     mine.write_text('{"kind": "execute", "id": 99, "code": "1"}\n')  # a request, were it read as one
     code = FIND_PROTOCOL_FD + f"fd = os.open({str(mine)!r}, os.O_RDWR)\nos.dup2(fd, {target})\n'replaced'"
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(SLOW_S):
             out, elapsed = await timed(client, "s", code)
             await assert_reported_dead(client, "s", out, elapsed)
     assert mine.read_text() == '{"kind": "execute", "id": 99, "code": "1"}\n'
 
 
-async def test_request_lines_that_are_not_json_objects_are_skipped_and_the_kernel_keeps_serving(tmp_path: Path) -> None:
+async def test_request_lines_that_are_not_json_objects_are_skipped_and_the_kernel_keeps_serving(shared_server: Client) -> None:
     # /proc/self/fd/N of a pipe opens its other end: the cell writes into its own protocol input.
     code = FIND_PROTOCOL_FD + (
         "w = os.open(f'/proc/self/fd/{proto_in}', os.O_WRONLY)\n"
@@ -113,7 +114,7 @@ async def test_request_lines_that_are_not_json_objects_are_skipped_and_the_kerne
         "os.close(w)\n"
         "kept = 'yes'"
     )
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
             after = await run(client, "s", "kept", timeout_s=10)
@@ -124,8 +125,8 @@ async def test_request_lines_that_are_not_json_objects_are_skipped_and_the_kerne
 # --- Forks: only the kernel process answers ----------------------------------------------------------
 
 
-async def test_fork_in_a_cell_returns_the_parents_result_and_the_child_ends_quietly(tmp_path: Path) -> None:
-    async with connect(tmp_path) as client:
+async def test_fork_in_a_cell_returns_the_parents_result_and_the_child_ends_quietly(shared_server: Client) -> None:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", "import os\npid = os.fork()\n'parent' if pid else 'CHILD'")
             reaped = await run(client, "s", "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])")
@@ -134,7 +135,7 @@ async def test_fork_in_a_cell_returns_the_parents_result_and_the_child_ends_quie
     assert reaped["result"] == "0", reaped
 
 
-async def test_textbook_fork_with_sys_exit_returns_the_parents_result_and_the_next_call_is_fast(tmp_path: Path) -> None:
+async def test_textbook_fork_with_sys_exit_returns_the_parents_result_and_the_next_call_is_fast(shared_server: Client) -> None:
     code = (
         "import os, sys\n"
         "pid = os.fork()\n"
@@ -145,7 +146,7 @@ async def test_textbook_fork_with_sys_exit_returns_the_parents_result_and_the_ne
         "print('parent')\n"
         "os.waitstatus_to_exitcode(status)"
     )
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(SLOW_S):
             out = await run(client, "s", code)
             assert (await sessions(client))["s"]["status"] == "idle"
@@ -159,9 +160,9 @@ async def test_textbook_fork_with_sys_exit_returns_the_parents_result_and_the_ne
     assert next_call_s < NEXT_CALL_WITHIN_S
 
 
-async def test_forked_child_that_raises_shows_its_traceback_and_exits_with_one(tmp_path: Path) -> None:
+async def test_forked_child_that_raises_shows_its_traceback_and_exits_with_one(shared_server: Client) -> None:
     code = "import os\npid = os.fork()\nif pid == 0:\n    1/0\nos.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])"
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
             await assert_usable(client, "s")
@@ -169,7 +170,7 @@ async def test_forked_child_that_raises_shows_its_traceback_and_exits_with_one(t
     assert "ZeroDivisionError" in out["stderr"], out
 
 
-async def test_multiprocessing_fork_process_prints_into_the_cell_and_the_session_goes_on(tmp_path: Path) -> None:
+async def test_multiprocessing_fork_process_prints_into_the_cell_and_the_session_goes_on(shared_server: Client) -> None:
     code = (
         "import multiprocessing\n"
         "def work(n):\n"
@@ -180,7 +181,7 @@ async def test_multiprocessing_fork_process_prints_into_the_cell_and_the_session
         "    squares = pool.map(abs, range(-3, 0))\n"
         "(p.exitcode, squares)"
     )
-    async with connect(tmp_path) as client:
+    async with own_sessions(shared_server) as client:
         with anyio.fail_after(QUICK_S):
             out = await run(client, "s", code)
             await assert_usable(client, "s")
@@ -219,13 +220,21 @@ async def test_start_error_quotes_what_the_env_printed_before_it_died(tmp_path: 
 # --- Names that are not UTF-8, and strings JSON cannot carry -----------------------------------------
 
 
-async def test_env_folder_with_a_non_utf8_name_is_listed_escaped_and_the_server_keeps_answering(tmp_path: Path) -> None:
-    envs = tmp_path / "envs"
+@pytest.fixture(scope="module")
+async def odd_stdio(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+    """A stdio server process whose envs folder holds an env named with a byte that is not UTF-8,
+    shared by the tests of what JSON cannot carry (each takes its turn with ``own_sessions``)."""
+    envs = tmp_path_factory.mktemp("odd") / "envs"
     envs.mkdir()
     odd = os.path.join(os.fsencode(envs), b"caf\xe9")
     os.makedirs(os.path.join(odd, b"bin"))
     os.symlink(os.fsencode(sys.executable), os.path.join(odd, b"bin", b"python"))
     async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(envs), IPYTHON_MCP_SPARE_KERNELS="0")) as client:
+        yield client
+
+
+async def test_env_folder_with_a_non_utf8_name_is_listed_escaped_and_the_server_keeps_answering(odd_stdio: Client) -> None:
+    async with own_sessions(odd_stdio) as client:
         with anyio.fail_after(SLOW_S):
             listing = await client.call_tool("list_envs", {})
             missing = await run(client, "s", "1", env="nope")
@@ -240,7 +249,7 @@ async def test_env_folder_with_a_non_utf8_name_is_listed_escaped_and_the_server_
     assert live["s"]["status"] == "idle"
 
 
-async def test_cell_output_with_lone_surrogates_is_answered_and_the_next_call_works(tmp_path: Path) -> None:
+async def test_cell_output_with_lone_surrogates_is_answered_and_the_next_call_works(odd_stdio: Client) -> None:
     code = (
         "import sys\n"
         "class Odd:\n"
@@ -250,7 +259,7 @@ async def test_cell_output_with_lone_surrogates_is_answered_and_the_next_call_wo
         "sys.stderr.write('caf\\udce9\\n')\n"
         "Odd()"
     )
-    async with Client(stdio_parameters(IPYTHON_MCP_ENVS_DIR=str(tmp_path), IPYTHON_MCP_SPARE_KERNELS="0")) as client:
+    async with own_sessions(odd_stdio) as client:
         with anyio.fail_after(SLOW_S):
             out = await run(client, "s", code)
             raised = await run(client, "s", "raise ValueError('caf\\udce9')")
