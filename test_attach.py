@@ -33,10 +33,11 @@ from mcp.client.streamable_http import streamable_http_client
 
 import ipython_mcp
 
-from conftest import own_sessions, run, touch, wait_for_file
+from conftest import SERVER, own_sessions, run, touch, wait_for_file
 
-SERVER = Path(__file__).with_name("ipython_mcp.py")
-SLOW_S = 90  # the machine is shared and loaded: generous bounds, exact synchronisation
+# A person's terminal (pexpect) waits this long for what it expects: the machine is shared and
+# loaded, so bounds are generous and synchronisation exact.
+TERMINAL_S = 90
 OTHER_USER = "ipymcp-other"
 PROMPT = r"In \[\d+\]:"  # its trailing space is drawn as a cursor move
 
@@ -105,7 +106,7 @@ def person(runtime: Path, *arguments: str) -> pexpect.spawn:
     """``ipython-mcp attach|watch ...`` in a terminal of its own."""
     return pexpect.spawn(
         sys.executable, [str(SERVER), *arguments], env=environment(runtime), encoding="utf-8",
-        timeout=SLOW_S, dimensions=(50, 200),
+        timeout=TERMINAL_S, dimensions=(50, 200),
     )
 
 
@@ -124,7 +125,7 @@ def finish(terminal: pexpect.spawn) -> None:
     if terminal.isalive():
         terminal.sendcontrol("d")
         with contextlib.suppress(pexpect.ExceptionPexpect):
-            terminal.expect(pexpect.EOF, timeout=SLOW_S)
+            terminal.expect(pexpect.EOF, timeout=TERMINAL_S)
     terminal.close(force=True)
 
 
@@ -133,7 +134,7 @@ def finish(terminal: pexpect.spawn) -> None:
 
 async def test_person_and_agent_share_one_kernel_and_the_record_marks_the_persons_cells(shared_agent: SharedAgent) -> None:
     runtime = shared_agent.runtime
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "agent_value = 41")
             terminal = person(runtime, "attach", "s")
@@ -166,7 +167,7 @@ async def test_attach_shows_the_persons_output_as_it_streams_and_the_rest_when_t
     runtime = shared_agent.runtime
     release = tmp_path / "release"
     waits = f"[time.sleep(0.05) for _ in iter(lambda: os.path.exists({str(release)!r}), True)]"
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "import os, time")
             terminal = person(runtime, "attach", "s")
@@ -185,7 +186,7 @@ async def test_attach_shows_the_persons_output_as_it_streams_and_the_rest_when_t
 
 async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_state(shared_agent: SharedAgent, tmp_path: Path) -> None:
     runtime = shared_agent.runtime
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "kept = 'still here'")
             terminal = person(runtime, "attach", "s")
@@ -214,7 +215,7 @@ async def test_ctrl_c_interrupts_the_persons_cell_and_the_session_keeps_its_stat
 
 async def test_ctrl_d_detaches_and_the_session_lives_on(shared_agent: SharedAgent) -> None:
     runtime = shared_agent.runtime
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "n = 1")
             terminal = person(runtime, "attach", "s")
@@ -236,7 +237,7 @@ async def test_ctrl_d_detaches_and_the_session_lives_on(shared_agent: SharedAgen
 
 async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_no_new_one(shared_agent: SharedAgent) -> None:
     runtime = shared_agent.runtime
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "1")
             terminal = person(runtime, "attach", "s")
@@ -255,7 +256,7 @@ async def test_attach_detaches_when_the_agent_shuts_the_session_down_and_starts_
 
 async def test_attach_without_a_name_lists_live_sessions_and_their_server(shared_agent: SharedAgent) -> None:
     runtime = shared_agent.runtime
-    with anyio.fail_after(SLOW_S * 2):
+    with anyio.fail_after(TERMINAL_S * 2):
         async with turn(shared_agent) as (client, pid, path):
             await run(client, "analysis", "1")
             listing = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
@@ -283,7 +284,7 @@ async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(sha
         "print('second line')\n"
         "6 * 7"
     )
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "x = 1")
             terminal = person(runtime, "watch", "s")
@@ -317,13 +318,13 @@ async def test_a_server_over_http_serves_the_persons_socket_too_without_its_toke
     token = "attach-test-token-0123456789"
     arguments = [str(SERVER), "--transport", "http", "--port", "0", "--spare-kernels", "0", "--output-dir", str(tmp_path / "out")]
     server = pexpect.spawn(
-        sys.executable, arguments, env={**environment(runtime), "IPYTHON_MCP_TOKEN": token}, encoding="utf-8", timeout=SLOW_S
+        sys.executable, arguments, env={**environment(runtime), "IPYTHON_MCP_TOKEN": token}, encoding="utf-8", timeout=TERMINAL_S
     )
     try:
-        with anyio.fail_after(SLOW_S * 2):
+        with anyio.fail_after(TERMINAL_S * 2):
             await anyio.to_thread.run_sync(server.expect, r"serving MCP over HTTP at (http://\S+)")
             url = server.match.group(1)
-            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(SLOW_S, read=300))
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(TERMINAL_S, read=300))
             async with http, Client(streamable_http_client(url, http_client=http)) as client:
                 await run(client, "web", "shared = 'set over http'")
                 listing = await anyio.run_process([sys.executable, str(SERVER), "attach"], env=environment(runtime), check=False)
@@ -347,7 +348,7 @@ def other_user_python(code: str, *args: str) -> subprocess.CompletedProcess[str]
     """Run ``code`` as the second local user (the system Python: our venv lives in root's home)."""
     return subprocess.run(
         ["runuser", "-u", OTHER_USER, "--", "/usr/bin/python3", "-c", code, *args],
-        capture_output=True, text=True, timeout=SLOW_S, check=False,
+        capture_output=True, text=True, timeout=TERMINAL_S, check=False,
     )
 
 
@@ -381,7 +382,7 @@ def other_user() -> str:
 async def test_a_second_user_can_neither_connect_nor_list_and_the_peer_check_hangs_up_on_them(
     shared_agent: SharedAgent, other_user: str
 ) -> None:
-    with anyio.fail_after(SLOW_S * 2):
+    with anyio.fail_after(TERMINAL_S * 2):
         async with turn(shared_agent) as (client, _, path):
             await run(client, "s", "secret = 1")
             refused = other_user_python(CONNECT_AND_ASK, str(path))
@@ -392,7 +393,7 @@ async def test_a_second_user_can_neither_connect_nor_list_and_the_peer_check_han
             try:
                 hung_up = other_user_python(CONNECT_AND_ASK, str(path))
                 ours = subprocess.run(
-                    ["/usr/bin/python3", "-c", CONNECT_AND_ASK, str(path)], capture_output=True, text=True, timeout=SLOW_S, check=False
+                    ["/usr/bin/python3", "-c", CONNECT_AND_ASK, str(path)], capture_output=True, text=True, timeout=TERMINAL_S, check=False
                 )
             finally:
                 path.chmod(0o600)
@@ -406,7 +407,7 @@ async def test_a_second_user_can_neither_connect_nor_list_and_the_peer_check_han
 
 
 async def test_the_socket_is_0600_in_a_0700_folder_and_is_gone_when_the_server_ends(runtime: Path, tmp_path: Path) -> None:
-    with anyio.fail_after(SLOW_S):
+    with anyio.fail_after(TERMINAL_S):
         async with agent(runtime, tmp_path) as (client, pid, path):
             await run(client, "s", "1")
             folder, sock = path.parent.lstat(), path.lstat()
@@ -424,7 +425,7 @@ async def test_a_runtime_folder_others_may_write_gets_no_socket_and_the_agent_is
     unsafe = runtime / "ipython-mcp"
     unsafe.mkdir()
     unsafe.chmod(0o777)
-    with anyio.fail_after(SLOW_S):
+    with anyio.fail_after(TERMINAL_S):
         arguments = [str(SERVER), "--spare-kernels", "0", "--output-dir", str(tmp_path / "out")]
         parameters = StdioServerParameters(command=sys.executable, args=arguments, env={"XDG_RUNTIME_DIR": str(runtime)})
         async with Client(parameters) as client:
@@ -456,7 +457,7 @@ async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(sh
         "print('finished')\n"
         "6 * 7"
     )
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "left", "x = 1")
             terminal = person(runtime, "watch", "left")
@@ -487,7 +488,7 @@ async def test_watch_started_while_a_cell_is_left_running_shows_it_from_its_star
     runtime = shared_agent.runtime
     release = tmp_path / "release"
     code = f"import os, time\nprint('started', flush=True)\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\nprint('finished')\n6 * 7"
-    with anyio.fail_after(SLOW_S * 3):
+    with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             running = await run(client, "late", code, timeout_s=1, on_timeout="continue")
             terminal = person(runtime, "watch", "late")

@@ -31,13 +31,10 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 import ipython_mcp
-from conftest import POLL_S, connect, own_sessions, process_running, run, touch, wait_for_file
+from conftest import POLL_S, QUICK_S, SERVER, SLOW_S, connect, own_sessions, process_running, run, touch, wait_for_file
 
 pytestmark = pytest.mark.anyio
 
-SERVER = Path(ipython_mcp.__file__).resolve()
-QUICK_S = 30
-SLOW_S = 60
 PYTHON = sys.executable  # the far side's Python: this venv's, which has IPython
 # The interpreter this venv was made from: `python -m venv` of it makes an env without IPython.
 BASE_PYTHON = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
