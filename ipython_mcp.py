@@ -1610,7 +1610,7 @@ class Job:
     """One task of ``Jobs``: ``cancel()`` it, ``wait()`` for its end; ``error`` is what it raised."""
 
     def __init__(self, name: str, on_done: Callable[[Job], None] | None = None):
-        self.name, self._on_done = name, on_done
+        self.name, self.on_done = name, on_done  # on_done(job) runs as it ends, before any waiter wakes
         self.scope = anyio.CancelScope()  # entered by the task itself; cancelled even before it runs
         self.finished = anyio.Event()
         self.error: Exception | None = None
@@ -1643,6 +1643,7 @@ class Jobs:
     @classmethod
     @asynccontextmanager
     async def open(cls) -> AsyncIterator[Jobs]:
+        """The jobs of one server lifespan; at its end, the ones still running are cancelled."""
         async with anyio.create_task_group() as group:
             try:
                 yield cls(group)
@@ -1668,8 +1669,8 @@ class Jobs:
             log.exception("background task %s failed", job.name)
         finally:
             try:
-                if job._on_done is not None:
-                    job._on_done(job)
+                if job.on_done is not None:
+                    job.on_done(job)
             except Exception:
                 log.exception("background task %s: its clean-up failed", job.name)
             finally:
