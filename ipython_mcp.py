@@ -1970,7 +1970,7 @@ class KernelProcess:
         try:
             self.stdin, self.stdout, self.stderr = await connect_pipes(stdin, stdout, stderr)
         except BaseException:  # cancelled: the kernel started already goes now
-            self.kill_now(running=False)
+            self.kill_now(running=True)
             if self.guard is not None and self.pid is not None:
                 self.guard.forget(self.pid)
             raise
@@ -1997,12 +1997,14 @@ class KernelProcess:
             self.stdin.close()
 
     def kill_now(self, running: bool) -> None:
-        """SIGKILL the process group, and descendants that left it (setsid)."""
+        """SIGKILL the process group, and descendants that left it (setsid). A process not seen
+        to exit yet is also killed by pid: a forked kernel may not have reached its setsid()."""
         if self.pid is None:
             return
         strays = descendants(self.pid) if running else []
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        for kill in (os.killpg, os.kill) if running else (os.killpg,):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(self.pid, signal.SIGKILL)
         for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -2126,11 +2128,8 @@ class ForkServer:
             raise ForkUnavailable(f"the fork request could not be sent: {why}") from exc
         try:
             answer = await reply.wait()
-        except BaseException:  # cancelled: the kernel is forked all the same, and must not live on unowned
-            if reply.done():
-                self._kill_unwanted(reply.result())
-            else:
-                self._unwanted.add(request_id)
+        except BaseException:  # cancelled: the kernel is forked all the same, and must not outlive the caller
+            await self._end_unwanted(request_id, reply)
             raise
         if isinstance(answer, ForkedProcess):
             return answer
@@ -2150,6 +2149,17 @@ class ForkServer:
                     return
                 except BlockingIOError:
                     await anyio.wait_writable(sock)  # ClosedResourceError if the reader closes it meanwhile
+
+    async def _end_unwanted(self, request_id: int, reply: OneShot[ForkedProcess | dict[str, Any]]) -> None:
+        """A fork whose caller was cancelled: its kernel, once forked (in milliseconds), is killed and
+        reaped before the cancellation goes on, so a shutdown racing a start leaves no kernel."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_REAP_TIMEOUT_S):
+            answer = await reply.wait()
+            self._kill_unwanted(answer)
+            if isinstance(answer, ForkedProcess):
+                await answer.wait()  # its exit status: the fork server has reaped it
+        if not reply.done():  # no answer in time: killed when it comes
+            self._unwanted.add(request_id)
 
     @staticmethod
     def _kill_unwanted(answer: ForkedProcess | dict[str, Any]) -> None:
