@@ -1932,31 +1932,33 @@ class KernelProcess:
 
     async def spawn(self, argv: Sequence[str], environ: dict[str, str], pass_fds: Sequence[int] = ()) -> None:
         """Spawn ``argv`` on three new pipes. OSError: it could not start (nothing is left open)."""
-        (in_read, in_write), (out_read, out_write), (err_read, err_write) = make_pipes(3)
-        try:
-            self.process = await anyio.open_process(
-                argv, stdin=in_read, stdout=out_write, stderr=err_write,
+
+        async def start(theirs: list[int]) -> anyio.abc.Process:
+            return await anyio.open_process(
+                argv, stdin=theirs[0], stdout=theirs[1], stderr=theirs[2],
                 start_new_session=True,  # own process group: interrupt and kill reach its children
                 env=environ, pass_fds=pass_fds,
             )
-        except BaseException:
-            close_fds([in_write, out_read, err_read])
-            raise
-        finally:
-            close_fds([in_read, out_write, err_write])
-        if self.guard is not None:
-            self.guard.watch(self.process.pid)
-        await self._connect(in_write, out_read, err_read)
+
+        await self._start_on_pipes(make_pipes(3), start)
 
     async def fork(self, forks: ForkServer, environ: dict[str, str], output_fds: Sequence[int]) -> None:
         """A kernel forked by ``forks`` on three new pipes and ``output_fds`` (the output pipes, both
         ends). Raises ForkUnavailable, having started nothing and left ``output_fds`` as they were."""
         try:
-            (in_read, in_write), (out_read, out_write), (err_read, err_write) = make_pipes(3)
+            pipes = make_pipes(3)
         except OSError as exc:
             raise ForkUnavailable(f"no pipes for the kernel: {exc}") from exc
+        await self._start_on_pipes(pipes, lambda theirs: forks.fork(environ, [*theirs, *output_fds]))
+
+    async def _start_on_pipes(
+        self, pipes: list[tuple[int, int]], start: Callable[[list[int]], Awaitable[anyio.abc.Process | ForkedProcess]]
+    ) -> None:
+        """``start(theirs)`` on the kernel's ends of stdin, stdout and stderr, then our ends become
+        its streams; whatever fails, no fd is left open."""
+        (in_read, in_write), (out_read, out_write), (err_read, err_write) = pipes
         try:
-            self.process = await forks.fork(environ, [in_read, out_write, err_write, *output_fds])
+            self.process = await start([in_read, out_write, err_write])
         except BaseException:
             close_fds([in_write, out_read, err_read])
             raise

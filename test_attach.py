@@ -129,6 +129,25 @@ def finish(terminal: pexpect.spawn) -> None:
     terminal.close(force=True)
 
 
+def stop_watching(terminal: pexpect.spawn) -> None:
+    """Ctrl-C ends `watch`: it must exit on it."""
+    terminal.sendcontrol("c")
+    terminal.expect(pexpect.EOF)
+    terminal.close(force=True)
+
+
+def waiting_cell(release: Path, first: str, last: str) -> str:
+    """A cell that prints ``first``, waits for ``release`` to exist, prints ``last`` and shows 42."""
+    return (
+        "import os, time\n"
+        f"print({first!r}, flush=True)\n"
+        f"while not os.path.exists({str(release)!r}):\n"
+        "    time.sleep(0.05)\n"
+        f"print({last!r})\n"
+        "6 * 7"
+    )
+
+
 # --- attach -------------------------------------------------------------------------------------
 
 
@@ -276,14 +295,7 @@ async def test_attach_without_a_name_lists_live_sessions_and_their_server(shared
 async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(shared_agent: SharedAgent, tmp_path: Path) -> None:
     runtime = shared_agent.runtime
     release = tmp_path / "release"
-    code = (
-        "import os, time\n"
-        "print('first line', flush=True)\n"
-        f"while not os.path.exists({str(release)!r}):\n"
-        "    time.sleep(0.05)\n"
-        "print('second line')\n"
-        "6 * 7"
-    )
+    code = waiting_cell(release, "first line", "second line")
     with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "s", "x = 1")
@@ -308,9 +320,7 @@ async def test_watch_shows_the_agents_next_cell_and_its_output_as_it_streams(sha
                 await anyio.to_thread.run_sync(terminal.expect, r"In \[3\]: 1 / 0")
                 await anyio.to_thread.run_sync(terminal.expect, "ZeroDivisionError: division by zero")
             finally:
-                terminal.sendcontrol("c")
-                terminal.expect(pexpect.EOF)
-                terminal.close(force=True)
+                stop_watching(terminal)
     assert results[0]["result"] == "42"
 
 
@@ -449,14 +459,7 @@ def test_socket_path_and_peer_check_helpers(tmp_path: Path) -> None:
 async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(shared_agent: SharedAgent, tmp_path: Path) -> None:
     runtime = shared_agent.runtime
     release = tmp_path / "release"
-    code = (
-        "import os, time\n"
-        "print('started', flush=True)\n"
-        f"while not os.path.exists({str(release)!r}):\n"
-        "    time.sleep(0.05)\n"
-        "print('finished')\n"
-        "6 * 7"
-    )
+    code = waiting_cell(release, "started", "finished")
     with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             await run(client, "left", "x = 1")
@@ -473,9 +476,7 @@ async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(sh
                 await run(client, "left", "1 + 1")
                 await anyio.to_thread.run_sync(terminal.expect, r"In \[3\]: 1 \+ 1")
             finally:
-                terminal.sendcontrol("c")
-                terminal.expect(pexpect.EOF)
-                terminal.close(force=True)
+                stop_watching(terminal)
     assert running["status"] == "running" and final.structured_content["result"] == "42"
     shown = seen.getvalue()
     assert shown.count("In [2]: import os, time") == 1, shown  # one cell, shown once, from start to end
@@ -487,7 +488,7 @@ async def test_watch_follows_a_cell_left_running_to_the_end_that_wait_fetches(sh
 async def test_watch_started_while_a_cell_is_left_running_shows_it_from_its_start_to_its_end(shared_agent: SharedAgent, tmp_path: Path) -> None:
     runtime = shared_agent.runtime
     release = tmp_path / "release"
-    code = f"import os, time\nprint('started', flush=True)\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\nprint('finished')\n6 * 7"
+    code = waiting_cell(release, "started", "finished")
     with anyio.fail_after(TERMINAL_S * 3):
         async with turn(shared_agent) as (client, _, _):
             running = await run(client, "late", code, timeout_s=1, on_timeout="continue")
@@ -501,7 +502,5 @@ async def test_watch_started_while_a_cell_is_left_running_shows_it_from_its_star
                 await anyio.to_thread.run_sync(terminal.expect, "finished")
                 await anyio.to_thread.run_sync(terminal.expect, r"Out\[1\]: 42")
             finally:
-                terminal.sendcontrol("c")
-                terminal.expect(pexpect.EOF)
-                terminal.close(force=True)
+                stop_watching(terminal)
     assert running["status"] == "running" and final.structured_content["result"] == "42"
